@@ -1,0 +1,123 @@
+//! The `kvrail.v1.Control` service: the local API an engine worker (or
+//! kvrail's own demo, bench and soak drivers) calls on its agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvrail_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{convert, decode, Agent};
+use crate::pattern;
+
+/// Longest `Wait` a caller may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    pub agent: Arc<Agent>,
+}
+
+impl ControlService {
+    fn require_patterns(&self) -> Result<(), Status> {
+        if self.agent.cfg.test_patterns {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition("test patterns write into the KV region; start the agent with --test-patterns to allow them"))
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker task failed: {e}")))?
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let peers = self.agent.sessions.lock().expect("lock").values().map(|s| s.peer_agent.clone()).collect();
+        Ok(Response::new(pb::InfoResponse {
+            agent: Some(self.agent.info()),
+            ucx_library: self.agent.ucx.library.clone(),
+            peers,
+            listen: self.agent.cfg.listen.to_string(),
+        }))
+    }
+
+    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        decode::submit(&self.agent, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
+        let req = req.into_inner();
+        decode::check_id("request_id", &req.request_id)?;
+        let timeout = Duration::from_millis(req.timeout_ms as u64).min(MAX_WAIT);
+        let st = self.agent.requests.wait(&req.request_id, timeout).await?;
+        Ok(Response::new(pb::WaitResponse {
+            request_id: req.request_id,
+            state: st.state,
+            bytes: st.bytes,
+            ops: st.ops,
+            latency_us: st.latency_us,
+            code: st.code,
+            error: st.error,
+        }))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        Ok(Response::new(self.agent.stats()))
+    }
+
+    async fn fill_pattern(&self, req: Request<pb::FillPatternRequest>) -> Result<Response<pb::FillPatternResponse>, Status> {
+        self.require_patterns()?;
+        let (agent, seed) = (self.agent.clone(), req.into_inner().seed);
+        let bytes = blocking(move || pattern::fill(agent.engine.region(), &agent.layout, seed).map_err(|e| convert::status_of(&e))).await?;
+        Ok(Response::new(pb::FillPatternResponse { blocks: self.agent.layout.num_blocks() as u64, bytes }))
+    }
+
+    async fn poison_blocks(&self, req: Request<pb::PoisonBlocksRequest>) -> Result<Response<pb::PoisonBlocksResponse>, Status> {
+        self.require_patterns()?;
+        let blocks = req.into_inner().blocks;
+        check_blocks(&self.agent, &blocks)?;
+        let agent = self.agent.clone();
+        blocking(move || pattern::poison(agent.engine.region(), &agent.layout, &blocks).map_err(|e| convert::status_of(&e))).await?;
+        Ok(Response::new(pb::PoisonBlocksResponse {}))
+    }
+
+    async fn verify_pattern(&self, req: Request<pb::VerifyPatternRequest>) -> Result<Response<pb::VerifyPatternResponse>, Status> {
+        let req = req.into_inner();
+        if req.src_blocks.len() != req.dst_blocks.len() {
+            return Err(Status::invalid_argument(format!("{} src_blocks but {} dst_blocks", req.src_blocks.len(), req.dst_blocks.len())));
+        }
+        check_blocks(&self.agent, &req.dst_blocks)?;
+        let agent = self.agent.clone();
+        let v = blocking(move || {
+            pattern::verify(agent.engine.region(), &agent.layout, req.seed, &req.src_blocks, &req.dst_blocks)
+                .map_err(|e| convert::status_of(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::VerifyPatternResponse {
+            verified_blocks: v.verified,
+            bad_blocks: v.bad,
+            first_error: v.first_error,
+            checksum: v.checksum,
+        }))
+    }
+}
+
+fn check_blocks(agent: &Agent, blocks: &[u32]) -> Result<(), Status> {
+    if blocks.len() > kvrail_transfer::plan::MAX_BLOCKS_PER_REQUEST {
+        return Err(Status::invalid_argument(format!(
+            "{} blocks in one call; the limit is {}",
+            blocks.len(),
+            kvrail_transfer::plan::MAX_BLOCKS_PER_REQUEST
+        )));
+    }
+    if let Some((i, b)) = blocks.iter().enumerate().find(|(_, &b)| b >= agent.layout.num_blocks()) {
+        return Err(Status::invalid_argument(format!(
+            "blocks[{i}] = {b} is out of range: this agent has blocks 0..{}",
+            agent.layout.num_blocks()
+        )));
+    }
+    Ok(())
+}

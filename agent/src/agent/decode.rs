@@ -1,0 +1,317 @@
+//! Decode side: sessions with prefill agents, the handshake that admits
+//! them, and the requests submitted through the local API (push: order the
+//! prefill agent to write; pull: read, then tell the prefill agent).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvrail_proto::v1 as pb;
+use kvrail_transfer::plan::{self, TransferPlan};
+use kvrail_transfer::{BlockLayout, Direction, PeerId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+
+use super::convert;
+use super::Agent;
+
+/// Longest request id, agent id or peer name accepted.
+pub const MAX_ID_LEN: usize = 256;
+/// Finished requests kept for a late `Wait` before the oldest are dropped.
+const MAX_FINISHED: usize = 65_536;
+
+/// One admitted prefill agent.
+#[derive(Debug)]
+pub struct Session {
+    pub id: String,
+    pub peer_agent: String,
+    pub peer_layout: BlockLayout,
+    pub engine_peer: PeerId,
+    down: Mutex<Option<mpsc::Sender<Result<pb::SessionDown, Status>>>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<pb::Completion>>>,
+}
+
+impl Session {
+    fn send(&self, msg: pb::session_down::Msg) -> Result<(), Status> {
+        let tx = self.down.lock().expect("lock").clone();
+        let tx = tx.ok_or_else(|| Status::unavailable(format!("prefill agent {} has no open session stream", self.peer_agent)))?;
+        tx.try_send(Ok(pb::SessionDown { msg: Some(msg) }))
+            .map_err(|_| Status::unavailable(format!("session stream to prefill agent {} is full or closed", self.peer_agent)))
+    }
+
+    /// Routes a completion to the request waiting for it.
+    pub fn complete(&self, c: pb::Completion) {
+        if let Some(tx) = self.pending.lock().expect("lock").remove(&c.request_id) {
+            let _ = tx.send(c);
+        } else {
+            tracing::warn!(request_id = %c.request_id, peer = %self.peer_agent, "completion for an unknown request");
+        }
+    }
+
+    /// Attaches the stream orders go down.
+    pub fn attach(&self, tx: mpsc::Sender<Result<pb::SessionDown, Status>>) {
+        *self.down.lock().expect("lock") = Some(tx);
+    }
+
+    /// The prefill agent is gone: every pending request fails now.
+    pub fn close(&self, why: &str) {
+        self.down.lock().expect("lock").take();
+        for (id, tx) in self.pending.lock().expect("lock").drain() {
+            let _ = tx.send(pb::Completion {
+                request_id: id,
+                ok: false,
+                code: tonic::Code::Unavailable as i32,
+                error: why.to_string(),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// Status of a request as `Wait` reports it.
+#[derive(Debug, Clone, Default)]
+pub struct ReqStatus {
+    pub state: i32,
+    pub bytes: u64,
+    pub ops: u64,
+    pub latency_us: u64,
+    pub code: i32,
+    pub error: String,
+}
+
+/// Requests by id, with a bounded memory of finished ones.
+#[derive(Debug, Default)]
+pub struct Requests {
+    inner: Mutex<RequestsInner>,
+}
+
+#[derive(Debug, Default)]
+struct RequestsInner {
+    map: HashMap<String, watch::Sender<ReqStatus>>,
+    finished: VecDeque<String>,
+}
+
+impl Requests {
+    fn insert(&self, id: &str) -> Result<watch::Sender<ReqStatus>, Status> {
+        let mut g = self.inner.lock().expect("lock");
+        if g.map.contains_key(id) {
+            return Err(Status::already_exists(format!("request id {id:?} is already in use; wait for it or pick a new id")));
+        }
+        let (tx, _) = watch::channel(ReqStatus { state: pb::RequestState::Pending as i32, ..Default::default() });
+        g.map.insert(id.to_string(), tx.clone());
+        Ok(tx)
+    }
+
+    fn finish(&self, id: &str, tx: &watch::Sender<ReqStatus>, st: ReqStatus) {
+        tx.send_replace(st);
+        let mut g = self.inner.lock().expect("lock");
+        g.finished.push_back(id.to_string());
+        while g.finished.len() > MAX_FINISHED {
+            if let Some(old) = g.finished.pop_front() {
+                g.map.remove(&old);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the request to leave `Pending`. A final
+    /// state is returned once and then forgotten.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ReqStatus, Status> {
+        let mut rx = {
+            let g = self.inner.lock().expect("lock");
+            g.map.get(id).ok_or_else(|| Status::not_found(format!("no request with id {id:?}")))?.subscribe()
+        };
+        let pending = pb::RequestState::Pending as i32;
+        let waited = match tokio::time::timeout(timeout, rx.wait_for(|s| s.state != pending)).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let st = waited.unwrap_or_else(|| rx.borrow().clone());
+        if st.state != pending {
+            let mut g = self.inner.lock().expect("lock");
+            g.map.remove(id);
+            g.finished.retain(|x| x != id);
+        }
+        Ok(st)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("lock").map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub(crate) fn check_id(field: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Status::invalid_argument(format!("{field} is {} bytes long; the limit is {MAX_ID_LEN}", id.len())));
+    }
+    Ok(())
+}
+
+/// Admits a prefill agent: versions, role, layout and hook mode must fit.
+pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
+    if req.protocol_version != kvrail_proto::PROTOCOL_VERSION {
+        return Err(Status::failed_precondition(format!(
+            "protocol version mismatch: the peer speaks kvrail protocol v{}, this agent speaks v{}; run the same kvrail release on both sides",
+            req.protocol_version,
+            kvrail_proto::PROTOCOL_VERSION
+        )));
+    }
+    if agent.cfg.role != super::Role::Decode {
+        return Err(Status::failed_precondition("this is a prefill agent; prefill agents handshake with a decode agent"));
+    }
+    let peer = req.agent.ok_or_else(|| Status::invalid_argument("agent is missing"))?;
+    check_id("agent.agent_id", &peer.agent_id)?;
+    if peer.role != pb::Role::Prefill as i32 {
+        return Err(Status::invalid_argument(format!("agent.role must be ROLE_PREFILL, got {}", peer.role)));
+    }
+    let layout = convert::layout_from_pb(peer.layout.as_ref())?;
+    agent.layout.check_compatible(&layout).map_err(|e| Status::failed_precondition(format!("incompatible KV layouts: {e}")))?;
+    if peer.compat_hash != layout.compat_hash() {
+        return Err(Status::invalid_argument("agent.compat_hash does not match agent.layout"));
+    }
+    if peer.hook_mode != pb::HookMode::None as i32 && !agent.cfg.allow_hooks {
+        return Err(Status::failed_precondition(format!(
+            "peer {} runs with UCX mmap hook mode {}; kvrail requires none on both sides",
+            peer.agent_id,
+            convert::hook_mode_name(peer.hook_mode)
+        )));
+    }
+    let spec = convert::peer_spec(&peer, &layout)?;
+    // A restarted peer replaces its old session.
+    let old: Vec<Arc<Session>> = {
+        let mut s = agent.sessions.lock().expect("lock");
+        let ids: Vec<String> = s.values().filter(|x| x.peer_agent == peer.agent_id).map(|x| x.id.clone()).collect();
+        ids.iter().filter_map(|id| s.remove(id)).collect()
+    };
+    for o in old {
+        o.close("the prefill agent re-handshaked (restarted); its earlier requests are void");
+        let _ = agent.engine.disconnect(o.engine_peer).await;
+    }
+    let engine_peer = agent.engine.connect(spec).await.map_err(|e| convert::status_of(&e))?;
+    let id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    let session = Arc::new(Session {
+        id: id.clone(),
+        peer_agent: peer.agent_id.clone(),
+        peer_layout: layout,
+        engine_peer,
+        down: Mutex::new(None),
+        pending: Mutex::new(HashMap::new()),
+    });
+    agent.sessions.lock().expect("lock").insert(id.clone(), session);
+    tracing::info!(peer = %peer.agent_id, session = %id, peer_ucx = %peer.ucx_version, peer_hooks = %convert::hook_mode_name(peer.hook_mode), "prefill agent admitted");
+    Ok(pb::HandshakeResponse { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(agent.info()), session_id: id })
+}
+
+/// Picks the session a request names (or the only one).
+fn session_for(agent: &Agent, peer: &str) -> Result<Arc<Session>, Status> {
+    let s = agent.sessions.lock().expect("lock");
+    if peer.is_empty() {
+        let mut it = s.values();
+        return match (it.next(), it.next()) {
+            (Some(one), None) => Ok(one.clone()),
+            (None, _) => Err(Status::failed_precondition("no prefill agent is connected")),
+            _ => Err(Status::invalid_argument("several prefill agents are connected; name one in `peer`")),
+        };
+    }
+    s.values()
+        .find(|x| x.peer_agent == peer)
+        .cloned()
+        .ok_or_else(|| Status::not_found(format!("no connected prefill agent is named {peer:?}")))
+}
+
+/// Validates and starts a transfer. Nothing is written before every field
+/// has been checked.
+pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::SubmitResponse, Status> {
+    if agent.cfg.role != super::Role::Decode {
+        return Err(Status::failed_precondition("submit transfers on the decode agent; this is a prefill agent"));
+    }
+    check_id("request_id", &req.request_id)?;
+    let mode =
+        pb::TransferMode::try_from(req.mode).map_err(|_| Status::invalid_argument(format!("mode {} is not a TransferMode", req.mode)))?;
+    let session = session_for(agent, &req.peer)?;
+    plan::validate(&session.peer_layout, &req.src_blocks, &agent.layout, &req.dst_blocks)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let ops = match mode {
+        pb::TransferMode::Read => Some(
+            TransferPlan::build(&session.peer_layout, &req.src_blocks, &agent.layout, &req.dst_blocks, 0)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .into_ops(),
+        ),
+        _ => None,
+    };
+    let tx = agent.requests.insert(&req.request_id)?;
+    let started = Instant::now();
+    let id = req.request_id.clone();
+    match ops {
+        None => {
+            let (done_tx, done_rx) = oneshot::channel();
+            session.pending.lock().expect("lock").insert(id.clone(), done_tx);
+            let order = pb::WriteOrder { request_id: id.clone(), src_blocks: req.src_blocks, dst_blocks: req.dst_blocks };
+            if let Err(e) = session.send(pb::session_down::Msg::Write(order)) {
+                session.pending.lock().expect("lock").remove(&id);
+                agent.requests.finish(&id, &tx, failed(started, e.code() as i32, e.message().to_string()));
+                return Err(e);
+            }
+            let (agent, timeout) = (agent.clone(), agent.cfg.request_timeout);
+            tokio::spawn(async move {
+                let st = match tokio::time::timeout(timeout, done_rx).await {
+                    Ok(Ok(c)) if c.ok => ReqStatus {
+                        state: pb::RequestState::Done as i32,
+                        bytes: c.bytes,
+                        ops: c.ops,
+                        latency_us: started.elapsed().as_micros() as u64,
+                        ..Default::default()
+                    },
+                    Ok(Ok(c)) => failed(started, c.code, c.error),
+                    Ok(Err(_)) => failed(started, tonic::Code::Unavailable as i32, "the session ended before the request completed".into()),
+                    Err(_) => {
+                        session.pending.lock().expect("lock").remove(&id);
+                        failed(started, tonic::Code::DeadlineExceeded as i32, format!("no completion within {timeout:?}"))
+                    }
+                };
+                agent.requests.finish(&id, &tx, st);
+            });
+        }
+        Some(ops) => {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let timeout = agent.cfg.request_timeout;
+                let res = tokio::time::timeout(timeout, agent.engine.transfer(session.engine_peer, Direction::Read, ops)).await;
+                let st = match res {
+                    Ok(Ok(d)) => ReqStatus {
+                        state: pb::RequestState::Done as i32,
+                        bytes: d.bytes,
+                        ops: d.ops,
+                        latency_us: started.elapsed().as_micros() as u64,
+                        ..Default::default()
+                    },
+                    Ok(Err(e)) => {
+                        let s = convert::status_of(&e);
+                        failed(started, s.code() as i32, s.message().to_string())
+                    }
+                    Err(_) => failed(started, tonic::Code::DeadlineExceeded as i32, format!("read not finished within {timeout:?}")),
+                };
+                let ok = st.state == pb::RequestState::Done as i32;
+                let _ = session.send(pb::session_down::Msg::ReadDone(pb::ReadDone { request_id: id.clone(), ok, error: st.error.clone() }));
+                agent.requests.finish(&id, &tx, st);
+            });
+        }
+    }
+    Ok(pb::SubmitResponse { request_id: req.request_id })
+}
+
+fn failed(started: Instant, code: i32, error: String) -> ReqStatus {
+    ReqStatus {
+        state: pb::RequestState::Failed as i32,
+        latency_us: started.elapsed().as_micros() as u64,
+        code,
+        error,
+        ..Default::default()
+    }
+}

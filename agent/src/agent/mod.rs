@@ -1,0 +1,165 @@
+//! A running kvrail agent: its engine (one registered region), its layout,
+//! its peers, and the requests it coordinates. Both roles share this state;
+//! `decode` and `prefill` hold what is particular to each.
+
+pub mod control;
+pub mod convert;
+pub mod decode;
+pub mod peer_service;
+pub mod prefill;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvrail_proto::v1 as pb;
+use kvrail_transfer::hooks::HookMode;
+use kvrail_transfer::runtime::UcxRuntime;
+use kvrail_transfer::{BlockLayout, Engine, EngineConfig, RegionAlloc, Transport};
+
+use crate::memwatch::MemWatch;
+
+/// Which side of the disaggregated deployment an agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Prefill,
+    Decode,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+/// Everything an agent is started with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub role: Role,
+    pub agent_id: String,
+    pub listen: SocketAddr,
+    /// Prefill only: the decode agent to dial.
+    pub peer: Option<String>,
+    pub transport: Transport,
+    pub region_bytes: u64,
+    pub block_bytes: u64,
+    pub layers: u32,
+    pub region_alloc: RegionAlloc,
+    pub window: usize,
+    /// Accept FillPattern/PoisonBlocks (demo, bench, soak drivers).
+    pub test_patterns: bool,
+    /// How long a request may wait for its completion.
+    pub request_timeout: Duration,
+    /// Demonstration only: run with UCX's memory hooks on.
+    pub allow_hooks: bool,
+}
+
+/// Shared state of one agent; services hold it in an `Arc`.
+#[derive(Debug)]
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub engine: Engine,
+    pub layout: BlockLayout,
+    pub ucx: UcxRuntime,
+    pub hook_mode: HookMode,
+    pub memwatch: Arc<MemWatch>,
+    pub started: Instant,
+    /// Decode side: sessions with prefill agents, by session id.
+    pub sessions: Mutex<HashMap<String, Arc<decode::Session>>>,
+    /// Decode side: requests by id.
+    pub requests: decode::Requests,
+    /// Prefill side: the link to the decode agent, once handshaken.
+    pub link: Mutex<Option<Arc<prefill::Link>>>,
+    /// Milliseconds the last handshake took (prefill side).
+    pub handshake_ms: Mutex<Option<f64>>,
+}
+
+impl Agent {
+    /// Verifies the UCX runtime, maps and registers the region, starts the
+    /// progress thread and the memory watch. Blocking.
+    pub fn start(cfg: AgentConfig, memwatch: Arc<MemWatch>) -> anyhow::Result<Arc<Agent>> {
+        let ucx = kvrail_transfer::runtime::ucx_runtime();
+        if !ucx.supported {
+            anyhow::bail!(
+                "UCX {} ({}) is not a release kvrail supports (1.12 to 1.22); point {} at a supported build",
+                ucx.version,
+                ucx.library,
+                crate::guard::UCX_LIB_VAR
+            );
+        }
+        let layout = BlockLayout::fit_region(cfg.region_bytes, cfg.block_bytes, cfg.layers)?;
+        let engine = Engine::start(EngineConfig {
+            transport: cfg.transport,
+            region_bytes: layout.region_bytes(),
+            region_alloc: cfg.region_alloc,
+            window: cfg.window,
+            allow_hooks: cfg.allow_hooks,
+            ..EngineConfig::default()
+        })?;
+        let hook_mode = engine.hook_report().mode;
+        tracing::info!(
+            role = cfg.role.as_str(),
+            agent_id = %cfg.agent_id,
+            ucx_version = %ucx.version,
+            ucx_library = %ucx.library,
+            hooks = %engine.hook_report().summary(),
+            blocks = layout.num_blocks(),
+            block_bytes = layout.block_bytes(),
+            "agent started"
+        );
+        Ok(Arc::new(Agent {
+            cfg,
+            engine,
+            layout,
+            ucx,
+            hook_mode,
+            memwatch,
+            started: Instant::now(),
+            sessions: Mutex::new(HashMap::new()),
+            requests: decode::Requests::default(),
+            link: Mutex::new(None),
+            handshake_ms: Mutex::new(None),
+        }))
+    }
+
+    /// This agent as a handshake presents it.
+    pub fn info(&self) -> pb::AgentInfo {
+        let local = self.engine.local_info();
+        pb::AgentInfo {
+            agent_id: self.cfg.agent_id.clone(),
+            role: convert::role_to_pb(self.cfg.role) as i32,
+            worker_address: local.worker_address.clone(),
+            region: Some(pb::RegionInfo { base: local.region_base, length: local.region_len, rkey: local.rkey.clone() }),
+            layout: Some(convert::layout_to_pb(&self.layout)),
+            compat_hash: self.layout.compat_hash(),
+            hook_mode: convert::hook_mode_to_pb(self.hook_mode) as i32,
+            ucx_version: self.ucx.version.clone(),
+            transport: self.cfg.transport.to_string(),
+        }
+    }
+
+    /// The agent's counters, memory and UCX facts.
+    pub fn stats(&self) -> pb::StatsResponse {
+        let c = self.engine.counters();
+        use std::sync::atomic::Ordering::Relaxed;
+        pb::StatsResponse {
+            agent_id: self.cfg.agent_id.clone(),
+            role: convert::role_to_pb(self.cfg.role) as i32,
+            hook_mode: convert::hook_mode_to_pb(self.hook_mode) as i32,
+            ucx_version: self.ucx.version.clone(),
+            ucx_library: self.ucx.library.clone(),
+            transport: self.cfg.transport.to_string(),
+            bytes_moved: c.bytes.load(Relaxed),
+            transfers_ok: c.transfers_ok.load(Relaxed),
+            transfers_failed: c.transfers_failed.load(Relaxed),
+            peers: c.peers.load(Relaxed),
+            memory: Some(convert::memory_to_pb(&self.memwatch.report())),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            ucx_intercepted_munmaps: kvrail_transfer::hooks::intercepted_unmaps(),
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The `kvrail.v1.Peer` gRPC service: handshake, the session stream and
+//! stats, served by every agent (a prefill agent refuses handshakes).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kvrail_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{decode, Agent};
+
+/// Orders queued for one prefill agent before back-pressure refuses more.
+const SESSION_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    pub agent: Arc<Agent>,
+}
+
+type DownStream = Pin<Box<dyn Stream<Item = Result<pb::SessionDown, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeResponse>, Status> {
+        decode::handshake(&self.agent, req.into_inner()).await.map(Response::new)
+    }
+
+    type SessionStream = DownStream;
+
+    async fn session(&self, req: Request<Streaming<pb::SessionUp>>) -> Result<Response<DownStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("session stream closed before SessionOpen"))?;
+        let Some(pb::session_up::Msg::Open(open)) = first.msg else {
+            return Err(Status::invalid_argument("the first message of a session must be SessionOpen"));
+        };
+        let session = self
+            .agent
+            .sessions
+            .lock()
+            .expect("lock")
+            .get(&open.session_id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no session {:?}; handshake first", open.session_id)))?;
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        session.attach(tx);
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(pb::SessionUp { msg: Some(pb::session_up::Msg::Completion(c)) })) => session.complete(c),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break "the prefill agent closed its session".to_string(),
+                    Err(e) => break format!("the session with the prefill agent broke: {}", e.message()),
+                };
+            };
+            tracing::warn!(peer = %session.peer_agent, session = %session.id, reason = %why, "session ended");
+            session.close(&why);
+            let removed = agent.sessions.lock().expect("lock").remove(&session.id).is_some();
+            if removed {
+                let _ = agent.engine.disconnect(session.engine_peer).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        Ok(Response::new(self.agent.stats()))
+    }
+}

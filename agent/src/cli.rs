@@ -1,0 +1,135 @@
+//! Command-line interface of the `kvrail` binary.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvrail_transfer::Transport;
+
+use crate::units::parse_bytes;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvrail",
+    version,
+    about = "Moves KV-cache blocks from prefill to decode over UCX RMA, with UCX's memory hooks off and memory proven flat"
+)]
+pub struct Cli {
+    /// Log level for stderr (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the UCX actually loaded, its transports and the verified hook mode.
+    Info(InfoArgs),
+    /// Run a decode agent (receives KV blocks into its region).
+    Decode(AgentArgs),
+    /// Run a prefill agent (dials a decode agent and writes blocks to it).
+    Prefill(PrefillArgs),
+    /// Start a decode and a prefill agent on loopback, stream blocks, verify every byte.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn bytes(s: &str) -> Result<u64, String> {
+    parse_bytes(s)
+}
+
+fn transport(s: &str) -> Result<Transport, String> {
+    s.parse()
+}
+
+/// Which UCX transports to use.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Mode {
+    /// Push: prefill writes into decode (RMA put).
+    Write,
+    /// Pull: decode reads from prefill (RMA get).
+    Read,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    /// gRPC listen address (port 0 picks a free port; the ready line says which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Agent id (default: role-hostname-pid).
+    #[arg(long)]
+    pub agent_id: Option<String>,
+    /// UCX transports: auto, sm (shared memory) or tcp.
+    #[arg(long, default_value = "auto", value_parser = transport)]
+    pub transport: Transport,
+    /// Size of the one registered KV region.
+    #[arg(long, default_value = "1GiB", value_parser = bytes)]
+    pub region_bytes: u64,
+    /// Bytes of one block in one layer.
+    #[arg(long, default_value = "64KiB", value_parser = bytes)]
+    pub block_bytes: u64,
+    /// Layers per block (layer-major layout, as vLLM's per-layer caches).
+    #[arg(long, default_value_t = 1)]
+    pub layers: u32,
+    /// Let UCX allocate the region (UCP_MEM_MAP_ALLOCATE) instead of mmap.
+    #[arg(long)]
+    pub ucx_alloc: bool,
+    /// Outstanding RMA operations per transfer.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Accept FillPattern/PoisonBlocks (writes test patterns into the region).
+    #[arg(long)]
+    pub test_patterns: bool,
+    /// Seconds a request may take before it fails.
+    #[arg(long, default_value_t = 60.0)]
+    pub request_timeout_secs: f64,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct PrefillArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    /// The decode agent to dial (host:port).
+    #[arg(long)]
+    pub peer: String,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// Total bytes to stream (several passes over the region if larger).
+    #[arg(long, default_value = "4GiB", value_parser = bytes)]
+    pub bytes: u64,
+    /// Bytes per block.
+    #[arg(long, default_value = "64KiB", value_parser = bytes)]
+    pub block_bytes: u64,
+    /// Region size of each agent.
+    #[arg(long, default_value = "1GiB", value_parser = bytes)]
+    pub region_bytes: u64,
+    /// UCX transports: sm or tcp (auto lets UCX pick).
+    #[arg(long, default_value = "sm", value_parser = transport)]
+    pub transport: Transport,
+    /// Push (write) or pull (read).
+    #[arg(long, value_enum, default_value = "write")]
+    pub mode: Mode,
+    /// Blocks per request.
+    #[arg(long, default_value_t = 256)]
+    pub request_blocks: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seed of the block mapping and the test pattern.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// One JSON object on stdout instead of the human summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Show the agents' logs (info level) on stderr.
+    #[arg(long)]
+    pub verbose: bool,
+}

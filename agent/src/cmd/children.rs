@@ -1,0 +1,73 @@
+//! Agent child processes for the drivers (demo, bench, soak): spawn
+//! `kvrail decode` / `kvrail prefill`, wait for their ready line, connect a
+//! Control client, and kill them when dropped.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kvrail_proto::v1 as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::cmd::serve::MAX_MESSAGE;
+
+/// A running agent process.
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub child: Child,
+    pub ready: serde_json::Value,
+    pub listen: String,
+    pub control: pb::control_client::ControlClient<Channel>,
+}
+
+impl AgentProcess {
+    /// Spawns this `kvrail` binary with `args` and waits up to `timeout`
+    /// for its ready line.
+    pub async fn spawn(args: &[String], verbose: bool, timeout: Duration) -> anyhow::Result<AgentProcess> {
+        Self::spawn_exe(&std::env::current_exe()?, args, verbose, timeout).await
+    }
+
+    /// Spawns the `kvrail` binary at `exe` (tests pass the built binary).
+    pub async fn spawn_exe(exe: &std::path::Path, args: &[String], verbose: bool, timeout: Duration) -> anyhow::Result<AgentProcess> {
+        let mut cmd = Command::new(exe);
+        if !verbose {
+            cmd.arg("--log-level").arg("warn");
+        }
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        let mut child = cmd.spawn().context("spawning an agent process")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(timeout, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["event"] == "ready" {
+                        return Ok(v);
+                    }
+                }
+            }
+            anyhow::bail!("agent `kvrail {}` exited before it was ready", args.join(" "))
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("agent `kvrail {}` not ready within {timeout:?}", args.join(" ")))??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let listen = ready["listen"].as_str().context("ready line without listen")?.to_string();
+        let channel = Channel::from_shared(format!("http://{listen}"))?.tcp_nodelay(true).connect().await?;
+        let control =
+            pb::control_client::ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+        Ok(AgentProcess { child, ready, listen, control })
+    }
+
+    /// Stops the agent (SIGTERM, then SIGKILL after a grace period).
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}

@@ -1,0 +1,274 @@
+//! `kvrail demo`: the main job. Starts a decode and a prefill agent as two
+//! processes on loopback, handshakes, streams `--bytes` of KV blocks with a
+//! scattered block mapping, verifies every block on the decode side, and
+//! reports throughput and both agents' memory.
+//!
+//! Each pass over the region: the decode side poisons the destination
+//! blocks, the requests run (timed), then every destination block is checked
+//! against the pattern of the source block mapped to it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kvrail_proto::v1 as pb;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use super::children::AgentProcess;
+use crate::cli::{DemoArgs, Mode};
+use crate::units::format_bytes;
+
+#[derive(Debug, Serialize)]
+struct AgentSummary {
+    agent_id: String,
+    ucx_version: String,
+    ucx_library: String,
+    mmap_hook_mode: String,
+    rss_start_mib: f64,
+    rss_end_mib: f64,
+    bytes_moved: u64,
+    ucx_intercepted_munmaps: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct DemoReport {
+    bytes: u64,
+    blocks: u64,
+    block_bytes: u64,
+    requests: u64,
+    seconds: f64,
+    gbps: f64,
+    verified: bool,
+    verified_blocks: u64,
+    bad_blocks: u64,
+    first_error: String,
+    failed_requests: u64,
+    transport: String,
+    mode: String,
+    ucx_version: String,
+    ucx_library: String,
+    mmap_hook_mode: String,
+    handshake_ms: f64,
+    p50_request_ms: f64,
+    p99_request_ms: f64,
+    decode: AgentSummary,
+    prefill: AgentSummary,
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+async fn stats(p: &mut AgentProcess) -> anyhow::Result<pb::StatsResponse> {
+    Ok(p.control.stats(pb::StatsRequest {}).await?.into_inner())
+}
+
+fn hook_name(raw: i32) -> String {
+    crate::agent::convert::hook_mode_name(raw)
+}
+
+pub async fn run(args: &DemoArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(args.block_bytes > 0 && args.bytes >= args.block_bytes, "--bytes must hold at least one --block-bytes block");
+    anyhow::ensure!(args.request_blocks > 0 && args.concurrency > 0, "--request-blocks and --concurrency must be positive");
+    let common = vec![
+        "--transport".to_string(),
+        args.transport.to_string(),
+        "--region-bytes".into(),
+        args.region_bytes.to_string(),
+        "--block-bytes".into(),
+        args.block_bytes.to_string(),
+        "--test-patterns".into(),
+    ];
+    let timeout = Duration::from_secs(120);
+    let mut decode_args = vec!["decode".to_string(), "--agent-id".into(), "demo-decode".into()];
+    decode_args.extend(common.clone());
+    let mut decode = AgentProcess::spawn(&decode_args, args.verbose, timeout).await.context("starting the decode agent")?;
+    let mut prefill_args = vec!["prefill".to_string(), "--agent-id".into(), "demo-prefill".into(), "--peer".into(), decode.listen.clone()];
+    prefill_args.extend(common);
+    let mut prefill = AgentProcess::spawn(&prefill_args, args.verbose, timeout).await.context("starting the prefill agent")?;
+    let handshake_ms = prefill.ready["handshake_ms"].as_f64().unwrap_or(f64::NAN);
+
+    let report = drive(args, &mut decode, &mut prefill, handshake_ms).await;
+    decode.stop().await;
+    prefill.stop().await;
+    let report = report?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_human(&report);
+    }
+    Ok(if report.verified && report.failed_requests == 0 { 0 } else { 1 })
+}
+
+async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentProcess, handshake_ms: f64) -> anyhow::Result<DemoReport> {
+    let d_start = stats(decode).await?;
+    let p_start = stats(prefill).await?;
+    let info = decode.control.info(pb::InfoRequest {}).await?.into_inner();
+    let num_blocks = info.agent.and_then(|a| a.layout).map(|l| l.num_blocks).context("decode agent reported no layout")? as usize;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: args.seed }).await?;
+
+    let total_blocks = (args.bytes / args.block_bytes) as usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let mode = match args.mode {
+        Mode::Write => pb::TransferMode::Write,
+        Mode::Read => pb::TransferMode::Read,
+    };
+    let (mut done_blocks, mut seconds, mut verified, mut bad, mut failed, mut requests) = (0usize, 0.0f64, 0u64, 0u64, 0u64, 0u64);
+    let mut first_error = String::new();
+    let mut latencies: Vec<u64> = Vec::new();
+    let mut pass = 0u64;
+    while done_blocks < total_blocks {
+        let n = (total_blocks - done_blocks).min(num_blocks);
+        let mut src: Vec<u32> = (0..num_blocks as u32).collect();
+        let mut dst = src.clone();
+        src.shuffle(&mut rng);
+        dst.shuffle(&mut rng);
+        src.truncate(n);
+        dst.truncate(n);
+        decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
+        let t0 = Instant::now();
+        let mut set = JoinSet::new();
+        let mut chunks = src.chunks(args.request_blocks).zip(dst.chunks(args.request_blocks)).enumerate();
+        loop {
+            while set.len() < args.concurrency {
+                let Some((i, (s, d))) = chunks.next() else { break };
+                let mut control = decode.control.clone();
+                let req = pb::SubmitRequest {
+                    request_id: format!("demo-{pass}-{i}"),
+                    peer: String::new(),
+                    mode: mode as i32,
+                    src_blocks: s.to_vec(),
+                    dst_blocks: d.to_vec(),
+                };
+                set.spawn(async move { run_request(&mut control, req).await });
+                requests += 1;
+            }
+            match set.join_next().await {
+                Some(r) => match r? {
+                    Ok(w) if w.state == pb::RequestState::Done as i32 => latencies.push(w.latency_us),
+                    Ok(w) => {
+                        failed += 1;
+                        if first_error.is_empty() {
+                            first_error = format!("request {} failed: {}", w.request_id, w.error);
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        if first_error.is_empty() {
+                            first_error = format!("request failed: {e}");
+                        }
+                    }
+                },
+                None => break,
+            }
+        }
+        seconds += t0.elapsed().as_secs_f64();
+        for (s, d) in src.chunks(1 << 16).zip(dst.chunks(1 << 16)) {
+            let v = decode
+                .control
+                .verify_pattern(pb::VerifyPatternRequest { seed: args.seed, src_blocks: s.to_vec(), dst_blocks: d.to_vec() })
+                .await?
+                .into_inner();
+            verified += v.verified_blocks;
+            bad += v.bad_blocks;
+            if first_error.is_empty() && !v.first_error.is_empty() {
+                first_error = v.first_error;
+            }
+        }
+        done_blocks += n;
+        pass += 1;
+    }
+    let d_end = stats(decode).await?;
+    let p_end = stats(prefill).await?;
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).map_or(0.0, |&us| us as f64 / 1e3)
+    };
+    let bytes = total_blocks as u64 * args.block_bytes;
+    let summary = |start: &pb::StatsResponse, end: &pb::StatsResponse| AgentSummary {
+        agent_id: end.agent_id.clone(),
+        ucx_version: end.ucx_version.clone(),
+        ucx_library: end.ucx_library.clone(),
+        mmap_hook_mode: hook_name(end.hook_mode),
+        rss_start_mib: mib(start.memory.as_ref().map_or(0, |m| m.vm_rss)),
+        rss_end_mib: mib(end.memory.as_ref().map_or(0, |m| m.vm_rss)),
+        bytes_moved: end.bytes_moved,
+        ucx_intercepted_munmaps: end.ucx_intercepted_munmaps,
+    };
+    let decode_summary = summary(&d_start, &d_end);
+    let prefill_summary = summary(&p_start, &p_end);
+    let hooks_both = if decode_summary.mmap_hook_mode == prefill_summary.mmap_hook_mode {
+        decode_summary.mmap_hook_mode.clone()
+    } else {
+        format!("decode {}, prefill {}", decode_summary.mmap_hook_mode, prefill_summary.mmap_hook_mode)
+    };
+    Ok(DemoReport {
+        bytes,
+        blocks: total_blocks as u64,
+        block_bytes: args.block_bytes,
+        requests,
+        seconds,
+        gbps: if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { 0.0 },
+        verified: bad == 0 && failed == 0 && verified == total_blocks as u64,
+        verified_blocks: verified,
+        bad_blocks: bad,
+        first_error,
+        failed_requests: failed,
+        transport: args.transport.to_string(),
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        ucx_version: decode_summary.ucx_version.clone(),
+        ucx_library: decode_summary.ucx_library.clone(),
+        mmap_hook_mode: hooks_both,
+        handshake_ms,
+        p50_request_ms: pct(0.50),
+        p99_request_ms: pct(0.99),
+        decode: decode_summary,
+        prefill: prefill_summary,
+    })
+}
+
+/// Submits one request and waits for its final state.
+pub async fn run_request(
+    control: &mut pb::control_client::ControlClient<tonic::transport::Channel>,
+    req: pb::SubmitRequest,
+) -> anyhow::Result<pb::WaitResponse> {
+    let id = req.request_id.clone();
+    control.submit(req).await?;
+    loop {
+        let w = control.wait(pb::WaitRequest { request_id: id.clone(), timeout_ms: 30_000 }).await?.into_inner();
+        if w.state != pb::RequestState::Pending as i32 {
+            return Ok(w);
+        }
+    }
+}
+
+fn print_human(r: &DemoReport) {
+    let verdict = if r.verified { "VERIFIED" } else { "NOT VERIFIED" };
+    println!(
+        "kvrail demo: {} {} of {} blocks over {} ({}), {} requests",
+        r.mode,
+        format_bytes(r.bytes),
+        format_bytes(r.block_bytes),
+        r.transport,
+        r.ucx_version,
+        r.requests
+    );
+    println!("  throughput   {:.2} GB/s ({:.3} s moving data)", r.gbps, r.seconds);
+    println!("  requests     p50 {:.2} ms, p99 {:.2} ms, {} failed", r.p50_request_ms, r.p99_request_ms, r.failed_requests);
+    println!("  handshake    {:.1} ms", r.handshake_ms);
+    println!(
+        "  verify       {verdict}: {} of {} blocks match their source pattern{}",
+        r.verified_blocks,
+        r.blocks,
+        if r.first_error.is_empty() { String::new() } else { format!(" — {}", r.first_error) }
+    );
+    println!("  mmap hooks   {} (UCX {})", r.mmap_hook_mode, r.ucx_library);
+    for (name, a) in [("decode", &r.decode), ("prefill", &r.prefill)] {
+        println!(
+            "  {name:<8}     RSS {:.1} -> {:.1} MiB, {} munmaps intercepted by UCX",
+            a.rss_start_mib, a.rss_end_mib, a.ucx_intercepted_munmaps
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! One module per `kvrail` subcommand.
+
+pub mod children;
+pub mod demo;
+pub mod info;
+pub mod serve;

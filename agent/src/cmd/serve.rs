@@ -1,0 +1,109 @@
+//! `kvrail decode` / `kvrail prefill`: run one agent until SIGINT/SIGTERM.
+//!
+//! When the agent is ready it prints one JSON line on stdout (`"event":
+//! "ready"`, the bound address, the handshake time), which drivers such as
+//! `kvrail demo` wait for. Logs go to stderr.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvrail_proto::v1 as pb;
+use kvrail_transfer::RegionAlloc;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::agent::control::ControlService;
+use crate::agent::peer_service::PeerService;
+use crate::agent::{prefill, Agent, AgentConfig, Role};
+use crate::cli::AgentArgs;
+use crate::memwatch::{MemWatch, MemWatchConfig};
+
+/// Largest gRPC message accepted (a request naming a million blocks fits).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+fn heap_bytes() -> Option<u64> {
+    Some(kvrail_transfer::runtime::heap_in_use())
+}
+
+pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::Result<i32> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listen: SocketAddr = listener.local_addr()?;
+    let agent_id = args.agent_id.clone().unwrap_or_else(|| format!("{}-{}-{}", role.as_str(), hostname(), std::process::id()));
+    let cfg = AgentConfig {
+        role,
+        agent_id,
+        listen,
+        peer: peer.clone(),
+        transport: args.transport,
+        region_bytes: args.region_bytes,
+        block_bytes: args.block_bytes,
+        layers: args.layers,
+        region_alloc: if args.ucx_alloc { RegionAlloc::Ucx } else { RegionAlloc::Mapped { populate: true } },
+        window: args.window,
+        test_patterns: args.test_patterns,
+        request_timeout: Duration::from_secs_f64(args.request_timeout_secs.max(0.001)),
+        allow_hooks: std::env::var_os(crate::guard::ALLOW_HOOKS_VAR).is_some(),
+    };
+    let memwatch = MemWatch::start(MemWatchConfig::default(), heap_bytes);
+    let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::peer_server::PeerServer<PeerService>>().await;
+    health.set_serving::<pb::control_server::ControlServer<ControlService>>().await;
+    let peer_svc = pb::peer_server::PeerServer::new(PeerService { agent: agent.clone() })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let control_svc = pb::control_server::ControlServer::new(ControlService { agent: agent.clone() })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(peer_svc)
+        .add_service(control_svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal());
+    let server = tokio::spawn(server);
+
+    let mut handshake_ms = None;
+    if let Some(addr) = peer {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(prefill::run(agent.clone(), addr.clone(), tx));
+        match tokio::time::timeout(Duration::from_secs(120), rx).await {
+            Ok(Ok(Ok(ms))) => handshake_ms = Some(ms),
+            Ok(Ok(Err(e))) => anyhow::bail!("decode agent {addr} refused the handshake: {e}"),
+            _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
+        }
+    }
+    ready_line(&agent, listen, handshake_ms);
+    server.await??;
+    tracing::info!(agent_id = %agent.cfg.agent_id, "agent stopped");
+    Ok(0)
+}
+
+fn ready_line(agent: &Arc<Agent>, listen: SocketAddr, handshake_ms: Option<f64>) {
+    let line = serde_json::json!({
+        "event": "ready",
+        "role": agent.cfg.role.as_str(),
+        "agent_id": agent.cfg.agent_id,
+        "listen": listen.to_string(),
+        "pid": std::process::id(),
+        "handshake_ms": handshake_ms,
+        "ucx_version": agent.ucx.version,
+        "ucx_library": agent.ucx.library,
+        "mmap_hook_mode": agent.hook_mode.as_str(),
+    });
+    println!("{line}");
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

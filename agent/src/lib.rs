@@ -1,0 +1,12 @@
+//! The kvrail agent: prefill and decode agents with their gRPC services, the
+//! memory self-check, and the demo / bench / soak drivers behind the
+//! `kvrail` binary.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cli;
+pub mod cmd;
+pub mod guard;
+pub mod memwatch;
+pub mod pattern;
+pub mod units;

@@ -1,0 +1,43 @@
+//! The `kvrail` binary.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kvrail_agent::agent::Role;
+use kvrail_agent::cli::{Cli, Command};
+use kvrail_agent::{cmd, guard};
+
+fn main() -> ExitCode {
+    // Before anything touches UCX: re-exec with the hooks-off environment.
+    if let Err(e) = guard::ensure() {
+        eprintln!("kvrail: {e:#}");
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvrail: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async {
+        match &cli.cmd {
+            Command::Info(a) => cmd::info::run(a),
+            Command::Decode(a) => cmd::serve::run(Role::Decode, a, None).await,
+            Command::Prefill(a) => cmd::serve::run(Role::Prefill, &a.agent, Some(a.peer.clone())).await,
+            Command::Demo(a) => cmd::demo::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("kvrail: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! kvrail benchmarks live in `benches/`; this library is intentionally empty.
+#![forbid(unsafe_code)]

@@ -1,0 +1,76 @@
+//! Helpers for kvrail's integration tests: the built `kvrail` binary, running
+//! it, and starting agent processes.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+pub use kvrail_agent::cmd::children::AgentProcess;
+
+/// The `kvrail` binary of this build (`cargo build --bins` puts it beside the
+/// test executables' `deps/` folder).
+pub fn kvrail_bin() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test exe");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("kvrail");
+    assert!(bin.exists(), "{} is missing: run `cargo build --bins` before the integration tests", bin.display());
+    bin
+}
+
+/// Runs `kvrail <args>` to completion, with a time limit.
+pub fn run_kvrail(args: &[&str], limit: Duration) -> Output {
+    let mut child = std::process::Command::new(kvrail_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kvrail");
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("kvrail {args:?} did not finish within {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `kvrail <args> --json` and parses stdout, failing with stderr shown.
+pub fn run_json(args: &[&str], limit: Duration) -> (i32, serde_json::Value) {
+    let out = run_kvrail(args, limit);
+    let code = out.status.code().unwrap_or(-1);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "kvrail {args:?} printed no JSON ({e}); exit {code}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, v)
+}
+
+/// Starts a decode agent and a prefill agent dialling it, both with test
+/// patterns enabled, on loopback.
+pub async fn agent_pair(transport: &str, region: &str, block: &str) -> (AgentProcess, AgentProcess) {
+    let bin = kvrail_bin();
+    let common = |role: &str, id: &str| -> Vec<String> {
+        [role, "--agent-id", id, "--transport", transport, "--region-bytes", region, "--block-bytes", block, "--test-patterns"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let limit = Duration::from_secs(60);
+    let decode = AgentProcess::spawn_exe(&bin, &common("decode", "it-decode"), false, limit).await.expect("decode agent");
+    let mut p = common("prefill", "it-prefill");
+    p.extend(["--peer".to_string(), decode.listen.clone()]);
+    let prefill = AgentProcess::spawn_exe(&bin, &p, false, limit).await.expect("prefill agent");
+    (decode, prefill)
+}

@@ -1,0 +1,14 @@
+//! kvrail wire protocol: generated code for package `kvrail.v1`.
+//!
+//! This crate owns the `.proto` files and nothing else: no UCX, no agent logic.
+#![forbid(unsafe_code)]
+
+/// Generated messages and services of `kvrail.v1`.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("kvrail.v1");
+}
+
+/// Protocol version spoken by this build. Bumped on any incompatible change;
+/// peers with a different version are refused at handshake.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,480 @@
+//! The transfer engine: one progress thread that owns a UCX context, worker
+//! and the agent's one registered region, and executes RMA transfers for
+//! async callers.
+//!
+//! Callers send commands over a channel and wake the thread through an
+//! eventfd; results come back on oneshot channels. When no transfer is
+//! active the thread arms the worker and sleeps on its event fd (and the
+//! command eventfd) instead of spinning. Each transfer issues its coalesced
+//! operations with a bounded window of outstanding requests, then flushes
+//! the endpoint, and reports success only after the flush completed: the
+//! target's bytes are in place when the caller hears "done".
+//!
+//! Cancel safety: dropping a caller's future only stops new operations from
+//! being issued. Requests already in flight keep their completion counter
+//! alive (an `Rc` owned by the request), and the memory they touch is the
+//! region, which lives as long as the worker.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use tokio::sync::oneshot;
+
+use crate::error::TransferError;
+use crate::ffi::status::Status;
+use crate::ffi::sys::{EventFd, Poller};
+use crate::ffi::ucp::{Context, Endpoint, OpCounter, Registration, RemoteRegion, Rma, Worker};
+use crate::hooks;
+use crate::plan::RmaOp;
+use crate::region::Region;
+use crate::transport::Transport;
+
+/// How the region's memory is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionAlloc {
+    /// kvrail maps anonymous memory and registers it (`populate` faults it in).
+    Mapped { populate: bool },
+    /// UCX allocates and registers the memory itself (`UCP_MEM_MAP_ALLOCATE`),
+    /// which some UCX releases serve with one-sided shared-memory puts.
+    Ucx,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub transport: Transport,
+    pub region_bytes: u64,
+    pub region_alloc: RegionAlloc,
+    /// Outstanding RMA requests per transfer.
+    pub window: usize,
+    /// Transfers executed at once; more wait in a queue.
+    pub max_active: usize,
+    /// Ask UCX to report peer failures (fails requests instead of hanging).
+    pub peer_errors: bool,
+    /// Demonstration only: run even though UCX's memory hooks are on.
+    pub allow_hooks: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            transport: Transport::Auto,
+            region_bytes: 1 << 30,
+            region_alloc: RegionAlloc::Mapped { populate: true },
+            window: 64,
+            max_active: 32,
+            peer_errors: true,
+            allow_hooks: false,
+        }
+    }
+}
+
+/// What a peer needs to reach this engine (sent in the handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalInfo {
+    pub worker_address: Vec<u8>,
+    pub region_base: u64,
+    pub region_len: u64,
+    pub rkey: Vec<u8>,
+}
+
+/// A peer's reachability, as received in its handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub worker_address: Vec<u8>,
+    pub region_base: u64,
+    pub region_len: u64,
+    pub rkey: Vec<u8>,
+}
+
+/// Handle of a connected peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerId(pub u64);
+
+/// Direction of a transfer, from this engine's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// `src` offsets are local, `dst` offsets remote (RMA put).
+    Write,
+    /// `src` offsets are remote, `dst` offsets local (RMA get).
+    Read,
+}
+
+/// A completed transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferDone {
+    pub bytes: u64,
+    pub ops: u64,
+    pub elapsed: Duration,
+}
+
+/// Counters the engine keeps (read at any time).
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub bytes: AtomicU64,
+    pub ops: AtomicU64,
+    pub transfers_ok: AtomicU64,
+    pub transfers_failed: AtomicU64,
+    pub peers: AtomicU64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, TransferError>>;
+
+enum Command {
+    Connect(PeerSpec, Reply<PeerId>),
+    Disconnect(PeerId, Reply<()>),
+    Transfer { peer: PeerId, dir: Direction, ops: Vec<RmaOp>, reply: Reply<TransferDone> },
+}
+
+/// Handle to a running engine. Dropping it stops the progress thread after
+/// its in-flight requests are accounted for.
+#[derive(Debug)]
+pub struct Engine {
+    tx: Option<Sender<Command>>,
+    wake: Arc<EventFd>,
+    local: LocalInfo,
+    region: Region,
+    counters: Arc<EngineCounters>,
+    hooks: hooks::HookReport,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Verifies UCX's hooks are off, then starts the progress thread, which
+    /// creates the context, registers the region once and the worker.
+    /// Blocking (mapping a large region takes a moment).
+    pub fn start(cfg: EngineConfig) -> Result<Engine, TransferError> {
+        let report = hooks::verify();
+        if !report.is_off() && !cfg.allow_hooks {
+            return Err(TransferError::HooksOn(report.summary()));
+        }
+        let region_len = usize::try_from(cfg.region_bytes).map_err(|_| TransferError::Region("region size overflows usize".into()))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let wake = Arc::new(EventFd::new()?);
+        let counters = Arc::new(EngineCounters::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let thread = {
+            let (wake, counters, cfg) = (wake.clone(), counters.clone(), cfg.clone());
+            std::thread::Builder::new().name("kvrail-ucx".into()).spawn(move || match Progress::new(&cfg, region_len, wake, counters) {
+                Ok((progress, info, region)) => {
+                    let _ = ready_tx.send(Ok((info, region)));
+                    progress.run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })?
+        };
+        let (local, region) = ready_rx.recv().map_err(|_| TransferError::EngineStopped)??;
+        Ok(Engine { tx: Some(tx), wake, local, region, counters, hooks: report, thread: Some(thread) })
+    }
+
+    pub fn local_info(&self) -> &LocalInfo {
+        &self.local
+    }
+
+    /// The registered region (for copies in and out, e.g. test patterns).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.counters
+    }
+
+    /// The hook verification done at start.
+    pub fn hook_report(&self) -> &hooks::HookReport {
+        &self.hooks
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), TransferError> {
+        self.tx.as_ref().ok_or(TransferError::EngineStopped)?.send(cmd).map_err(|_| TransferError::EngineStopped)?;
+        self.wake.notify();
+        Ok(())
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, TransferError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        rx.await.map_err(|_| TransferError::EngineStopped)?
+    }
+
+    /// Creates an endpoint to the peer and unpacks its rkey.
+    pub async fn connect(&self, spec: PeerSpec) -> Result<PeerId, TransferError> {
+        self.call(|r| Command::Connect(spec, r)).await
+    }
+
+    /// Releases the peer's rkey and endpoint. Transfers still running on it fail.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), TransferError> {
+        self.call(|r| Command::Disconnect(peer, r)).await
+    }
+
+    /// Runs one transfer: every op, then (for writes) a flush. Resolves only
+    /// when the bytes are at the target. Dropping the future stops issuing.
+    pub async fn transfer(&self, peer: PeerId, dir: Direction, ops: Vec<RmaOp>) -> Result<TransferDone, TransferError> {
+        self.call(|reply| Command::Transfer { peer, dir, ops, reply }).await
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the channel tells the thread to finish.
+        self.tx.take();
+        self.wake.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Peer {
+    remote: Rc<RemoteRegion>,
+}
+
+struct Job {
+    peer: PeerId,
+    remote: Rc<RemoteRegion>,
+    dir: Rma,
+    ops: Vec<RmaOp>,
+    next: usize,
+    counter: Rc<OpCounter>,
+    flushed: bool,
+    bytes: u64,
+    started: Instant,
+    reply: Reply<TransferDone>,
+}
+
+enum JobState {
+    Running,
+    Done(Result<TransferDone, TransferError>),
+}
+
+impl Job {
+    fn drive(&mut self, window: usize) -> JobState {
+        if let Some(st) = self.remote.endpoint().failure() {
+            return JobState::Done(Err(TransferError::PeerFailed(format!("endpoint error: {st}"))));
+        }
+        if let Some(st) = self.counter.error() {
+            return JobState::Done(Err(TransferError::PeerFailed(format!("RMA request failed: {st}"))));
+        }
+        if self.reply.is_closed() {
+            return JobState::Done(Err(TransferError::Cancelled));
+        }
+        while self.next < self.ops.len() && (self.counter.pending() as usize) < window {
+            let op = self.ops[self.next];
+            let (local, remote) = match self.dir {
+                Rma::Put => (op.src_offset, op.dst_offset),
+                Rma::Get => (op.dst_offset, op.src_offset),
+            };
+            if let Err(e) = self.remote.start(self.dir, local, remote, op.len, &self.counter) {
+                return JobState::Done(Err(e.into()));
+            }
+            self.bytes += op.len;
+            self.next += 1;
+        }
+        if self.next == self.ops.len() && self.dir == Rma::Put && !self.flushed {
+            if let Err(e) = self.remote.flush(&self.counter) {
+                return JobState::Done(Err(e.into()));
+            }
+            self.flushed = true;
+        }
+        if self.next == self.ops.len() && self.counter.pending() == 0 && (self.flushed || self.dir == Rma::Get) {
+            return JobState::Done(Ok(TransferDone { bytes: self.bytes, ops: self.ops.len() as u64, elapsed: self.started.elapsed() }));
+        }
+        JobState::Running
+    }
+}
+
+/// State owned by the progress thread. Field order is drop order: jobs and
+/// peers (rkeys, endpoints) before the worker, the worker before the region
+/// it holds.
+struct Progress {
+    active: VecDeque<Job>,
+    queued: VecDeque<Job>,
+    peers: HashMap<PeerId, Peer>,
+    next_peer: u64,
+    poller: Poller,
+    worker: Rc<Worker>,
+    wake: Arc<EventFd>,
+    counters: Arc<EngineCounters>,
+    window: usize,
+    max_active: usize,
+    peer_errors: bool,
+}
+
+impl Progress {
+    fn new(
+        cfg: &EngineConfig,
+        region_len: usize,
+        wake: Arc<EventFd>,
+        counters: Arc<EngineCounters>,
+    ) -> Result<(Progress, LocalInfo, Region), TransferError> {
+        let mut settings = Vec::new();
+        if let Some(tls) = cfg.transport.ucx_tls() {
+            settings.push(("TLS", tls));
+        }
+        let ctx = Context::new(&settings)?;
+        let reg = match cfg.region_alloc {
+            RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
+            RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
+        }
+        .map_err(TransferError::Region)?;
+        let reg = Arc::new(reg);
+        let worker = Worker::new(&ctx, reg.clone())?;
+        let local = LocalInfo {
+            worker_address: worker.address()?,
+            region_base: reg.base() as u64,
+            region_len: reg.len() as u64,
+            rkey: reg.pack_rkey()?,
+        };
+        let poller = Poller::new(&[worker.event_fd(), wake.raw()])?;
+        tracing::info!(transport = %cfg.transport, region_bytes = reg.len(), base = format_args!("{:#x}", reg.base()), "UCX engine ready");
+        let progress = Progress {
+            active: VecDeque::new(),
+            queued: VecDeque::new(),
+            peers: HashMap::new(),
+            next_peer: 1,
+            poller,
+            worker,
+            wake,
+            counters,
+            window: cfg.window.max(1),
+            max_active: cfg.max_active.max(1),
+            peer_errors: cfg.peer_errors,
+        };
+        Ok((progress, local, Region::new(reg)))
+    }
+
+    fn run(mut self, rx: Receiver<Command>) {
+        let mut open = true;
+        loop {
+            self.wake.drain();
+            while open {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.worker.progress();
+            self.drive();
+            if !open && self.active.is_empty() && self.queued.is_empty() {
+                break;
+            }
+            if self.active.is_empty() && rx.is_empty() {
+                match self.worker.arm() {
+                    Ok(true) => self.poller.wait(1000),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(call = e.call, status = %e.status, "ucp_worker_arm failed; polling instead");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        tracing::debug!("UCX progress thread stopped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect(spec, reply) => {
+                let _ = reply.send(self.connect(spec));
+            }
+            Command::Disconnect(id, reply) => {
+                if self.peers.remove(&id).is_some() {
+                    self.counters.peers.fetch_sub(1, Ordering::Relaxed);
+                }
+                let (gone, keep): (Vec<Job>, Vec<Job>) = self.active.drain(..).chain(self.queued.drain(..)).partition(|j| j.peer == id);
+                self.active.extend(keep);
+                for job in gone {
+                    self.finish(job, Err(TransferError::PeerFailed("peer was disconnected".into())));
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Command::Transfer { peer, dir, ops, reply } => {
+                let Some(p) = self.peers.get(&peer) else {
+                    let _ = reply.send(Err(TransferError::UnknownPeer(peer.0)));
+                    return;
+                };
+                let job = Job {
+                    peer,
+                    remote: p.remote.clone(),
+                    dir: match dir {
+                        Direction::Write => Rma::Put,
+                        Direction::Read => Rma::Get,
+                    },
+                    ops,
+                    next: 0,
+                    counter: Rc::new(OpCounter::default()),
+                    flushed: false,
+                    bytes: 0,
+                    started: Instant::now(),
+                    reply,
+                };
+                self.queued.push_back(job);
+            }
+        }
+    }
+
+    fn connect(&mut self, spec: PeerSpec) -> Result<PeerId, TransferError> {
+        let ep = match Endpoint::connect(&self.worker, &spec.worker_address, self.peer_errors) {
+            Ok(ep) => ep,
+            // Some transports (UCX 1.13's shared memory) cannot report peer
+            // failures; run without, failures then surface through the
+            // control plane's deadlines and leases.
+            Err(e) if self.peer_errors && e.status == Status::ERR_UNREACHABLE => {
+                tracing::info!("transport has no peer-failure reporting; endpoint created without it");
+                Endpoint::connect(&self.worker, &spec.worker_address, false)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let ep = Rc::new(ep);
+        let remote = Rc::new(RemoteRegion::unpack(&ep, &spec.rkey, spec.region_base, spec.region_len)?);
+        let id = PeerId(self.next_peer);
+        self.next_peer += 1;
+        self.peers.insert(id, Peer { remote });
+        self.counters.peers.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    fn drive(&mut self) {
+        while self.active.len() < self.max_active {
+            match self.queued.pop_front() {
+                Some(job) => self.active.push_back(job),
+                None => break,
+            }
+        }
+        let mut i = 0;
+        while i < self.active.len() {
+            match self.active[i].drive(self.window) {
+                JobState::Running => i += 1,
+                JobState::Done(result) => {
+                    let job = self.active.swap_remove_back(i).expect("index in range");
+                    self.finish(job, result);
+                }
+            }
+        }
+    }
+
+    fn finish(&self, job: Job, result: Result<TransferDone, TransferError>) {
+        match &result {
+            Ok(done) => {
+                self.counters.bytes.fetch_add(done.bytes, Ordering::Relaxed);
+                self.counters.ops.fetch_add(done.ops, Ordering::Relaxed);
+                self.counters.transfers_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters.transfers_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = job.peer.0, error = %e, "transfer failed");
+            }
+        }
+        // The job's counter may still be referenced by in-flight requests;
+        // they hold their own Rc, so dropping the job here is safe.
+        let _ = job.reply.send(result);
+    }
+}

@@ -1,0 +1,222 @@
+//! libc pieces of the data plane: anonymous memory for the region, an eventfd
+//! and an epoll set for the progress thread, copies in and out of region
+//! memory, and the allocator's in-use byte count.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+/// One anonymous, page-aligned mapping, unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain process memory with no thread affinity; all
+// access to its bytes goes through `copy_in` / `copy_out`, which take `&self`
+// and copy with raw pointers, the same way UCX (another thread or process)
+// reads and writes it. No Rust reference to its bytes is ever created.
+unsafe impl Send for Mapping {}
+// SAFETY: see `Send`: shared access only copies through raw pointers.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of anonymous private memory; with `populate`, faults
+    /// every page in now so the first transfer does not pay for it.
+    pub(crate) fn anonymous(len: usize, populate: bool) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "region length is zero"));
+        }
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        if populate {
+            flags |= libc::MAP_POPULATE;
+        }
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks:
+        // it aliases nothing, and we check the result before using it.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    pub(crate) fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; the owner of this
+        // mapping (the registration) has been unregistered from UCX before it
+        // lets go of the mapping, so nothing uses the range any more.
+        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if rc != 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "munmap of region failed");
+        }
+    }
+}
+
+/// Copies `dst.len()` bytes from `base + offset` into `dst`. The caller has
+/// checked that `[offset, offset + dst.len())` lies inside a live mapping of
+/// `len` bytes at `base`.
+pub(crate) fn copy_out(base: usize, len: usize, offset: usize, dst: &mut [u8]) {
+    assert!(offset.checked_add(dst.len()).is_some_and(|end| end <= len), "copy_out out of bounds");
+    // SAFETY: the range is inside the live mapping (asserted above; the
+    // caller keeps the mapping alive for the call). `dst` is a distinct Rust
+    // buffer, so the ranges do not overlap. Bytes may be concurrently written
+    // by UCX; we only copy them, never form a reference to them.
+    unsafe { std::ptr::copy_nonoverlapping((base + offset) as *const u8, dst.as_mut_ptr(), dst.len()) };
+}
+
+/// Copies `src` to `base + offset`; same contract as [`copy_out`].
+pub(crate) fn copy_in(base: usize, len: usize, offset: usize, src: &[u8]) {
+    assert!(offset.checked_add(src.len()).is_some_and(|end| end <= len), "copy_in out of bounds");
+    // SAFETY: as in copy_out, with the direction reversed.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (base + offset) as *mut u8, src.len()) };
+}
+
+/// A non-blocking eventfd used to wake the progress thread.
+#[derive(Debug)]
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own exclusively.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes the fd readable (wakes a sleeper). Never blocks.
+    pub(crate) fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full
+        // counter (EAGAIN) already means "readable", so the result is moot.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets the fd to not-readable.
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our own non-blocking fd.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// An epoll set over a few fds, for sleeping until any becomes readable.
+#[derive(Debug)]
+pub(crate) struct Poller(OwnedFd);
+
+impl Poller {
+    pub(crate) fn new(fds: &[RawFd]) -> io::Result<Poller> {
+        // SAFETY: plain syscall; the result is checked.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: ep is a fresh descriptor we own exclusively.
+        let poller = Poller(unsafe { OwnedFd::from_raw_fd(ep) });
+        for &fd in fds {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+            // SAFETY: valid epoll fd, a caller-owned fd that outlives the
+            // poller (the engine drops the poller first), and a live event.
+            let rc = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(poller)
+    }
+
+    /// Sleeps until a registered fd is readable or `timeout_ms` passes.
+    pub(crate) fn wait(&self, timeout_ms: i32) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: the buffer is live and its length is passed; EINTR and
+        // timeouts are both fine for a caller that re-checks its state.
+        let _ = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, timeout_ms) };
+    }
+}
+
+/// Bytes the C allocator has handed out and not yet freed (mallinfo2:
+/// in-use arena chunks plus mmapped chunks). Rust's heap is glibc's here.
+pub(crate) fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 only reads allocator statistics under its own lock.
+    let mi = unsafe { libc::mallinfo2() };
+    (mi.uordblks + mi.hblkhd) as u64
+}
+
+/// The file and base address of the loaded object that contains `addr`.
+pub(crate) fn object_of(addr: usize) -> Option<(String, usize)> {
+    let mut info = libc::Dl_info {
+        dli_fname: std::ptr::null(),
+        dli_fbase: std::ptr::null_mut(),
+        dli_sname: std::ptr::null(),
+        dli_saddr: std::ptr::null_mut(),
+    };
+    // SAFETY: dladdr only reads loader tables and fills the live struct.
+    let rc = unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) };
+    if rc == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated string owned by the loader,
+    // valid while the object stays loaded (libc and libucp never unload).
+    let name = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned();
+    Some((name, info.dli_fbase as usize))
+}
+
+/// Address of `symbol` as defined by the already-loaded object `lib` (looked
+/// up in that object, not through any interposer).
+pub(crate) fn symbol_in(lib: &str, symbol: &str) -> Option<usize> {
+    let lib = std::ffi::CString::new(lib).ok()?;
+    let sym = std::ffi::CString::new(symbol).ok()?;
+    // SAFETY: RTLD_NOLOAD never loads anything new; it only returns a handle
+    // to an object already in the process (or NULL).
+    let handle = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    if handle.is_null() {
+        return None;
+    }
+    // SAFETY: valid handle and NUL-terminated name.
+    let addr = unsafe { libc::dlsym(handle, sym.as_ptr()) };
+    // SAFETY: drops the reference NOLOAD took; the object stays loaded.
+    unsafe { libc::dlclose(handle) };
+    (!addr.is_null()).then_some(addr as usize)
+}
+
+/// Reads `len` bytes of this process's memory at `addr`; the caller passes an
+/// address inside a mapped, readable code page (a libc function entry).
+pub(crate) fn read_code(addr: usize, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    // SAFETY: addr is the entry of a function in a loaded object (resolved
+    // by dlsym), so at least `len` (16) bytes of mapped executable text
+    // follow it; we copy them into our own buffer.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), len) };
+    out
+}
+
+/// The addresses the executable itself uses for libc's memory calls (its GOT
+/// entries, as resolved now), in the order of [`MEMORY_CALLS`].
+pub(crate) fn own_memory_call_addresses() -> [usize; 4] {
+    [
+        libc::mmap as *const () as usize,
+        libc::munmap as *const () as usize,
+        libc::mremap as *const () as usize,
+        libc::madvise as *const () as usize,
+    ]
+}
+
+/// libc entry points UCM hooks (by relocation or by patching code).
+pub(crate) const MEMORY_CALLS: [&str; 4] = ["mmap", "munmap", "mremap", "madvise"];

@@ -1,0 +1,611 @@
+//! Safe owners of UCP objects.
+//!
+//! Ownership encodes the order UCX needs: a [`RemoteRegion`] (unpacked rkey)
+//! holds its [`Endpoint`], an endpoint holds its [`Worker`], a worker holds
+//! its [`Registration`] and [`Context`], a registration holds its context
+//! and its memory. Dropping any of them releases exactly its own UCX object
+//! after everything built on it is gone.
+//!
+//! A worker and everything built on it is `!Send`: it lives and dies on the
+//! progress thread that created it. Requests carry an `Rc<OpCounter>` as
+//! user data, reclaimed by the completion callback, so a counter outlives
+//! every request that reports to it, whatever the caller does meanwhile.
+
+use std::cell::Cell;
+use std::ffi::{CStr, CString};
+use std::os::raw::{c_int, c_void};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ucx1_sys as sys_ucx;
+
+use super::decls::{self, ErrCallback, SendCallback};
+use super::status::{decode_ptr, PtrStatus, Status};
+use super::sys::{self, Mapping};
+
+/// A UCX failure: the call that failed and its raw status.
+#[derive(Debug, Clone)]
+pub(crate) struct UcxFailure {
+    pub call: &'static str,
+    pub status: Status,
+}
+
+impl UcxFailure {
+    fn new(call: &'static str, status: Status) -> Self {
+        UcxFailure { call, status }
+    }
+}
+
+fn check(call: &'static str, raw: i8) -> Result<(), UcxFailure> {
+    Status(raw).ok().map_err(|s| UcxFailure::new(call, s))
+}
+
+/// The version string of the libucp actually loaded (not the headers').
+pub(crate) fn loaded_version() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string.
+    let p = unsafe { sys_ucx::ucp_get_version_string() };
+    if p.is_null() {
+        return "unknown".into();
+    }
+    // SAFETY: non-null static C string (above).
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// Path of the libucp object the process resolved `ucp_init_version` to.
+pub(crate) fn loaded_library() -> Option<String> {
+    let addr = decls::ucp_init_version as *const () as usize;
+    sys::object_of(addr).map(|(path, _)| std::fs::canonicalize(&path).map(|p| p.display().to_string()).unwrap_or(path))
+}
+
+/// A UCP context (`ucp_init`), cleaned up when the last owner drops it.
+#[derive(Debug)]
+pub(crate) struct Context {
+    h: sys_ucx::ucp_context_h,
+}
+
+// SAFETY: the context is created with MT_WORKERS_SHARED, which makes UCX
+// serialise context-level calls (mem map/unmap, rkey pack) internally; the
+// handle itself is an opaque pointer with no thread affinity.
+unsafe impl Send for Context {}
+// SAFETY: see Send.
+unsafe impl Sync for Context {}
+
+impl Context {
+    /// `settings` are UCX configuration names and values (e.g. `("TLS", "sm")`)
+    /// applied on top of the environment's `UCX_*` variables.
+    pub(crate) fn new(settings: &[(&str, &str)]) -> Result<Arc<Context>, UcxFailure> {
+        let mut config: *mut sys_ucx::ucp_config_t = std::ptr::null_mut();
+        // SAFETY: NULL prefix/file mean "environment only"; config is an
+        // out-pointer to a local.
+        check("ucp_config_read", unsafe { decls::ucp_config_read(std::ptr::null(), std::ptr::null(), &mut config) })?;
+        let guard = ConfigGuard(config);
+        for (name, value) in settings {
+            let (n, v) = (CString::new(*name).expect("no NUL"), CString::new(*value).expect("no NUL"));
+            // SAFETY: live config from ucp_config_read; NUL-terminated strings.
+            check("ucp_config_modify", unsafe { decls::ucp_config_modify(guard.0, n.as_ptr(), v.as_ptr()) })?;
+        }
+        // SAFETY: a zeroed params struct is the documented "nothing set"
+        // state; we then set only fields named in field_mask.
+        let mut params: sys_ucx::ucp_params_t = unsafe { std::mem::zeroed() };
+        params.field_mask =
+            (sys_ucx::ucp_params_field::UCP_PARAM_FIELD_FEATURES | sys_ucx::ucp_params_field::UCP_PARAM_FIELD_MT_WORKERS_SHARED).0 as u64;
+        params.features = (sys_ucx::ucp_feature::UCP_FEATURE_RMA | sys_ucx::ucp_feature::UCP_FEATURE_WAKEUP).0 as u64;
+        params.mt_workers_shared = 1;
+        let mut h: sys_ucx::ucp_context_h = std::ptr::null_mut();
+        // SAFETY: params and config are live; API version 1.12 is what the
+        // struct layouts come from, and UCX accepts older minor versions.
+        check("ucp_init", unsafe { decls::ucp_init_version(sys_ucx::UCP_API_MAJOR, sys_ucx::UCP_API_MINOR, &params, guard.0, &mut h) })?;
+        Ok(Arc::new(Context { h }))
+    }
+}
+
+impl Context {
+    /// UCX's own description of the context (`ucp_context_print_info`).
+    pub(crate) fn describe(&self) -> String {
+        // SAFETY: tmpfile returns a fresh FILE* or NULL (checked).
+        let f = unsafe { libc::tmpfile() };
+        if f.is_null() {
+            return String::new();
+        }
+        // SAFETY: live context and FILE*; UCX only writes text to it.
+        unsafe { sys_ucx::ucp_context_print_info(self.h, f.cast()) };
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // SAFETY: rewind then read into a live buffer of the length passed;
+        // the FILE* is closed exactly once afterwards.
+        unsafe {
+            libc::rewind(f);
+            loop {
+                let n = libc::fread(buf.as_mut_ptr().cast(), 1, buf.len(), f);
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+            libc::fclose(f);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: last owner; every worker and registration holds an Arc, so
+        // none is left.
+        unsafe { sys_ucx::ucp_cleanup(self.h) };
+    }
+}
+
+struct ConfigGuard(*mut sys_ucx::ucp_config_t);
+
+impl Drop for ConfigGuard {
+    fn drop(&mut self) {
+        // SAFETY: config from ucp_config_read, released exactly once.
+        unsafe { sys_ucx::ucp_config_release(self.0) };
+    }
+}
+
+/// Where a registration's memory comes from.
+#[derive(Debug)]
+pub(crate) enum Backing {
+    /// Our own anonymous mmap, registered with UCX; unmapped after UCX's
+    /// registration is gone (drop order).
+    Mapped(#[allow(dead_code)] Mapping),
+    /// Allocated by UCX itself (`UCP_MEM_MAP_ALLOCATE`), freed on unmap.
+    UcxAllocated,
+}
+
+/// One registered memory region: the memory and its UCX mapping, together.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    memh: sys_ucx::ucp_mem_h,
+    base: usize,
+    len: usize,
+    _backing: Backing,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: memh is used only for context-level calls (rkey pack, unmap),
+// which the MT_WORKERS_SHARED context serialises; region bytes are only
+// copied through raw pointers (see sys::copy_in/copy_out).
+unsafe impl Send for Registration {}
+// SAFETY: see Send.
+unsafe impl Sync for Registration {}
+
+impl Registration {
+    /// Maps `len` bytes of anonymous memory and registers it.
+    pub(crate) fn map_anonymous(ctx: &Arc<Context>, len: usize, populate: bool) -> Result<Registration, String> {
+        let mapping = Mapping::anonymous(len, populate).map_err(|e| format!("mmap of {len} bytes failed: {e}"))?;
+        // SAFETY: zeroed params = nothing set; fields set below are named in
+        // the mask.
+        let mut p: sys_ucx::ucp_mem_map_params_t = unsafe { std::mem::zeroed() };
+        p.field_mask = (sys_ucx::ucp_mem_map_params_field::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+            | sys_ucx::ucp_mem_map_params_field::UCP_MEM_MAP_PARAM_FIELD_LENGTH)
+            .0 as u64;
+        p.address = mapping.addr() as *mut c_void;
+        p.length = mapping.len() as _;
+        let memh = Self::map(ctx, &p).map_err(|f| format!("{} failed: {}", f.call, f.status))?;
+        Ok(Registration { memh, base: mapping.addr(), len: mapping.len(), _backing: Backing::Mapped(mapping), ctx: ctx.clone() })
+    }
+
+    /// Asks UCX to allocate and register `len` bytes itself.
+    pub(crate) fn allocate(ctx: &Arc<Context>, len: usize) -> Result<Registration, String> {
+        // SAFETY: zeroed params = nothing set.
+        let mut p: sys_ucx::ucp_mem_map_params_t = unsafe { std::mem::zeroed() };
+        p.field_mask = (sys_ucx::ucp_mem_map_params_field::UCP_MEM_MAP_PARAM_FIELD_LENGTH
+            | sys_ucx::ucp_mem_map_params_field::UCP_MEM_MAP_PARAM_FIELD_FLAGS)
+            .0 as u64;
+        p.length = len as _;
+        p.flags = sys_ucx::UCP_MEM_MAP_ALLOCATE as u32;
+        let memh = Self::map(ctx, &p).map_err(|f| format!("{} failed: {}", f.call, f.status))?;
+        // SAFETY: zeroed attr with the two fields we ask for in the mask.
+        let mut attr: sys_ucx::ucp_mem_attr_t = unsafe { std::mem::zeroed() };
+        attr.field_mask =
+            (sys_ucx::ucp_mem_attr_field::UCP_MEM_ATTR_FIELD_ADDRESS | sys_ucx::ucp_mem_attr_field::UCP_MEM_ATTR_FIELD_LENGTH).0 as u64;
+        // SAFETY: memh is live; attr is a live out-struct.
+        let st = unsafe { decls::ucp_mem_query(memh, &mut attr) };
+        let reg = Registration {
+            memh,
+            base: attr.address as usize,
+            len: attr.length as usize,
+            _backing: Backing::UcxAllocated,
+            ctx: ctx.clone(),
+        };
+        check("ucp_mem_query", st).map_err(|f| format!("{} failed: {}", f.call, f.status))?;
+        if reg.base == 0 || reg.len < len {
+            return Err(format!("UCX allocated {} bytes at {:#x}, asked for {len}", reg.len, reg.base));
+        }
+        Ok(reg)
+    }
+
+    fn map(ctx: &Arc<Context>, p: &sys_ucx::ucp_mem_map_params_t) -> Result<sys_ucx::ucp_mem_h, UcxFailure> {
+        let mut memh: sys_ucx::ucp_mem_h = std::ptr::null_mut();
+        // SAFETY: live context and params; out-pointer to a local. For a
+        // given address the mapping stays valid for the registration's life
+        // (the Registration owns it and unmaps from UCX first).
+        check("ucp_mem_map", unsafe { decls::ucp_mem_map(ctx.h, p, &mut memh) })?;
+        Ok(memh)
+    }
+
+    pub(crate) fn base(&self) -> usize {
+        self.base
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The packed remote key a peer needs to reach this region.
+    pub(crate) fn pack_rkey(&self) -> Result<Vec<u8>, UcxFailure> {
+        let mut buf: *mut c_void = std::ptr::null_mut();
+        let mut size: sys_ucx::size_t = 0;
+        // SAFETY: live context and memh; out-pointers to locals.
+        check("ucp_rkey_pack", unsafe { decls::ucp_rkey_pack(self.ctx.h, self.memh, &mut buf, &mut size) })?;
+        // SAFETY: UCX returned `size` readable bytes at `buf`.
+        let out = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), size as usize) }.to_vec();
+        // SAFETY: buffer from ucp_rkey_pack, released once, after the copy.
+        unsafe { sys_ucx::ucp_rkey_buffer_release(buf) };
+        Ok(out)
+    }
+
+    /// Copies region bytes `[offset, offset + dst.len())` out.
+    pub(crate) fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), String> {
+        self.check_range(offset, dst.len() as u64)?;
+        sys::copy_out(self.base, self.len, offset as usize, dst);
+        Ok(())
+    }
+
+    /// Copies `src` into the region at `offset`.
+    pub(crate) fn write(&self, offset: u64, src: &[u8]) -> Result<(), String> {
+        self.check_range(offset, src.len() as u64)?;
+        sys::copy_in(self.base, self.len, offset as usize, src);
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), String> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len as u64 => Ok(()),
+            _ => Err(format!("range {offset}+{len} is outside the region of {} bytes", self.len)),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // SAFETY: memh from ucp_mem_map on this context, unmapped once. Every
+        // worker that could use it holds an Arc to this registration, so
+        // none is left; the backing memory is released after this (field
+        // drop order), never before.
+        let st = unsafe { decls::ucp_mem_unmap(self.ctx.h, self.memh) };
+        if st != 0 {
+            tracing::warn!(status = %Status(st), "ucp_mem_unmap failed");
+        }
+    }
+}
+
+/// Completion bookkeeping shared by a batch of requests.
+#[derive(Debug, Default)]
+pub(crate) struct OpCounter {
+    pending: Cell<u32>,
+    first_error: Cell<i8>,
+}
+
+impl OpCounter {
+    pub(crate) fn pending(&self) -> u32 {
+        self.pending.get()
+    }
+
+    pub(crate) fn error(&self) -> Option<Status> {
+        let e = self.first_error.get();
+        (e != 0).then_some(Status(e))
+    }
+
+    fn record(&self, status: i8) {
+        if status < 0 && self.first_error.get() == 0 {
+            self.first_error.set(status);
+        }
+    }
+}
+
+unsafe extern "C" fn op_done(request: *mut c_void, status: i8, user_data: *mut c_void) {
+    // Called by UCX inside ucp_worker_progress on the worker's thread. No
+    // panics possible below: plain Cell updates and frees.
+    // SAFETY: user_data is the Rc::into_raw of issue(); each request's
+    // callback runs exactly once, so this reclaims exactly that reference.
+    let counter = unsafe { Rc::from_raw(user_data as *const OpCounter) };
+    counter.pending.set(counter.pending.get().saturating_sub(1));
+    counter.record(status);
+    // SAFETY: the request handle UCX passed us, released once, here.
+    unsafe { sys_ucx::ucp_request_free(request) };
+}
+
+/// A UCP worker owned by one thread (`!Send`), with the one region it serves.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    h: sys_ucx::ucp_worker_h,
+    efd: c_int,
+    region: Arc<Registration>,
+    _ctx: Arc<Context>,
+}
+
+impl Worker {
+    pub(crate) fn new(ctx: &Arc<Context>, region: Arc<Registration>) -> Result<Rc<Worker>, UcxFailure> {
+        // SAFETY: zeroed params = nothing set; thread mode single (one
+        // thread owns the worker; Worker is !Send).
+        let mut p: sys_ucx::ucp_worker_params_t = unsafe { std::mem::zeroed() };
+        p.field_mask = sys_ucx::ucp_worker_params_field::UCP_WORKER_PARAM_FIELD_THREAD_MODE.0 as u64;
+        p.thread_mode = sys_ucx::ucs_thread_mode_t::UCS_THREAD_MODE_SINGLE;
+        let mut h: sys_ucx::ucp_worker_h = std::ptr::null_mut();
+        // SAFETY: live context and params; out-pointer to a local.
+        check("ucp_worker_create", unsafe { decls::ucp_worker_create(ctx.h, &p, &mut h) })?;
+        let mut w = Worker { h, efd: -1, region, _ctx: ctx.clone() };
+        let mut efd: c_int = -1;
+        // SAFETY: live worker (context has WAKEUP); out-pointer to a local.
+        check("ucp_worker_get_efd", unsafe { decls::ucp_worker_get_efd(w.h, &mut efd) })?;
+        w.efd = efd;
+        Ok(Rc::new(w))
+    }
+
+    pub(crate) fn region(&self) -> &Arc<Registration> {
+        &self.region
+    }
+
+    pub(crate) fn event_fd(&self) -> c_int {
+        self.efd
+    }
+
+    pub(crate) fn address(&self) -> Result<Vec<u8>, UcxFailure> {
+        let mut addr: *mut sys_ucx::ucp_address_t = std::ptr::null_mut();
+        let mut len: sys_ucx::size_t = 0;
+        // SAFETY: live worker; out-pointers to locals.
+        check("ucp_worker_get_address", unsafe { decls::ucp_worker_get_address(self.h, &mut addr, &mut len) })?;
+        // SAFETY: UCX returned `len` readable bytes at addr.
+        let out = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), len as usize) }.to_vec();
+        // SAFETY: address from ucp_worker_get_address, released once.
+        unsafe { sys_ucx::ucp_worker_release_address(self.h, addr) };
+        Ok(out)
+    }
+
+    /// Runs UCX's progress engine until it reports no more events.
+    pub(crate) fn progress(&self) -> u32 {
+        let mut total = 0;
+        loop {
+            // SAFETY: live worker, called on its own thread (Worker is !Send).
+            let n = unsafe { sys_ucx::ucp_worker_progress(self.h) };
+            if n == 0 {
+                return total;
+            }
+            total += n;
+        }
+    }
+
+    /// Arms the event fd. `Ok(true)`: safe to sleep on it; `Ok(false)`:
+    /// events are pending, progress again first.
+    pub(crate) fn arm(&self) -> Result<bool, UcxFailure> {
+        // SAFETY: live worker on its own thread.
+        match Status(unsafe { decls::ucp_worker_arm(self.h) }) {
+            Status::OK => Ok(true),
+            Status::ERR_BUSY => Ok(false),
+            s => Err(UcxFailure::new("ucp_worker_arm", s)),
+        }
+    }
+
+    /// Waits for a request to finish by progressing, up to `limit`, then
+    /// releases it (UCX frees a still-running request when it completes).
+    fn wait_and_free(&self, req: *mut c_void, limit: Duration) -> Status {
+        let start = Instant::now();
+        loop {
+            // SAFETY: req is a live request from this worker, not yet freed.
+            let st = Status(unsafe { decls::ucp_request_check_status(req) });
+            if st != Status::INPROGRESS || start.elapsed() > limit {
+                // SAFETY: released once, here.
+                unsafe { sys_ucx::ucp_request_free(req) };
+                return st;
+            }
+            self.progress();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // SAFETY: every endpoint holds an Rc to this worker, so none is left;
+        // destroyed on the owning thread. The region outlives it (field).
+        unsafe { sys_ucx::ucp_worker_destroy(self.h) };
+    }
+}
+
+/// State the endpoint error callback writes.
+#[derive(Debug, Default)]
+struct EpError {
+    status: Cell<i8>,
+}
+
+unsafe extern "C" fn ep_failed(arg: *mut c_void, _ep: sys_ucx::ucp_ep_h, status: i8) {
+    // SAFETY: arg is the pointer of the Rc<EpError> the Endpoint keeps alive
+    // until its close request completed, after which UCX never calls this.
+    let slot = unsafe { &*(arg as *const EpError) };
+    if slot.status.get() == 0 {
+        slot.status.set(if status == 0 { -1 } else { status });
+    }
+}
+
+/// A connection to a peer worker.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    h: sys_ucx::ucp_ep_h,
+    error: Rc<EpError>,
+    worker: Rc<Worker>,
+}
+
+impl Endpoint {
+    /// Connects to a peer's worker address. With `peer_errors`, a peer that
+    /// dies fails the endpoint's requests instead of leaving them hanging.
+    pub(crate) fn connect(worker: &Rc<Worker>, address: &[u8], peer_errors: bool) -> Result<Endpoint, UcxFailure> {
+        let error = Rc::new(EpError::default());
+        // SAFETY: zeroed params = nothing set.
+        let mut p: sys_ucx::ucp_ep_params_t = unsafe { std::mem::zeroed() };
+        p.field_mask = sys_ucx::ucp_ep_params_field::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS.0 as u64;
+        p.address = address.as_ptr().cast();
+        if peer_errors {
+            p.field_mask |= (sys_ucx::ucp_ep_params_field::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+                | sys_ucx::ucp_ep_params_field::UCP_EP_PARAM_FIELD_ERR_HANDLER)
+                .0 as u64;
+            p.err_mode = sys_ucx::ucp_err_handling_mode_t::UCP_ERR_HANDLING_MODE_PEER;
+            // SAFETY: the two fn pointer types differ only in the status
+            // parameter, i8 here and ucx1-sys's #[repr(i8)] enum there: the
+            // same C ABI. We take it as i8 so unknown codes are not UB.
+            p.err_handler.cb = Some(unsafe { std::mem::transmute::<ErrCallback, ErrHandlerCb>(ep_failed) });
+            p.err_handler.arg = Rc::as_ptr(&error) as *mut c_void;
+        }
+        let mut h: sys_ucx::ucp_ep_h = std::ptr::null_mut();
+        // SAFETY: live worker on its thread; the address bytes are a peer's
+        // ucp_worker_get_address output (UCX validates their content) and
+        // are only read during the call.
+        check("ucp_ep_create", unsafe { decls::ucp_ep_create(worker.h, &p, &mut h) })?;
+        Ok(Endpoint { h, error, worker: worker.clone() })
+    }
+
+    /// The status the error callback reported, if the peer failed.
+    pub(crate) fn failure(&self) -> Option<Status> {
+        let s = self.error.status.get();
+        (s != 0).then_some(Status(s))
+    }
+}
+
+type ErrHandlerCb = unsafe extern "C" fn(*mut c_void, sys_ucx::ucp_ep_h, sys_ucx::ucs_status_t);
+type SendCb = unsafe extern "C" fn(*mut c_void, sys_ucx::ucs_status_t, *mut c_void);
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        // SAFETY: zeroed request params plus the FLAGS field: force-close,
+        // which does not wait for the peer (it may be dead).
+        let mut p: sys_ucx::ucp_request_param_t = unsafe { std::mem::zeroed() };
+        p.op_attr_mask = sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_FLAGS as u32;
+        p.flags = sys_ucx::ucp_ep_close_flags_t::UCP_EP_CLOSE_FLAG_FORCE.0;
+        // SAFETY: live endpoint, closed once, on the worker's thread. Every
+        // rkey unpacked on it holds an Rc to it, so none is left.
+        let ret = unsafe { sys_ucx::ucp_ep_close_nbx(self.h, &p) };
+        if let PtrStatus::Pending(req) = decode_ptr(ret) {
+            self.worker.wait_and_free(req, Duration::from_secs(5));
+        }
+    }
+}
+
+/// A peer's region: its unpacked rkey on one endpoint, with its bounds.
+#[derive(Debug)]
+pub(crate) struct RemoteRegion {
+    rkey: sys_ucx::ucp_rkey_h,
+    base: u64,
+    len: u64,
+    ep: Rc<Endpoint>,
+}
+
+/// Direction of one RMA operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rma {
+    /// Local region -> remote region.
+    Put,
+    /// Remote region -> local region.
+    Get,
+}
+
+impl RemoteRegion {
+    pub(crate) fn unpack(ep: &Rc<Endpoint>, packed: &[u8], base: u64, len: u64) -> Result<RemoteRegion, UcxFailure> {
+        let mut rkey: sys_ucx::ucp_rkey_h = std::ptr::null_mut();
+        // SAFETY: live endpoint on its worker's thread; the packed bytes are
+        // only read during the call and UCX validates them.
+        check("ucp_ep_rkey_unpack", unsafe { decls::ucp_ep_rkey_unpack(ep.h, packed.as_ptr().cast(), &mut rkey) })?;
+        Ok(RemoteRegion { rkey, base, len, ep: ep.clone() })
+    }
+
+    pub(crate) fn endpoint(&self) -> &Rc<Endpoint> {
+        &self.ep
+    }
+
+    /// Starts one put or get of `len` bytes between the worker's own region
+    /// at `local_offset` and this remote region at `remote_offset`. Both
+    /// ranges are bounds-checked first. On `Ok`, the counter's pending count
+    /// covers the request if it did not complete at once.
+    pub(crate) fn start(&self, dir: Rma, local_offset: u64, remote_offset: u64, len: u64, counter: &Rc<OpCounter>) -> Result<(), RmaError> {
+        let region = self.ep.worker.region();
+        if local_offset.checked_add(len).is_none_or(|e| e > region.len() as u64) {
+            return Err(RmaError::OutOfBounds(format!("local range {local_offset}+{len} exceeds the region ({} bytes)", region.len())));
+        }
+        if remote_offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(RmaError::OutOfBounds(format!("remote range {remote_offset}+{len} exceeds the peer region ({} bytes)", self.len)));
+        }
+        let local = (region.base() as u64 + local_offset) as *mut c_void;
+        let remote = self.base + remote_offset;
+        let param = request_param(counter);
+        // SAFETY: ep and rkey are live and belong to this worker's thread;
+        // the local range lies inside the worker's own registered region,
+        // which outlives the worker and therefore every request on it; the
+        // remote range lies inside the bounds the peer advertised with this
+        // rkey; the counter reference in user_data is reclaimed by op_done.
+        let ret = unsafe {
+            match dir {
+                Rma::Put => sys_ucx::ucp_put_nbx(self.ep.h, local, len as _, remote, self.rkey, &param),
+                Rma::Get => sys_ucx::ucp_get_nbx(self.ep.h, local, len as _, remote, self.rkey, &param),
+            }
+        };
+        settle(ret, counter, if dir == Rma::Put { "ucp_put_nbx" } else { "ucp_get_nbx" })
+    }
+
+    /// Starts a flush of the endpoint: completes when every operation
+    /// issued on it before is complete at the target.
+    pub(crate) fn flush(&self, counter: &Rc<OpCounter>) -> Result<(), RmaError> {
+        let param = request_param(counter);
+        // SAFETY: live endpoint on its thread; user_data as in start().
+        let ret = unsafe { sys_ucx::ucp_ep_flush_nbx(self.ep.h, &param) };
+        settle(ret, counter, "ucp_ep_flush_nbx")
+    }
+}
+
+impl Drop for RemoteRegion {
+    fn drop(&mut self) {
+        // SAFETY: rkey from ucp_ep_rkey_unpack, destroyed once, before its
+        // endpoint (we hold the Rc until after this).
+        unsafe { sys_ucx::ucp_rkey_destroy(self.rkey) };
+    }
+}
+
+/// Why an RMA operation could not start.
+#[derive(Debug, Clone)]
+pub(crate) enum RmaError {
+    OutOfBounds(String),
+    Ucx(UcxFailure),
+}
+
+fn request_param(counter: &Rc<OpCounter>) -> sys_ucx::ucp_request_param_t {
+    // SAFETY: zeroed = nothing set; we set callback and user_data and name
+    // them in op_attr_mask.
+    let mut p: sys_ucx::ucp_request_param_t = unsafe { std::mem::zeroed() };
+    p.op_attr_mask = sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_CALLBACK as u32 | sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_USER_DATA as u32;
+    // SAFETY: identical C ABI; status received as i8 (see ErrHandlerCb).
+    p.cb.send = Some(unsafe { std::mem::transmute::<SendCallback, SendCb>(op_done) });
+    p.user_data = Rc::into_raw(counter.clone()) as *mut c_void;
+    p
+}
+
+/// Accounts for the outcome of a just-issued non-blocking call whose
+/// user_data holds one counter reference.
+fn settle(ret: *mut c_void, counter: &Rc<OpCounter>, call: &'static str) -> Result<(), RmaError> {
+    match decode_ptr(ret) {
+        PtrStatus::Pending(_) => {
+            counter.pending.set(counter.pending.get() + 1);
+            Ok(())
+        }
+        done_or_failed => {
+            // No callback will run: take back the reference we lent.
+            // SAFETY: strong count was incremented by request_param for this
+            // call and nothing else can reclaim it.
+            unsafe { Rc::decrement_strong_count(Rc::as_ptr(counter)) };
+            match done_or_failed {
+                PtrStatus::Failed(s) => Err(RmaError::Ucx(UcxFailure::new(call, s))),
+                _ => Ok(()),
+            }
+        }
+    }
+}

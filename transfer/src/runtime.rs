@@ -1,0 +1,85 @@
+//! Facts about the UCX actually loaded in this process, and process memory
+//! figures only the FFI layer can read.
+
+use serde::Serialize;
+
+use crate::ffi;
+
+/// The UCX release the bindings were generated from.
+pub const UCX_HEADERS_VERSION: &str = "1.12.1";
+
+/// UCX releases (major, minor) kvrail is built and tested against.
+pub const SUPPORTED_UCX: [(u32, u32); 4] = [(1, 13), (1, 18), (1, 21), (1, 22)];
+
+/// The UCX library this process runs on.
+#[derive(Debug, Clone, Serialize)]
+pub struct UcxRuntime {
+    /// `ucp_get_version_string()` of the loaded library.
+    pub version: String,
+    /// Path of the libucp object actually loaded.
+    pub library: String,
+    /// Whether kvrail supports this version.
+    pub supported: bool,
+}
+
+/// Version and path of the loaded libucp.
+pub fn ucx_runtime() -> UcxRuntime {
+    let version = ffi::ucp::loaded_version();
+    let supported = parse_version(&version).is_some_and(is_supported);
+    UcxRuntime { version, library: ffi::ucp::loaded_library().unwrap_or_else(|| "unknown".into()), supported }
+}
+
+/// `"1.13.1"` -> `(1, 13)`.
+pub fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.trim().split('.');
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// 1.12 (the headers) up to the newest release tested.
+pub fn is_supported((major, minor): (u32, u32)) -> bool {
+    major == 1 && (12..=22).contains(&minor)
+}
+
+/// Bytes the C allocator has in use (glibc mallinfo2), Rust's heap included.
+pub fn heap_in_use() -> u64 {
+    ffi::sys::heap_in_use()
+}
+
+
+/// Transports (`tl/device`) a default UCP context finds on this machine.
+pub fn transports() -> Vec<String> {
+    match ffi::ucp::Context::new(&[]) {
+        Ok(ctx) => parse_transports(&ctx.describe()),
+        Err(e) => vec![format!("error: {} failed: {}", e.call, e.status)],
+    }
+}
+
+/// Picks the `tl/device` names out of `ucp_context_print_info` text.
+fn parse_transports(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("resource"))
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|w| w.contains('/'))
+        .map(str::to_string)
+        .collect();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("1.13.1"), Some((1, 13)));
+        assert_eq!(parse_version("1.22.0-rc1"), Some((1, 22)));
+        assert_eq!(parse_version("garbage"), None);
+        assert!(is_supported((1, 18)));
+        assert!(!is_supported((2, 0)));
+        assert!(!is_supported((1, 9)));
+    }
+}

@@ -1,0 +1,91 @@
+//! Two engines in one process over real UCX transports: puts and gets land
+//! byte for byte, flush precedes "done", bad ranges are refused, and the
+//! hooks guard is in force. Run through scripts/ucx-guard (cargo's runner).
+
+use kvrail_transfer::plan::TransferPlan;
+use kvrail_transfer::{BlockLayout, Direction, Engine, EngineConfig, RegionAlloc, RmaOp, TransferError, Transport};
+
+const REGION: u64 = 8 << 20;
+const BLOCK: u64 = 64 << 10;
+
+fn engine(transport: Transport, alloc: RegionAlloc) -> Engine {
+    Engine::start(EngineConfig { transport, region_bytes: REGION, region_alloc: alloc, ..EngineConfig::default() }).expect("engine starts")
+}
+
+fn spec(e: &Engine) -> kvrail_transfer::PeerSpec {
+    let l = e.local_info();
+    kvrail_transfer::PeerSpec {
+        worker_address: l.worker_address.clone(),
+        region_base: l.region_base,
+        region_len: l.region_len,
+        rkey: l.rkey.clone(),
+    }
+}
+
+fn fill(e: &Engine, block: u32, byte: u8) {
+    e.region().write(block as u64 * BLOCK, &vec![byte; BLOCK as usize]).unwrap();
+}
+
+fn block_of(e: &Engine, block: u32) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK as usize];
+    e.region().read(block as u64 * BLOCK, &mut b).unwrap();
+    b
+}
+
+async fn roundtrip(transport: Transport, alloc: RegionAlloc) {
+    let a = engine(transport, alloc);
+    let b = engine(transport, alloc);
+    assert!(a.hook_report().is_off(), "{}", a.hook_report().summary());
+    let layout = BlockLayout::contiguous(BLOCK, (REGION / BLOCK) as u32).unwrap();
+    let b_on_a = a.connect(spec(&b)).await.expect("connect a->b");
+    let a_on_b = b.connect(spec(&a)).await.expect("connect b->a");
+    for blk in 0..8u32 {
+        fill(&a, blk, 0x10 + blk as u8);
+    }
+    // Write a's blocks 0..8 into b's blocks scattered backwards.
+    let src: Vec<u32> = (0..8).collect();
+    let dst: Vec<u32> = (0..8).map(|i| 100 - i * 3).collect();
+    let plan = TransferPlan::build(&layout, &src, &layout, &dst, 0).unwrap();
+    let done = a.transfer(b_on_a, Direction::Write, plan.into_ops()).await.expect("write");
+    assert_eq!(done.bytes, 8 * BLOCK);
+    for (s, d) in src.iter().zip(&dst) {
+        assert_eq!(block_of(&b, *d), vec![0x10 + *s as u8; BLOCK as usize], "block {s} -> {d}");
+    }
+    // b reads a's block 3 into its block 7.
+    let plan = TransferPlan::build(&layout, &[3], &layout, &[7], 0).unwrap();
+    b.transfer(a_on_b, Direction::Read, plan.into_ops()).await.expect("read");
+    assert_eq!(block_of(&b, 7), vec![0x13; BLOCK as usize]);
+    // Ranges outside either region are refused before anything moves.
+    let bad = vec![RmaOp { src_offset: 0, dst_offset: REGION - 10, len: 64 }];
+    match a.transfer(b_on_a, Direction::Write, bad).await {
+        Err(TransferError::OutOfBounds(m)) => assert!(m.contains("remote range"), "{m}"),
+        other => panic!("expected OutOfBounds, got {other:?}"),
+    }
+    assert_eq!(a.counters().transfers_ok.load(std::sync::atomic::Ordering::Relaxed), 1);
+    a.disconnect(b_on_a).await.unwrap();
+    assert!(matches!(a.transfer(b_on_a, Direction::Write, vec![]).await, Err(TransferError::UnknownPeer(_))));
+}
+
+#[tokio::test]
+async fn sm_put_get_mapped() {
+    roundtrip(Transport::Sm, RegionAlloc::Mapped { populate: true }).await;
+}
+
+#[tokio::test]
+async fn tcp_put_get_mapped() {
+    roundtrip(Transport::Tcp, RegionAlloc::Mapped { populate: false }).await;
+}
+
+#[tokio::test]
+async fn sm_put_get_ucx_allocated() {
+    roundtrip(Transport::Sm, RegionAlloc::Ucx).await;
+}
+
+#[test]
+fn runtime_reports_loaded_ucx() {
+    let rt = kvrail_transfer::runtime::ucx_runtime();
+    assert!(rt.supported, "{rt:?}");
+    assert!(rt.library.contains("libucp"), "{rt:?}");
+    let t = kvrail_transfer::runtime::transports();
+    assert!(t.iter().any(|x| x.starts_with("tcp/")), "{t:?}");
+}
