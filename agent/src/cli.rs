@@ -31,6 +31,8 @@ pub enum Command {
     Prefill(PrefillArgs),
     /// Start a decode and a prefill agent on loopback, stream blocks, verify every byte.
     Demo(DemoArgs),
+    /// Sustained verified transfers with allocator churn; fails unless both agents' memory is flat.
+    Soak(SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +91,88 @@ pub struct AgentArgs {
     /// Seconds a request may take before it fails.
     #[arg(long, default_value_t = 60.0)]
     pub request_timeout_secs: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub memwatch: MemWatchArgs,
+    /// Allocator churn rounds per second (soak load; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub churn_rounds_per_sec: u32,
+    /// TEST ONLY: leak this many MiB/min of anonymous memory outside the
+    /// heap, to prove the self-check; refused unless KVRAIL_ENABLE_TEST_FAULTS=1.
+    #[arg(long)]
+    pub test_inject_leak_mib_per_min: Option<f64>,
+}
+
+/// Memory self-check settings.
+#[derive(Debug, Args, Clone)]
+pub struct MemWatchArgs {
+    /// Seconds after start before the trend counts.
+    #[arg(long, default_value_t = 30.0)]
+    pub memwatch_warmup_secs: f64,
+    /// Sliding window of the RSS slope, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub memwatch_window_secs: f64,
+    /// Slope above which memory is called a leak, MiB/min.
+    #[arg(long, default_value_t = 1.0)]
+    pub memwatch_threshold_mib_per_min: f64,
+}
+
+/// Which agent gets the test-only leak.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Side {
+    Decode,
+    Prefill,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SoakArgs {
+    /// How long to keep transfers running (e.g. 150s, 10m, 1h).
+    #[arg(long, default_value = "10m", value_parser = crate::units::parse_duration)]
+    pub duration: std::time::Duration,
+    /// UCX transports: sm or tcp.
+    #[arg(long, default_value = "sm", value_parser = transport)]
+    pub transport: Transport,
+    /// Push (write) or pull (read).
+    #[arg(long, value_enum, default_value = "write")]
+    pub mode: Mode,
+    #[arg(long, default_value = "64KiB", value_parser = bytes)]
+    pub block_bytes: u64,
+    #[arg(long, default_value = "256MiB", value_parser = bytes)]
+    pub region_bytes: u64,
+    /// Blocks moved (and verified) per pass.
+    #[arg(long, default_value_t = 2048)]
+    pub pass_blocks: usize,
+    #[arg(long, default_value_t = 128)]
+    pub request_blocks: usize,
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Pause between passes, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub pause_ms: u64,
+    /// Allocator churn rounds per second in each agent.
+    #[arg(long, default_value_t = 20)]
+    pub churn_rounds_per_sec: u32,
+    #[command(flatten)]
+    pub memwatch: MemWatchArgs,
+    /// Where the JSON report and the SVG charts go.
+    #[arg(long, default_value = "kvrail-soak-report")]
+    pub report: std::path::PathBuf,
+    /// TEST ONLY: make one agent leak this many MiB/min (needs KVRAIL_ENABLE_TEST_FAULTS=1).
+    #[arg(long)]
+    pub test_inject_leak_mib_per_min: Option<f64>,
+    /// Which agent leaks.
+    #[arg(long, value_enum, default_value = "decode")]
+    pub test_inject_into: Side,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Show the agents' logs on stderr.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -4,9 +4,12 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod chart;
+pub mod churn;
 pub mod cli;
 pub mod cmd;
 pub mod guard;
 pub mod memwatch;
+pub mod metrics;
 pub mod pattern;
 pub mod units;

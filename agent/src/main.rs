@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             Command::Decode(a) => cmd::serve::run(Role::Decode, a, None).await,
             Command::Prefill(a) => cmd::serve::run(Role::Prefill, &a.agent, Some(a.peer.clone())).await,
             Command::Demo(a) => cmd::demo::run(a).await,
+            Command::Soak(a) => cmd::soak::run(a).await,
         }
     });
     match result {

@@ -76,6 +76,10 @@ pub struct Agent {
     pub link: Mutex<Option<Arc<prefill::Link>>>,
     /// Milliseconds the last handshake took (prefill side).
     pub handshake_ms: Mutex<Option<f64>>,
+    /// Allocator churn (soak load), when enabled.
+    pub churn: Mutex<Option<crate::churn::Churn>>,
+    /// Test-only leak injection, when enabled.
+    pub leak: Mutex<Option<crate::churn::LeakInjector>>,
 }
 
 impl Agent {
@@ -123,6 +127,8 @@ impl Agent {
             requests: decode::Requests::default(),
             link: Mutex::new(None),
             handshake_ms: Mutex::new(None),
+            churn: Mutex::new(None),
+            leak: Mutex::new(None),
         }))
     }
 
@@ -157,9 +163,21 @@ impl Agent {
             transfers_ok: c.transfers_ok.load(Relaxed),
             transfers_failed: c.transfers_failed.load(Relaxed),
             peers: c.peers.load(Relaxed),
-            memory: Some(convert::memory_to_pb(&self.memwatch.report())),
+            memory: Some(self.memory()),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             ucx_intercepted_munmaps: kvrail_transfer::hooks::intercepted_unmaps(),
+            churn_munmaps: self.churn.lock().expect("lock").as_ref().map_or(0, |c| c.stats.munmaps.load(Relaxed)),
+            injected_leak_bytes: self.leak.lock().expect("lock").as_ref().map_or(0, |l| l.leaked.load(Relaxed)),
         }
+    }
+
+    /// MemWatch's verdict and series, with the figures read fresh now.
+    fn memory(&self) -> pb::MemoryStats {
+        let mut m = convert::memory_to_pb(&self.memwatch.report());
+        if let Ok(s) = crate::memwatch::sample::read_sample(0.0, Some(kvrail_transfer::runtime::heap_in_use())) {
+            (m.vm_rss, m.rss_anon, m.rss_file, m.rss_shmem, m.maps, m.heap) =
+                (s.vm_rss, s.rss_anon, s.rss_file, s.rss_shmem, s.maps, s.heap.unwrap_or(0));
+        }
+        m
     }
 }

@@ -7,16 +7,15 @@
 //! blocks, the requests run (timed), then every destination block is checked
 //! against the pattern of the source block mapped to it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use kvrail_proto::v1 as pb;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
-use tokio::task::JoinSet;
 
 use super::children::AgentProcess;
+use super::workload::{Outcome, Workload};
 use crate::cli::{DemoArgs, Mode};
 use crate::units::format_bytes;
 
@@ -111,81 +110,24 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
 
     let total_blocks = (args.bytes / args.block_bytes) as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let mode = match args.mode {
-        Mode::Write => pb::TransferMode::Write,
-        Mode::Read => pb::TransferMode::Read,
+    let work = Workload {
+        seed: args.seed,
+        mode: match args.mode {
+            Mode::Write => pb::TransferMode::Write,
+            Mode::Read => pb::TransferMode::Read,
+        },
+        request_blocks: args.request_blocks,
+        concurrency: args.concurrency,
     };
-    let (mut done_blocks, mut seconds, mut verified, mut bad, mut failed, mut requests) = (0usize, 0.0f64, 0u64, 0u64, 0u64, 0u64);
-    let mut first_error = String::new();
-    let mut latencies: Vec<u64> = Vec::new();
+    let mut total = Outcome::default();
     let mut pass = 0u64;
-    while done_blocks < total_blocks {
-        let n = (total_blocks - done_blocks).min(num_blocks);
-        let mut src: Vec<u32> = (0..num_blocks as u32).collect();
-        let mut dst = src.clone();
-        src.shuffle(&mut rng);
-        dst.shuffle(&mut rng);
-        src.truncate(n);
-        dst.truncate(n);
-        decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
-        let t0 = Instant::now();
-        let mut set = JoinSet::new();
-        let mut chunks = src.chunks(args.request_blocks).zip(dst.chunks(args.request_blocks)).enumerate();
-        loop {
-            while set.len() < args.concurrency {
-                let Some((i, (s, d))) = chunks.next() else { break };
-                let mut control = decode.control.clone();
-                let req = pb::SubmitRequest {
-                    request_id: format!("demo-{pass}-{i}"),
-                    peer: String::new(),
-                    mode: mode as i32,
-                    src_blocks: s.to_vec(),
-                    dst_blocks: d.to_vec(),
-                };
-                set.spawn(async move { run_request(&mut control, req).await });
-                requests += 1;
-            }
-            match set.join_next().await {
-                Some(r) => match r? {
-                    Ok(w) if w.state == pb::RequestState::Done as i32 => latencies.push(w.latency_us),
-                    Ok(w) => {
-                        failed += 1;
-                        if first_error.is_empty() {
-                            first_error = format!("request {} failed: {}", w.request_id, w.error);
-                        }
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        if first_error.is_empty() {
-                            first_error = format!("request failed: {e}");
-                        }
-                    }
-                },
-                None => break,
-            }
-        }
-        seconds += t0.elapsed().as_secs_f64();
-        for (s, d) in src.chunks(1 << 16).zip(dst.chunks(1 << 16)) {
-            let v = decode
-                .control
-                .verify_pattern(pb::VerifyPatternRequest { seed: args.seed, src_blocks: s.to_vec(), dst_blocks: d.to_vec() })
-                .await?
-                .into_inner();
-            verified += v.verified_blocks;
-            bad += v.bad_blocks;
-            if first_error.is_empty() && !v.first_error.is_empty() {
-                first_error = v.first_error;
-            }
-        }
-        done_blocks += n;
+    while (total.blocks as usize) < total_blocks {
+        let n = (total_blocks - total.blocks as usize).min(num_blocks);
+        total.absorb(work.pass(decode, num_blocks as u32, n, &format!("demo-{pass}"), &mut rng).await?);
         pass += 1;
     }
     let d_end = stats(decode).await?;
     let p_end = stats(prefill).await?;
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).map_or(0.0, |&us| us as f64 / 1e3)
-    };
     let bytes = total_blocks as u64 * args.block_bytes;
     let summary = |start: &pb::StatsResponse, end: &pb::StatsResponse| AgentSummary {
         agent_id: end.agent_id.clone(),
@@ -208,40 +150,25 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
         bytes,
         blocks: total_blocks as u64,
         block_bytes: args.block_bytes,
-        requests,
-        seconds,
-        gbps: if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { 0.0 },
-        verified: bad == 0 && failed == 0 && verified == total_blocks as u64,
-        verified_blocks: verified,
-        bad_blocks: bad,
-        first_error,
-        failed_requests: failed,
+        requests: total.requests,
+        seconds: total.seconds,
+        gbps: if total.seconds > 0.0 { bytes as f64 / total.seconds / 1e9 } else { 0.0 },
+        verified: total.verified(),
+        verified_blocks: total.verified_blocks,
+        bad_blocks: total.bad_blocks,
+        first_error: total.first_error.clone(),
+        failed_requests: total.failed_requests,
         transport: args.transport.to_string(),
         mode: format!("{:?}", args.mode).to_lowercase(),
         ucx_version: decode_summary.ucx_version.clone(),
         ucx_library: decode_summary.ucx_library.clone(),
         mmap_hook_mode: hooks_both,
         handshake_ms,
-        p50_request_ms: pct(0.50),
-        p99_request_ms: pct(0.99),
+        p50_request_ms: total.latency_ms(0.50),
+        p99_request_ms: total.latency_ms(0.99),
         decode: decode_summary,
         prefill: prefill_summary,
     })
-}
-
-/// Submits one request and waits for its final state.
-pub async fn run_request(
-    control: &mut pb::control_client::ControlClient<tonic::transport::Channel>,
-    req: pb::SubmitRequest,
-) -> anyhow::Result<pb::WaitResponse> {
-    let id = req.request_id.clone();
-    control.submit(req).await?;
-    loop {
-        let w = control.wait(pb::WaitRequest { request_id: id.clone(), timeout_ms: 30_000 }).await?.into_inner();
-        if w.state != pb::RequestState::Pending as i32 {
-            return Ok(w);
-        }
-    }
 }
 
 fn print_human(r: &DemoReport) {

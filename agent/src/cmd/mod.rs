@@ -4,3 +4,5 @@ pub mod children;
 pub mod demo;
 pub mod info;
 pub mod serve;
+pub mod soak;
+pub mod workload;

@@ -44,8 +44,21 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         request_timeout: Duration::from_secs_f64(args.request_timeout_secs.max(0.001)),
         allow_hooks: std::env::var_os(crate::guard::ALLOW_HOOKS_VAR).is_some(),
     };
-    let memwatch = MemWatch::start(MemWatchConfig::default(), heap_bytes);
+    let mut mw = MemWatchConfig::default();
+    mw.trend.warmup_secs = args.memwatch.memwatch_warmup_secs;
+    mw.trend.window_secs = args.memwatch.memwatch_window_secs;
+    mw.trend.threshold_mib_per_min = args.memwatch.memwatch_threshold_mib_per_min;
+    let leak = args.test_inject_leak_mib_per_min.map(crate::churn::LeakInjector::start).transpose()?;
+    let memwatch = MemWatch::start(mw, heap_bytes);
     let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
+    *agent.leak.lock().expect("lock") = leak;
+    if args.churn_rounds_per_sec > 0 {
+        *agent.churn.lock().expect("lock") = Some(crate::churn::Churn::start(args.churn_rounds_per_sec));
+    }
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr, agent.clone()).await?),
+        None => None,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::peer_server::PeerServer<PeerService>>().await;
@@ -74,19 +87,20 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
             _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
         }
     }
-    ready_line(&agent, listen, handshake_ms);
+    ready_line(&agent, listen, handshake_ms, metrics);
     server.await??;
     tracing::info!(agent_id = %agent.cfg.agent_id, "agent stopped");
     Ok(0)
 }
 
-fn ready_line(agent: &Arc<Agent>, listen: SocketAddr, handshake_ms: Option<f64>) {
+fn ready_line(agent: &Arc<Agent>, listen: SocketAddr, handshake_ms: Option<f64>, metrics: Option<SocketAddr>) {
     let line = serde_json::json!({
         "event": "ready",
         "role": agent.cfg.role.as_str(),
         "agent_id": agent.cfg.agent_id,
         "listen": listen.to_string(),
         "pid": std::process::id(),
+        "metrics": metrics.map(|m| format!("http://{m}/metrics")),
         "handshake_ms": handshake_ms,
         "ucx_version": agent.ucx.version,
         "ucx_library": agent.ucx.library,

@@ -340,6 +340,13 @@ impl Drop for MemWatch {
     }
 }
 
+/// Reads per sample; the sample is their floor (field-wise minimum), so
+/// short-lived buffers caught at the instant of a read (a request's scratch
+/// space) do not look like growth, while a leak raises the floor itself.
+const FLOOR_READS: usize = 3;
+/// Gap between the reads of one sample.
+const FLOOR_GAP: Duration = Duration::from_millis(3);
+
 /// The I/O layer: ticks, reads `/proc`, feeds the core.
 async fn run(core: Arc<Mutex<MemWatchCore>>, interval: Duration, heap_fn: fn() -> Option<u64>, mut stop: watch::Receiver<bool>) {
     let started = Instant::now();
@@ -359,8 +366,14 @@ async fn run(core: Arc<Mutex<MemWatchCore>>, interval: Duration, heap_fn: fn() -
             _ = ticker.tick() => {}
         }
         let t = started.elapsed().as_secs_f64();
-        let heap = heap_fn();
-        let sample = match reader.read_sample(t, heap) {
+        let mut floor: Result<Sample, MemWatchError> = reader.read_sample(t, heap_fn());
+        for _ in 1..FLOOR_READS {
+            tokio::time::sleep(FLOOR_GAP).await;
+            if let (Ok(f), Ok(s)) = (&floor, reader.read_sample(t, heap_fn())) {
+                floor = Ok(f.floor(&s));
+            }
+        }
+        let sample = match floor {
             Ok(s) => s,
             Err(error) => {
                 if !failing {
@@ -373,6 +386,7 @@ async fn run(core: Arc<Mutex<MemWatchCore>>, interval: Duration, heap_fn: fn() -
         if std::mem::take(&mut failing) {
             tracing::info!("memwatch: sampling recovered");
         }
+        let heap = sample.heap;
         let wants = lock(&core).observe(sample);
         if !(wants.baseline || wants.forensics) {
             continue;

@@ -142,6 +142,24 @@ impl ProcReader {
     }
 }
 
+impl Sample {
+    /// Field-wise minimum of two reads taken at (about) the same time.
+    pub fn floor(&self, o: &Sample) -> Sample {
+        Sample {
+            t_secs: self.t_secs,
+            vm_rss: self.vm_rss.min(o.vm_rss),
+            rss_anon: self.rss_anon.min(o.rss_anon),
+            rss_file: self.rss_file.min(o.rss_file),
+            rss_shmem: self.rss_shmem.min(o.rss_shmem),
+            maps: self.maps.min(o.maps),
+            heap: match (self.heap, o.heap) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
 /// One-shot convenience: reads a sample with fresh buffers. Prefer keeping a
 /// [`ProcReader`] for periodic sampling.
 #[allow(dead_code)] // API for one-off callers; MemWatch keeps a ProcReader.
@@ -155,6 +173,14 @@ mod tests {
 
     const STATUS: &str = include_str!("testdata/status.txt");
     const MAPS: &str = include_str!("testdata/maps.txt");
+
+    #[test]
+    fn floor_takes_the_minimum_of_each_field() {
+        let a = Sample { t_secs: 1.0, vm_rss: 10, rss_anon: 5, rss_file: 3, rss_shmem: 1, maps: 9, heap: Some(7) };
+        let b = Sample { t_secs: 1.1, vm_rss: 8, rss_anon: 6, rss_file: 2, rss_shmem: 4, maps: 9, heap: None };
+        let f = a.floor(&b);
+        assert_eq!((f.t_secs, f.vm_rss, f.rss_anon, f.rss_file, f.rss_shmem, f.maps, f.heap), (1.0, 8, 5, 2, 1, 9, Some(7)));
+    }
 
     #[test]
     fn parses_recorded_status() {

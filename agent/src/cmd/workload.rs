@@ -1,0 +1,147 @@
+//! The transfer workload shared by `demo` and `soak`: one pass poisons the
+//! destination blocks, runs the requests (timed, bounded concurrency), then
+//! verifies every destination block against its source block's pattern.
+
+use std::time::Instant;
+
+use kvrail_proto::v1 as pb;
+use rand::seq::SliceRandom;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use super::children::AgentProcess;
+
+type Control = pb::control_client::ControlClient<Channel>;
+
+/// How requests are shaped.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub seed: u64,
+    pub mode: pb::TransferMode,
+    pub request_blocks: usize,
+    pub concurrency: usize,
+}
+
+/// What one or more passes did.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub blocks: u64,
+    pub requests: u64,
+    pub failed_requests: u64,
+    pub seconds: f64,
+    pub verified_blocks: u64,
+    pub bad_blocks: u64,
+    pub first_error: String,
+    pub latencies_us: Vec<u64>,
+}
+
+impl Outcome {
+    pub fn absorb(&mut self, o: Outcome) {
+        self.blocks += o.blocks;
+        self.requests += o.requests;
+        self.failed_requests += o.failed_requests;
+        self.seconds += o.seconds;
+        self.verified_blocks += o.verified_blocks;
+        self.bad_blocks += o.bad_blocks;
+        if self.first_error.is_empty() {
+            self.first_error = o.first_error;
+        }
+        self.latencies_us.extend(o.latencies_us);
+    }
+
+    /// Every block verified and no request failed.
+    pub fn verified(&self) -> bool {
+        self.failed_requests == 0 && self.bad_blocks == 0 && self.verified_blocks == self.blocks
+    }
+
+    /// Percentile `p` (0..1) of request latency, in milliseconds.
+    pub fn latency_ms(&self, p: f64) -> f64 {
+        let mut l = self.latencies_us.clone();
+        l.sort_unstable();
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).map_or(0.0, |&us| us as f64 / 1e3)
+    }
+
+    fn note(&mut self, e: String) {
+        if self.first_error.is_empty() {
+            self.first_error = e;
+        }
+    }
+}
+
+/// Submits one request and waits for its final state.
+pub async fn run_request(control: &mut Control, req: pb::SubmitRequest) -> anyhow::Result<pb::WaitResponse> {
+    let id = req.request_id.clone();
+    control.submit(req).await?;
+    loop {
+        let w = control.wait(pb::WaitRequest { request_id: id.clone(), timeout_ms: 30_000 }).await?.into_inner();
+        if w.state != pb::RequestState::Pending as i32 {
+            return Ok(w);
+        }
+    }
+}
+
+impl Workload {
+    /// One pass of `n` blocks (n <= num_blocks): random source and
+    /// destination blocks, `tag` makes the request ids unique.
+    pub async fn pass(
+        &self,
+        decode: &mut AgentProcess,
+        num_blocks: u32,
+        n: usize,
+        tag: &str,
+        rng: &mut impl rand::Rng,
+    ) -> anyhow::Result<Outcome> {
+        let mut out = Outcome { blocks: n as u64, ..Default::default() };
+        let mut src: Vec<u32> = (0..num_blocks).collect();
+        let mut dst = src.clone();
+        src.shuffle(rng);
+        dst.shuffle(rng);
+        src.truncate(n);
+        dst.truncate(n);
+        decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
+        let t0 = Instant::now();
+        let mut set = JoinSet::new();
+        let mut chunks = src.chunks(self.request_blocks).zip(dst.chunks(self.request_blocks)).enumerate();
+        loop {
+            while set.len() < self.concurrency {
+                let Some((i, (s, d))) = chunks.next() else { break };
+                let mut control = decode.control.clone();
+                let req = pb::SubmitRequest {
+                    request_id: format!("{tag}-{i}"),
+                    peer: String::new(),
+                    mode: self.mode as i32,
+                    src_blocks: s.to_vec(),
+                    dst_blocks: d.to_vec(),
+                };
+                set.spawn(async move { run_request(&mut control, req).await });
+                out.requests += 1;
+            }
+            let Some(r) = set.join_next().await else { break };
+            match r? {
+                Ok(w) if w.state == pb::RequestState::Done as i32 => out.latencies_us.push(w.latency_us),
+                Ok(w) => {
+                    out.failed_requests += 1;
+                    out.note(format!("request {} failed: {}", w.request_id, w.error));
+                }
+                Err(e) => {
+                    out.failed_requests += 1;
+                    out.note(format!("request failed: {e}"));
+                }
+            }
+        }
+        out.seconds = t0.elapsed().as_secs_f64();
+        for (s, d) in src.chunks(1 << 16).zip(dst.chunks(1 << 16)) {
+            let v = decode
+                .control
+                .verify_pattern(pb::VerifyPatternRequest { seed: self.seed, src_blocks: s.to_vec(), dst_blocks: d.to_vec() })
+                .await?
+                .into_inner();
+            out.verified_blocks += v.verified_blocks;
+            out.bad_blocks += v.bad_blocks;
+            if !v.first_error.is_empty() {
+                out.note(v.first_error);
+            }
+        }
+        Ok(out)
+    }
+}

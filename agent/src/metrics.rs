@@ -1,0 +1,125 @@
+//! Prometheus exposition: `GET /metrics` on `--metrics ADDR`, rendered from
+//! the same figures as the Stats RPC (a tiny HTTP/1.1 responder; nothing
+//! else is served).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kvrail_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::agent::convert::hook_mode_name;
+use crate::agent::Agent;
+
+/// Binds `addr` and serves metrics until the process exits.
+pub async fn serve(addr: SocketAddr, agent: Arc<Agent>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while n < buf.len() {
+                    match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                        Ok(Ok(k)) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let (status, ctype, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                    ("200 OK", "text/plain; version=0.0.4", render(&agent.stats()))
+                } else {
+                    ("404 Not Found", "text/plain", "kvrail serves only /metrics here\n".to_string())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+    Ok(bound)
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Prometheus text format for one agent's stats.
+pub fn render(s: &pb::StatsResponse) -> String {
+    let mut o = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    let m = s.memory.clone().unwrap_or_default();
+    metric("kvrail_bytes_moved_total", "counter", "Bytes this agent moved with RMA.", s.bytes_moved as f64);
+    metric("kvrail_transfers_ok_total", "counter", "Transfers completed.", s.transfers_ok as f64);
+    metric("kvrail_transfers_failed_total", "counter", "Transfers that failed.", s.transfers_failed as f64);
+    metric("kvrail_peers", "gauge", "Connected peers.", s.peers as f64);
+    metric("kvrail_rss_bytes", "gauge", "VmRSS.", m.vm_rss as f64);
+    metric("kvrail_rss_anon_bytes", "gauge", "RssAnon.", m.rss_anon as f64);
+    metric("kvrail_rss_file_bytes", "gauge", "RssFile.", m.rss_file as f64);
+    metric("kvrail_rss_shmem_bytes", "gauge", "RssShmem.", m.rss_shmem as f64);
+    metric("kvrail_heap_bytes", "gauge", "Allocator bytes in use (mallinfo2).", m.heap as f64);
+    metric("kvrail_mappings", "gauge", "Entries in /proc/self/maps.", m.maps as f64);
+    metric("kvrail_rss_slope_mib_per_min", "gauge", "Least-squares RSS slope over the window.", m.rss_slope_mib_per_min);
+    metric("kvrail_heap_slope_mib_per_min", "gauge", "Heap slope over the window.", m.heap_slope_mib_per_min);
+    metric("kvrail_memory_leak", "gauge", "1 when the memory self-check says leak.", if m.verdict == "leak" { 1.0 } else { 0.0 });
+    metric(
+        "kvrail_ucx_intercepted_munmaps_total",
+        "counter",
+        "munmap events UCX's hooks delivered (must be 0).",
+        s.ucx_intercepted_munmaps as f64,
+    );
+    metric("kvrail_churn_munmaps_total", "counter", "munmap calls of the soak's allocator churn.", s.churn_munmaps as f64);
+    metric("kvrail_uptime_seconds", "gauge", "Seconds since the agent started.", s.uptime_ms as f64 / 1e3);
+    let _ = writeln!(o, "# HELP kvrail_memory_verdict Memory self-check verdict.\n# TYPE kvrail_memory_verdict gauge");
+    let _ = writeln!(o, "kvrail_memory_verdict{{verdict=\"{}\"}} 1", esc(&m.verdict));
+    let _ = writeln!(o, "# HELP kvrail_info Agent identity, UCX and verified hook mode.\n# TYPE kvrail_info gauge");
+    let _ = writeln!(
+        o,
+        "kvrail_info{{agent_id=\"{}\",ucx_version=\"{}\",ucx_library=\"{}\",transport=\"{}\",mmap_hook_mode=\"{}\"}} 1",
+        esc(&s.agent_id),
+        esc(&s.ucx_version),
+        esc(&s.ucx_library),
+        esc(&s.transport),
+        hook_mode_name(s.hook_mode)
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let s = pb::StatsResponse {
+            agent_id: "a\"b".into(),
+            bytes_moved: 42,
+            hook_mode: pb::HookMode::None as i32,
+            memory: Some(pb::MemoryStats { vm_rss: 1000, verdict: "leak".into(), rss_slope_mib_per_min: 5.5, ..Default::default() }),
+            ..Default::default()
+        };
+        let t = render(&s);
+        assert!(t.contains("\nkvrail_bytes_moved_total 42\n"), "{t}");
+        assert!(t.contains("kvrail_rss_bytes 1000"));
+        assert!(t.contains("kvrail_memory_leak 1"));
+        assert!(t.contains("kvrail_rss_slope_mib_per_min 5.5"));
+        assert!(t.contains("agent_id=\"a\\\"b\""));
+        assert!(t.contains("mmap_hook_mode=\"none\""));
+        for line in t.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "bad sample line {line}");
+        }
+    }
+}

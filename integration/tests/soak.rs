@@ -1,0 +1,101 @@
+//! The memory self-check proves itself: a soak with allocator churn ends
+//! `ok` for both agents with zero munmaps intercepted by UCX, and the same
+//! soak with a test-only 5 MiB/min anonymous leak in the decode agent ends
+//! `leak` within three minutes, with forensics that point outside the heap.
+
+use std::time::Duration;
+
+use kvrail_integration::{kvrail_bin, run_json};
+
+fn soak_args(report: &std::path::Path) -> Vec<String> {
+    [
+        "soak",
+        "--duration",
+        "150s",
+        "--transport",
+        "sm",
+        "--region-bytes",
+        "64MiB",
+        "--pass-blocks",
+        "512",
+        "--pause-ms",
+        "100",
+        "--churn-rounds-per-sec",
+        "10",
+        "--memwatch-warmup-secs",
+        "30",
+        "--memwatch-window-secs",
+        "90",
+        "--json",
+        "--report",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([report.display().to_string()])
+    .collect()
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kvrail-it-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn soak_is_ok_without_leak_and_catches_an_injected_leak() {
+    let clean_dir = tmpdir("soak-clean");
+    let leak_dir = tmpdir("soak-leak");
+    let clean_args = soak_args(&clean_dir);
+    let mut leak_args = soak_args(&leak_dir);
+    leak_args.extend(["--test-inject-leak-mib-per-min", "5", "--test-inject-into", "decode"].map(String::from));
+    let leaky = std::thread::spawn(move || {
+        let out =
+            std::process::Command::new(kvrail_bin()).args(&leak_args).env("KVRAIL_ENABLE_TEST_FAULTS", "1").output().expect("run soak");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v)
+    });
+    let args: Vec<&str> = clean_args.iter().map(String::as_str).collect();
+    let (code, clean) = run_json(&args, Duration::from_secs(400));
+    assert_eq!(code, 0, "clean soak failed: {clean:#}");
+    assert_eq!(clean["ok"], true);
+    assert_eq!(clean["verified"], true);
+    for agent in ["decode", "prefill"] {
+        let a = &clean[agent];
+        assert_eq!(a["verdict"], "ok", "{agent}: {a:#}");
+        assert!(a["rss_slope_mib_per_min"].as_f64().unwrap() < 1.0, "{agent}: {a:#}");
+        assert_eq!(a["mmap_hook_mode"], "none");
+        assert_eq!(a["ucx_intercepted_munmaps"].as_u64(), Some(0), "{agent}");
+        assert!(a["churn_munmaps"].as_u64().unwrap() > 100, "{agent}: churn made too few munmaps: {a:#}");
+        let svg = std::fs::read_to_string(a["chart"].as_str().unwrap()).unwrap();
+        assert!(svg.trim_start().starts_with("<svg") && svg.contains("polyline"));
+    }
+    assert!(clean_dir.join("report.json").exists());
+
+    let (code, leak) = leaky.join().unwrap();
+    assert_eq!(code, Some(1), "a leaking soak must fail: {leak:#}");
+    assert_eq!(leak["ok"], false);
+    assert_eq!(leak["verified"], true, "transfers still verify: {leak:#}");
+    let d = &leak["decode"];
+    assert_eq!(d["verdict"], "leak", "{d:#}");
+    assert!(d["rss_slope_mib_per_min"].as_f64().unwrap() > 2.5, "{d:#}");
+    assert!(d["injected_leak_bytes"].as_u64().unwrap() >= 8 << 20, "{d:#}");
+    let f = d["forensics"].as_str().expect("forensics on a leak");
+    assert!(f.contains("RSS grows but the heap does not"), "{f}");
+    assert!(f.contains("anonymous"), "{f}");
+    assert_eq!(leak["prefill"]["verdict"], "ok", "{leak:#}");
+    let _ = std::fs::remove_dir_all(clean_dir);
+    let _ = std::fs::remove_dir_all(leak_dir);
+}
+
+#[test]
+fn leak_injection_is_refused_unless_enabled() {
+    let out = std::process::Command::new(kvrail_bin())
+        .args(["soak", "--duration", "1s", "--test-inject-leak-mib-per-min", "5"])
+        .env_remove("KVRAIL_ENABLE_TEST_FAULTS")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("KVRAIL_ENABLE_TEST_FAULTS=1"), "{err}");
+}
