@@ -33,6 +33,11 @@ pub enum Command {
     Demo(DemoArgs),
     /// Sustained verified transfers with allocator churn; fails unless both agents' memory is flat.
     Soak(SoakArgs),
+    /// Throughput of kvrail against a raw-UCX loop, memcpy and ucx_perftest, measured side by side.
+    Bench(BenchArgs),
+    /// One process of the raw-UCX baseline (used by `kvrail bench`).
+    #[command(hide = true)]
+    RawUcx(RawArgs),
 }
 
 #[derive(Debug, Args)]
@@ -216,4 +221,69 @@ pub struct DemoArgs {
     /// Show the agents' logs (info level) on stderr.
     #[arg(long)]
     pub verbose: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Transports, comma-separated.
+    #[arg(long, default_value = "sm,tcp", value_delimiter = ',', value_parser = transport)]
+    pub transport: Vec<Transport>,
+    /// Block sizes, comma-separated.
+    #[arg(long, default_value = "16KiB,64KiB,256KiB,1MiB,4MiB", value_delimiter = ',', value_parser = bytes)]
+    pub block_bytes: Vec<u64>,
+    /// Bytes moved per point.
+    #[arg(long, default_value = "2GiB", value_parser = bytes)]
+    pub total_bytes: u64,
+    /// Region size of every process.
+    #[arg(long, default_value = "1GiB", value_parser = bytes)]
+    pub region_bytes: u64,
+    /// write (push, RMA put) and/or read (pull, RMA get), comma-separated.
+    #[arg(long, value_enum, default_value = "write", value_delimiter = ',')]
+    pub mode: Vec<Mode>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Bytes per request (blocks per request = this / block size, at least 1).
+    #[arg(long, default_value = "16MiB", value_parser = bytes)]
+    pub request_bytes: u64,
+    /// Outstanding RMA operations (kvrail per transfer, and the raw loop).
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Skip the ucx_perftest reference.
+    #[arg(long)]
+    pub no_perftest: bool,
+    #[arg(long, default_value_t = 11)]
+    pub seed: u64,
+    /// One JSON object per point on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// Role in the raw-UCX baseline.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RawRole {
+    Target,
+    Initiator,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RawArgs {
+    #[arg(long, value_enum)]
+    pub role: RawRole,
+    #[arg(long, default_value = "sm", value_parser = transport)]
+    pub transport: Transport,
+    #[arg(long, default_value = "1GiB", value_parser = bytes)]
+    pub region_bytes: u64,
+    #[arg(long, default_value = "64KiB", value_parser = bytes)]
+    pub block_bytes: u64,
+    #[arg(long, default_value = "2GiB", value_parser = bytes)]
+    pub total_bytes: u64,
+    #[arg(long, value_enum, default_value = "write")]
+    pub mode: Mode,
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    #[arg(long, default_value_t = 11)]
+    pub seed: u64,
 }

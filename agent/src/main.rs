@@ -32,6 +32,8 @@ fn main() -> ExitCode {
             Command::Prefill(a) => cmd::serve::run(Role::Prefill, &a.agent, Some(a.peer.clone())).await,
             Command::Demo(a) => cmd::demo::run(a).await,
             Command::Soak(a) => cmd::soak::run(a).await,
+            Command::Bench(a) => cmd::bench::run(a).await,
+            Command::RawUcx(a) => cmd::raw::run(a),
         }
     });
     match result {

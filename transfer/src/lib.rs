@@ -14,6 +14,7 @@ pub mod error;
 pub mod hooks;
 pub mod layout;
 pub mod plan;
+pub mod raw;
 pub mod region;
 pub mod runtime;
 pub mod transport;

@@ -80,6 +80,18 @@ pub async fn run_request(control: &mut Control, req: pb::SubmitRequest) -> anyho
     }
 }
 
+/// `n` (source, destination) block pairs drawn at random from `num_blocks`
+/// on each side: the scattered mapping every benchmark and test uses.
+pub fn scattered(rng: &mut impl rand::Rng, num_blocks: u32, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut src: Vec<u32> = (0..num_blocks).collect();
+    let mut dst = src.clone();
+    src.shuffle(rng);
+    dst.shuffle(rng);
+    src.truncate(n);
+    dst.truncate(n);
+    (src, dst)
+}
+
 impl Workload {
     /// One pass of `n` blocks (n <= num_blocks): random source and
     /// destination blocks, `tag` makes the request ids unique.
@@ -92,12 +104,7 @@ impl Workload {
         rng: &mut impl rand::Rng,
     ) -> anyhow::Result<Outcome> {
         let mut out = Outcome { blocks: n as u64, ..Default::default() };
-        let mut src: Vec<u32> = (0..num_blocks).collect();
-        let mut dst = src.clone();
-        src.shuffle(rng);
-        dst.shuffle(rng);
-        src.truncate(n);
-        dst.truncate(n);
+        let (src, dst) = scattered(rng, num_blocks, n);
         decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
         let t0 = Instant::now();
         let mut set = JoinSet::new();

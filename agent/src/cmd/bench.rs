@@ -1,0 +1,389 @@
+//! `kvrail bench`: kvrail's throughput as a ratio to the raw-UCX ceiling,
+//! measured side by side in the same run. For every transport, block size
+//! and mode it runs, back to back:
+//! - kvrail: a decode and a prefill agent (two processes) moving
+//!   `--total-bytes` of scattered blocks, every block verified afterwards;
+//! - the raw-UCX loop (`kvrail raw-ucx`, two processes): the same UCX calls
+//!   over the same region size, transport and block pattern, nothing else;
+//! - the streaming memcpy limit (scattered block copies between two
+//!   region-sized buffers in this process);
+//! - `ucx_perftest` for reference (one reused buffer: cache-hot).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kvrail_proto::v1 as pb;
+use kvrail_transfer::Transport;
+use rand::SeedableRng;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::children::AgentProcess;
+use super::workload::{scattered, Outcome, Workload};
+use crate::cli::{BenchArgs, Mode};
+use crate::units::format_bytes;
+
+/// One measured point.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub transport: String,
+    pub mode: String,
+    pub block_bytes: u64,
+    pub bytes: u64,
+    pub gbps: f64,
+    pub raw_ucx_gbps: f64,
+    pub ratio: f64,
+    pub memcpy_gbps: f64,
+    pub ucx_perftest_gbps: Option<f64>,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub handshake_ms: f64,
+    pub cpu_s_per_gb_decode: f64,
+    pub cpu_s_per_gb_prefill: f64,
+    pub verified: bool,
+    pub ucx_version: String,
+}
+
+/// kvrail / raw, 0 when the baseline is missing.
+pub fn ratio(kvrail: f64, raw: f64) -> f64 {
+    if raw > 0.0 && kvrail.is_finite() {
+        kvrail / raw
+    } else {
+        0.0
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Write => "write",
+        Mode::Read => "read",
+    }
+}
+
+pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(!a.transport.is_empty() && !a.block_bytes.is_empty() && !a.mode.is_empty(), "nothing to measure");
+    let mut points = Vec::new();
+    let mut memcpy = std::collections::HashMap::new();
+    for &t in &a.transport {
+        for &b in &a.block_bytes {
+            for &m in &a.mode {
+                if let std::collections::hash_map::Entry::Vacant(e) = memcpy.entry(b) {
+                    let (region, total, seed) = (a.region_bytes, a.total_bytes, a.seed);
+                    e.insert(tokio::task::spawn_blocking(move || memcpy_gbps(region, b, total, seed)).await?);
+                }
+                eprintln!("bench: {t} {} {} ...", mode_name(m), format_bytes(b));
+                let p = point(a, t, b, m, memcpy[&b]).await.with_context(|| format!("point {t} {} {}", mode_name(m), format_bytes(b)))?;
+                if a.json {
+                    println!("{}", serde_json::to_string(&p)?);
+                }
+                eprintln!(
+                    "bench: {t} {} {}: kvrail {:.2} GB/s, raw UCX {:.2} GB/s, ratio {:.2}",
+                    mode_name(m),
+                    format_bytes(b),
+                    p.gbps,
+                    p.raw_ucx_gbps,
+                    p.ratio
+                );
+                points.push(p);
+            }
+        }
+    }
+    if !a.json {
+        print_table(&points);
+    }
+    Ok(if points.iter().all(|p| p.verified) { 0 } else { 1 })
+}
+
+async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64) -> anyhow::Result<Point> {
+    let (outcome, handshake_ms, cpu, ucx_version) = kvrail_run(a, t, block, mode).await?;
+    let raw = raw_run(a, t, block, mode).await?;
+    let perftest = if a.no_perftest { None } else { perftest(t, block, mode).await.ok() };
+    let gbps = if outcome.seconds > 0.0 { (outcome.blocks * block) as f64 / outcome.seconds / 1e9 } else { 0.0 };
+    let gb = (outcome.blocks * block) as f64 / 1e9;
+    Ok(Point {
+        transport: t.to_string(),
+        mode: mode_name(mode).into(),
+        block_bytes: block,
+        bytes: outcome.blocks * block,
+        gbps,
+        raw_ucx_gbps: raw,
+        ratio: ratio(gbps, raw),
+        memcpy_gbps: memcpy,
+        ucx_perftest_gbps: perftest,
+        p50_us: outcome.latency_ms(0.5) * 1e3,
+        p99_us: outcome.latency_ms(0.99) * 1e3,
+        handshake_ms,
+        cpu_s_per_gb_decode: cpu.0 / gb,
+        cpu_s_per_gb_prefill: cpu.1 / gb,
+        verified: outcome.verified(),
+        ucx_version,
+    })
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<(Outcome, f64, (f64, f64), String)> {
+    let common = |role: &str| -> Vec<String> {
+        vec![
+            role.to_string(),
+            "--agent-id".into(),
+            format!("bench-{role}"),
+            "--transport".into(),
+            t.to_string(),
+            "--region-bytes".into(),
+            a.region_bytes.to_string(),
+            "--block-bytes".into(),
+            block.to_string(),
+            "--window".into(),
+            a.window.to_string(),
+            "--test-patterns".into(),
+        ]
+    };
+    let limit = Duration::from_secs(120);
+    let mut decode = AgentProcess::spawn(&common("decode"), a.verbose, limit).await?;
+    let mut p = common("prefill");
+    p.extend(["--peer".into(), decode.listen.clone()]);
+    let mut prefill = AgentProcess::spawn(&p, a.verbose, limit).await?;
+    let handshake_ms = prefill.ready["handshake_ms"].as_f64().unwrap_or(f64::NAN);
+    let ucx_version = prefill.ready["ucx_version"].as_str().unwrap_or("").to_string();
+    let result = async {
+        prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.seed }).await?;
+        let num_blocks = (a.region_bytes / block) as u32;
+        let work = Workload {
+            seed: a.seed,
+            mode: match mode {
+                Mode::Write => pb::TransferMode::Write,
+                Mode::Read => pb::TransferMode::Read,
+            },
+            request_blocks: (a.request_bytes / block).max(1) as usize,
+            concurrency: a.concurrency.max(1),
+        };
+        let (d0, p0) = (cpu_secs(decode.child.id()), cpu_secs(prefill.child.id()));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+        let total = (a.total_bytes / block) as usize;
+        let mut out = Outcome::default();
+        let mut i = 0;
+        while (out.blocks as usize) < total {
+            let n = (total - out.blocks as usize).min(num_blocks as usize);
+            out.absorb(work.pass(&mut decode, num_blocks, n, &format!("bench-{i}"), &mut rng).await?);
+            i += 1;
+        }
+        // Verification time is excluded from `seconds` but not from CPU; the
+        // CPU figure is taken before it would matter much (decode verifies).
+        let cpu = (cpu_secs(decode.child.id()) - d0, cpu_secs(prefill.child.id()) - p0);
+        anyhow::Ok((out, cpu))
+    }
+    .await;
+    decode.stop().await;
+    prefill.stop().await;
+    let (out, cpu) = result?;
+    Ok((out, handshake_ms, cpu, ucx_version))
+}
+
+/// Runs the two raw-UCX processes and returns their GB/s.
+async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let args = |role: &str| -> Vec<String> {
+        vec![
+            "--log-level".into(),
+            "warn".into(),
+            "raw-ucx".into(),
+            "--role".into(),
+            role.into(),
+            "--transport".into(),
+            t.to_string(),
+            "--region-bytes".into(),
+            a.region_bytes.to_string(),
+            "--block-bytes".into(),
+            block.to_string(),
+            "--total-bytes".into(),
+            a.total_bytes.to_string(),
+            "--mode".into(),
+            mode_name(mode).into(),
+            "--window".into(),
+            a.window.to_string(),
+            "--seed".into(),
+            a.seed.to_string(),
+        ]
+    };
+    let mut target =
+        tokio::process::Command::new(&exe).args(args("target")).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
+    let mut lines = BufReader::new(target.stdout.take().context("target stdout")?).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??.context("raw target exited")?;
+    let mut init = tokio::process::Command::new(&exe)
+        .args(args("initiator"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = init.stdin.take().context("initiator stdin")?;
+    stdin.write_all(format!("{ready}\n").as_bytes()).await?;
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(600), init.wait_with_output()).await??;
+    drop(target.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(10), target.wait()).await;
+    anyhow::ensure!(out.status.success(), "raw-UCX initiator failed ({})", out.status);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["gbps"].as_f64().context("raw-UCX initiator printed no gbps")
+}
+
+/// Scattered block copies between two region-sized buffers: the streaming
+/// memcpy limit for this block size on this machine.
+pub fn memcpy_gbps(region: u64, block: u64, total: u64, seed: u64) -> f64 {
+    let (region, block) = (region as usize, block as usize);
+    let n_blocks = (region / block).max(1);
+    let src = vec![1u8; n_blocks * block];
+    let mut dst = vec![0u8; n_blocks * block];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut moved = 0u64;
+    let mut secs = 0.0;
+    while moved < total {
+        let n = (((total - moved) / block as u64) as usize).clamp(1, n_blocks);
+        let (s, d) = scattered(&mut rng, n_blocks as u32, n);
+        let t0 = Instant::now();
+        for (&s, &d) in s.iter().zip(&d) {
+            let (s, d) = (s as usize * block, d as usize * block);
+            dst[d..d + block].copy_from_slice(&src[s..s + block]);
+        }
+        secs += t0.elapsed().as_secs_f64();
+        moved += (n * block) as u64;
+    }
+    std::hint::black_box(&dst);
+    moved as f64 / secs / 1e9
+}
+
+/// Parses ucx_perftest's `Final:` line; returns GB/s (its MB/s are MiB/s).
+pub fn parse_perftest(out: &str) -> Option<f64> {
+    let line = out.lines().rev().find(|l| l.trim_start().starts_with("Final:"))?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let mib_s: f64 = f.get(6)?.parse().ok()?;
+    Some(mib_s * 1_048_576.0 / 1e9)
+}
+
+async fn perftest(t: Transport, block: u64, mode: Mode) -> anyhow::Result<f64> {
+    let bin = match std::env::var_os(crate::guard::UCX_LIB_VAR) {
+        Some(lib) => std::path::PathBuf::from(lib).join("../bin/ucx_perftest"),
+        None => "ucx_perftest".into(),
+    };
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let test = if mode == Mode::Write { "ucp_put_bw" } else { "ucp_get" };
+    let iters = ((1u64 << 30) / block).clamp(1000, 100_000).to_string();
+    let tls = t.ucx_tls().unwrap_or("all");
+    let mut server = tokio::process::Command::new(&bin)
+        .args(["-p", &port.to_string()])
+        .env("UCX_TLS", tls)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&bin)
+            .args(["127.0.0.1", "-p", &port.to_string(), "-t", test, "-s", &block.to_string(), "-n", &iters])
+            .env("UCX_TLS", tls)
+            .output(),
+    )
+    .await??;
+    let _ = server.kill().await;
+    parse_perftest(&String::from_utf8_lossy(&out.stdout)).context("ucx_perftest printed no Final line")
+}
+
+fn print_table(points: &[Point]) {
+    println!(
+        "{:<5} {:<6} {:>8} {:>9} {:>9} {:>6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9}",
+        "tl", "mode", "block", "kvrail", "raw UCX", "ratio", "memcpy", "perftest", "p50 us", "p99 us", "hs ms", "verified"
+    );
+    for p in points {
+        println!(
+            "{:<5} {:<6} {:>8} {:>9.2} {:>9.2} {:>6.2} {:>9.2} {:>10} {:>8.0} {:>8.0} {:>8.1} {:>9}",
+            p.transport,
+            p.mode,
+            format_bytes(p.block_bytes),
+            p.gbps,
+            p.raw_ucx_gbps,
+            p.ratio,
+            p.memcpy_gbps,
+            p.ucx_perftest_gbps.map_or("-".into(), |g| format!("{g:.2}")),
+            p.p50_us,
+            p.p99_us,
+            p.handshake_ms,
+            p.verified
+        );
+    }
+    println!("(GB/s = 1e9 bytes/s; ratio = kvrail / raw UCX, same transport, block size, region and pattern)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_is_kvrail_over_raw() {
+        assert_eq!(ratio(9.0, 10.0), 0.9);
+        assert_eq!(ratio(1.0, 0.0), 0.0);
+    }
+
+    #[test]
+    fn parses_perftest_final_line() {
+        let out = "+----+\nFinal:                  2000     10.533   133.204   133.204      469.21     469.21        7507        7507\n";
+        let g = parse_perftest(out).unwrap();
+        assert!((g - 469.21 * 1_048_576.0 / 1e9).abs() < 1e-9);
+        assert_eq!(parse_perftest("no final here"), None);
+    }
+
+    #[test]
+    fn point_json_has_the_documented_fields() {
+        let p = Point {
+            transport: "sm".into(),
+            mode: "write".into(),
+            block_bytes: 65536,
+            bytes: 1 << 20,
+            gbps: 1.0,
+            raw_ucx_gbps: 2.0,
+            ratio: 0.5,
+            memcpy_gbps: 10.0,
+            ucx_perftest_gbps: None,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            handshake_ms: 3.0,
+            cpu_s_per_gb_decode: 0.1,
+            cpu_s_per_gb_prefill: 0.2,
+            verified: true,
+            ucx_version: "1.13.1".into(),
+        };
+        let v = serde_json::to_value(&p).unwrap();
+        for k in [
+            "transport",
+            "mode",
+            "block_bytes",
+            "gbps",
+            "raw_ucx_gbps",
+            "ratio",
+            "memcpy_gbps",
+            "ucx_perftest_gbps",
+            "p50_us",
+            "p99_us",
+            "handshake_ms",
+            "verified",
+            "ucx_version",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+    }
+
+    #[test]
+    fn memcpy_limit_is_positive() {
+        assert!(memcpy_gbps(4 << 20, 64 << 10, 8 << 20, 1) > 0.0);
+    }
+}
