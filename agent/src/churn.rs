@@ -33,8 +33,9 @@ pub struct Churn {
 
 impl Churn {
     /// `rounds_per_sec` rounds, each: 64 buffers of 16 B..1 MiB, one buffer
-    /// over the mmap threshold, and 16 direct 4 KiB map/unmap pairs.
-    pub fn start(rounds_per_sec: u32) -> Churn {
+    /// over the mmap threshold, and `unmaps_per_round` direct 4 KiB
+    /// map/unmap pairs.
+    pub fn start(rounds_per_sec: u32, unmaps_per_round: usize) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ChurnStats::default());
         let period = Duration::from_secs_f64(1.0 / rounds_per_sec.max(1) as f64);
@@ -45,7 +46,7 @@ impl Churn {
                 .spawn(move || {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
                     while !stop.load(Ordering::Relaxed) {
-                        round(&mut rng, &stats);
+                        round(&mut rng, &stats, unmaps_per_round);
                         std::thread::sleep(period);
                     }
                 })
@@ -55,7 +56,7 @@ impl Churn {
     }
 }
 
-fn round(rng: &mut impl Rng, stats: &ChurnStats) {
+fn round(rng: &mut impl Rng, stats: &ChurnStats, unmaps: usize) {
     let mut held: Vec<Vec<u8>> = Vec::with_capacity(65);
     for _ in 0..64 {
         let len = 1usize << rng.gen_range(4..=20);
@@ -73,7 +74,7 @@ fn round(rng: &mut impl Rng, stats: &ChurnStats) {
     drop(held);
     stats.allocations.fetch_add(n, Ordering::Relaxed);
     stats.munmaps.fetch_add(1, Ordering::Relaxed);
-    let unmapped = kvrail_transfer::runtime::map_unmap(16, 4096);
+    let unmapped = kvrail_transfer::runtime::map_unmap(unmaps, 4096);
     stats.munmaps.fetch_add(unmapped, Ordering::Relaxed);
 }
 

@@ -104,6 +104,9 @@ pub struct AgentArgs {
     /// Allocator churn rounds per second (soak load; 0 = off).
     #[arg(long, default_value_t = 0)]
     pub churn_rounds_per_sec: u32,
+    /// Direct 4 KiB mmap/munmap pairs per churn round.
+    #[arg(long, default_value_t = 16)]
+    pub churn_unmaps_per_round: usize,
     /// TEST ONLY: leak this many MiB/min of anonymous memory outside the
     /// heap, to prove the self-check; refused unless KVRAIL_ENABLE_TEST_FAULTS=1.
     #[arg(long)]
@@ -159,6 +162,9 @@ pub struct SoakArgs {
     /// Allocator churn rounds per second in each agent.
     #[arg(long, default_value_t = 20)]
     pub churn_rounds_per_sec: u32,
+    /// Direct 4 KiB mmap/munmap pairs per churn round.
+    #[arg(long, default_value_t = 16)]
+    pub churn_unmaps_per_round: usize,
     #[command(flatten)]
     pub memwatch: MemWatchArgs,
     /// Where the JSON report and the SVG charts go.
@@ -170,6 +176,14 @@ pub struct SoakArgs {
     /// Which agent leaks.
     #[arg(long, value_enum, default_value = "decode")]
     pub test_inject_into: Side,
+    /// DEMONSTRATION ONLY: run both agents with UCX's memory hooks ON (UCX's
+    /// defaults), to show the leak kvrail's guard prevents. Never a default.
+    #[arg(long)]
+    pub demo_allow_ucx_mmap_hooks: bool,
+    /// With --demo-allow-ucx-mmap-hooks: bound UCX's registration-cache
+    /// queue (UCX_RCACHE_MAX_UNRELEASED), the second mitigation.
+    #[arg(long, requires = "demo_allow_ucx_mmap_hooks")]
+    pub demo_rcache_max_unreleased: Option<String>,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Print the report as JSON on stdout.

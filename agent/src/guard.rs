@@ -54,15 +54,23 @@ pub fn ensure() -> anyhow::Result<()> {
     Err(anyhow::anyhow!("re-executing {} with UCX's hooks off failed: {err}", exe.display()))
 }
 
-/// The variables to set: all guard variables, or (demonstration) only the
-/// ones that do not switch hooks off.
+/// The variables to set: all guard variables, or none at all for the
+/// hooks-on demonstration (UCX's own defaults, plus whatever the caller set).
 fn guard_env(allow_hooks: bool) -> Vec<(&'static str, &'static str)> {
-    GUARD_ENV
-        .iter()
-        .copied()
-        .filter(|(k, _)| !allow_hooks || !k.starts_with("UCX_MEM_"))
-        .filter(|(k, _)| !(allow_hooks && *k == "UCX_RCACHE_MAX_UNRELEASED" && std::env::var_os(k).is_some()))
-        .collect()
+    if allow_hooks {
+        return Vec::new();
+    }
+    GUARD_ENV.to_vec()
+}
+
+/// Variables to remove from a child's environment so that it re-executes
+/// itself with UCX's hooks on (demonstration only): the guard's own marker
+/// and every guard variable it inherited.
+pub fn hooks_on_child_env() -> Vec<(String, Option<String>)> {
+    let mut env: Vec<(String, Option<String>)> = GUARD_ENV.iter().map(|(k, _)| (k.to_string(), None)).collect();
+    env.push((GUARDED_VAR.to_string(), None));
+    env.push((ALLOW_HOOKS_VAR.to_string(), Some("1".into())));
+    env
 }
 
 /// `LD_LIBRARY_PATH` with every directory holding a libucp other than
@@ -109,7 +117,9 @@ mod tests {
     fn guard_env_turns_hooks_off_unless_demonstrating() {
         let on = guard_env(false);
         assert!(on.contains(&("UCX_MEM_MMAP_HOOK_MODE", "none")));
-        let demo = guard_env(true);
-        assert!(demo.iter().all(|(k, _)| !k.starts_with("UCX_MEM_")));
+        assert!(guard_env(true).is_empty());
+        let child = hooks_on_child_env();
+        assert!(child.contains(&("UCX_MEM_MMAP_HOOK_MODE".to_string(), None)));
+        assert!(child.contains(&(GUARDED_VAR.to_string(), None)));
     }
 }

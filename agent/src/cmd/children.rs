@@ -31,7 +31,24 @@ impl AgentProcess {
 
     /// Spawns the `kvrail` binary at `exe` (tests pass the built binary).
     pub async fn spawn_exe(exe: &std::path::Path, args: &[String], verbose: bool, timeout: Duration) -> anyhow::Result<AgentProcess> {
+        Self::spawn_env(exe, args, &[], verbose, timeout).await
+    }
+
+    /// As [`Self::spawn_exe`], with environment changes (`None` removes).
+    pub async fn spawn_env(
+        exe: &std::path::Path,
+        args: &[String],
+        env: &[(String, Option<String>)],
+        verbose: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<AgentProcess> {
         let mut cmd = Command::new(exe);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
         if !verbose {
             cmd.arg("--log-level").arg("warn");
         }

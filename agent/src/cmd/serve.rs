@@ -53,7 +53,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
     *agent.leak.lock().expect("lock") = leak;
     if args.churn_rounds_per_sec > 0 {
-        *agent.churn.lock().expect("lock") = Some(crate::churn::Churn::start(args.churn_rounds_per_sec));
+        *agent.churn.lock().expect("lock") = Some(crate::churn::Churn::start(args.churn_rounds_per_sec, args.churn_unmaps_per_round));
     }
     let metrics = match args.metrics {
         Some(addr) => Some(crate::metrics::serve(addr, agent.clone()).await?),

@@ -42,6 +42,9 @@ struct AgentResult {
 #[derive(Debug, Serialize)]
 struct SoakReport {
     ok: bool,
+    /// The run was the hooks-on demonstration (never a pass).
+    demo_ucx_mmap_hooks_on: bool,
+    demo_rcache_max_unreleased: Option<String>,
     duration_secs: f64,
     transport: String,
     mode: String,
@@ -73,6 +76,8 @@ fn agent_args(role: &str, a: &SoakArgs, leak: bool) -> Vec<String> {
         "--test-patterns".into(),
         "--churn-rounds-per-sec".into(),
         a.churn_rounds_per_sec.to_string(),
+        "--churn-unmaps-per-round".into(),
+        a.churn_unmaps_per_round.to_string(),
         "--memwatch-warmup-secs".into(),
         a.memwatch.memwatch_warmup_secs.to_string(),
         "--memwatch-window-secs".into(),
@@ -98,10 +103,20 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     }
     std::fs::create_dir_all(&a.report).with_context(|| format!("creating report dir {}", a.report.display()))?;
     let limit = Duration::from_secs(120);
-    let mut decode = AgentProcess::spawn(&agent_args("decode", a, a.test_inject_into == Side::Decode), a.verbose, limit).await?;
+    let mut env = Vec::new();
+    if a.demo_allow_ucx_mmap_hooks {
+        tracing::warn!("DEMONSTRATION: both agents run with UCX's memory hooks ON");
+        env = crate::guard::hooks_on_child_env();
+        if let Some(v) = &a.demo_rcache_max_unreleased {
+            env.push(("UCX_RCACHE_MAX_UNRELEASED".into(), Some(v.clone())));
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let mut decode =
+        AgentProcess::spawn_env(&exe, &agent_args("decode", a, a.test_inject_into == Side::Decode), &env, a.verbose, limit).await?;
     let mut p = agent_args("prefill", a, a.test_inject_into == Side::Prefill);
     p.extend(["--peer".into(), decode.listen.clone()]);
-    let mut prefill = AgentProcess::spawn(&p, a.verbose, limit).await?;
+    let mut prefill = AgentProcess::spawn_env(&exe, &p, &env, a.verbose, limit).await?;
     let result = drive(a, &mut decode, &mut prefill).await;
     decode.stop().await;
     prefill.stop().await;
@@ -145,9 +160,16 @@ async fn drive(a: &SoakArgs, decode: &mut AgentProcess, prefill: &mut AgentProce
     let d = agent_result("decode", a, decode).await?;
     let p = agent_result("prefill", a, prefill).await?;
     let verified = total.verified();
-    let ok = verified && d.verdict == "ok" && p.verdict == "ok" && d.ucx_intercepted_munmaps == 0 && p.ucx_intercepted_munmaps == 0;
+    let ok = !a.demo_allow_ucx_mmap_hooks
+        && verified
+        && d.verdict == "ok"
+        && p.verdict == "ok"
+        && d.ucx_intercepted_munmaps == 0
+        && p.ucx_intercepted_munmaps == 0;
     Ok(SoakReport {
         ok,
+        demo_ucx_mmap_hooks_on: a.demo_allow_ucx_mmap_hooks,
+        demo_rcache_max_unreleased: a.demo_rcache_max_unreleased.clone(),
         duration_secs,
         transport: a.transport.to_string(),
         mode: format!("{:?}", a.mode).to_lowercase(),

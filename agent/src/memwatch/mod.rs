@@ -342,10 +342,10 @@ impl Drop for MemWatch {
 
 /// Reads per sample; the sample is their floor (field-wise minimum), so
 /// short-lived buffers caught at the instant of a read (a request's scratch
-/// space) do not look like growth, while a leak raises the floor itself.
-const FLOOR_READS: usize = 3;
+/// space, an allocator's short-lived arena growth) do not look like growth, while a leak raises the floor itself.
+const FLOOR_READS: usize = 5;
 /// Gap between the reads of one sample.
-const FLOOR_GAP: Duration = Duration::from_millis(3);
+const FLOOR_GAP: Duration = Duration::from_millis(25);
 
 /// The I/O layer: ticks, reads `/proc`, feeds the core.
 async fn run(core: Arc<Mutex<MemWatchCore>>, interval: Duration, heap_fn: fn() -> Option<u64>, mut stop: watch::Receiver<bool>) {

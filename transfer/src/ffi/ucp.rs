@@ -538,16 +538,18 @@ impl RemoteRegion {
         }
         let local = (region.base() as u64 + local_offset) as *mut c_void;
         let remote = self.base + remote_offset;
-        let param = request_param(counter);
+        let param = request_param(counter, Some(region.memh));
         // SAFETY: ep and rkey are live and belong to this worker's thread;
         // the local range lies inside the worker's own registered region,
         // which outlives the worker and therefore every request on it; the
         // remote range lies inside the bounds the peer advertised with this
         // rkey; the counter reference in user_data is reclaimed by op_done.
+        // `param` is a RequestParam: a newer UCX that reads fields past the
+        // 1.12 struct (memh) finds them there, set or zeroed.
         let ret = unsafe {
             match dir {
-                Rma::Put => sys_ucx::ucp_put_nbx(self.ep.h, local, len as _, remote, self.rkey, &param),
-                Rma::Get => sys_ucx::ucp_get_nbx(self.ep.h, local, len as _, remote, self.rkey, &param),
+                Rma::Put => sys_ucx::ucp_put_nbx(self.ep.h, local, len as _, remote, self.rkey, &param.base),
+                Rma::Get => sys_ucx::ucp_get_nbx(self.ep.h, local, len as _, remote, self.rkey, &param.base),
             }
         };
         settle(ret, counter, if dir == Rma::Put { "ucp_put_nbx" } else { "ucp_get_nbx" })
@@ -556,9 +558,10 @@ impl RemoteRegion {
     /// Starts a flush of the endpoint: completes when every operation
     /// issued on it before is complete at the target.
     pub(crate) fn flush(&self, counter: &Rc<OpCounter>) -> Result<(), RmaError> {
-        let param = request_param(counter);
-        // SAFETY: live endpoint on its thread; user_data as in start().
-        let ret = unsafe { sys_ucx::ucp_ep_flush_nbx(self.ep.h, &param) };
+        let param = request_param(counter, None);
+        // SAFETY: live endpoint on its thread; user_data and the extended
+        // parameter struct as in start().
+        let ret = unsafe { sys_ucx::ucp_ep_flush_nbx(self.ep.h, &param.base) };
         settle(ret, counter, "ucp_ep_flush_nbx")
     }
 }
@@ -578,14 +581,42 @@ pub(crate) enum RmaError {
     Ucx(UcxFailure),
 }
 
-fn request_param(counter: &Rc<OpCounter>) -> sys_ucx::ucp_request_param_t {
-    // SAFETY: zeroed = nothing set; we set callback and user_data and name
-    // them in op_attr_mask.
-    let mut p: sys_ucx::ucp_request_param_t = unsafe { std::mem::zeroed() };
-    p.op_attr_mask = sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_CALLBACK as u32 | sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_USER_DATA as u32;
+/// `ucp_request_param_t` as UCX 1.18+ lays it out: the 1.12 fields, then
+/// `memh` (offset 64), then fields 1.22 added; zeroed fields are unused.
+#[repr(C)]
+struct RequestParam {
+    base: sys_ucx::ucp_request_param_t,
+    memh: sys_ucx::ucp_mem_h,
+    reserved: [u64; 4],
+}
+
+const _: () = assert!(std::mem::size_of::<sys_ucx::ucp_request_param_t>() == 64);
+
+/// `UCP_OP_ATTR_FIELD_MEMH` (UCX 1.18+).
+const OP_ATTR_FIELD_MEMH: u32 = 1 << 8;
+
+/// Whether the loaded UCX takes a memory handle in request parameters.
+fn takes_memh() -> bool {
+    static TAKES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TAKES.get_or_init(|| crate::runtime::parse_version(&loaded_version()).is_some_and(|(major, minor)| major > 1 || minor >= 18))
+}
+
+/// Parameters of a request reporting to `counter`; with `memh` (and a UCX
+/// that supports it) the local buffer's registration is passed along, so
+/// UCX does not look it up in its registration cache on every operation.
+fn request_param(counter: &Rc<OpCounter>, memh: Option<sys_ucx::ucp_mem_h>) -> RequestParam {
+    // SAFETY: zeroed = nothing set; we set callback and user_data (and memh)
+    // and name them in op_attr_mask.
+    let mut p: RequestParam = unsafe { std::mem::zeroed() };
+    p.base.op_attr_mask =
+        sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_CALLBACK as u32 | sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_USER_DATA as u32;
     // SAFETY: identical C ABI; status received as i8 (see ErrHandlerCb).
-    p.cb.send = Some(unsafe { std::mem::transmute::<SendCallback, SendCb>(op_done) });
-    p.user_data = Rc::into_raw(counter.clone()) as *mut c_void;
+    p.base.cb.send = Some(unsafe { std::mem::transmute::<SendCallback, SendCb>(op_done) });
+    p.base.user_data = Rc::into_raw(counter.clone()) as *mut c_void;
+    if let Some(m) = memh.filter(|_| takes_memh()) {
+        p.memh = m;
+        p.base.op_attr_mask |= OP_ATTR_FIELD_MEMH;
+    }
     p
 }
 
