@@ -96,6 +96,13 @@ pub struct AgentArgs {
     /// Seconds a request may take before it fails.
     #[arg(long, default_value_t = 60.0)]
     pub request_timeout_secs: f64,
+    /// Seconds a peer may stay silent (heartbeats every fifth of it) before
+    /// its session is declared dead and its requests fail.
+    #[arg(long, default_value_t = 5.0)]
+    pub lease_secs: f64,
+    /// Seconds a transfer may make no progress before it fails.
+    #[arg(long, default_value_t = 5.0)]
+    pub stall_secs: f64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,

@@ -15,10 +15,7 @@ fn wheels() -> Vec<(String, PathBuf)> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/ucx-wheels");
     let out = Command::new(&script).output().expect("run scripts/ucx-wheels");
     assert!(out.status.success(), "scripts/ucx-wheels failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(v, d)| (v.to_string(), PathBuf::from(d))))
-        .collect()
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_once(' ').map(|(v, d)| (v.to_string(), PathBuf::from(d)))).collect()
 }
 
 fn lib(v: &str) -> PathBuf {

@@ -58,6 +58,8 @@ pub struct EngineConfig {
     pub peer_errors: bool,
     /// Demonstration only: run even though UCX's memory hooks are on.
     pub allow_hooks: bool,
+    /// A transfer whose requests make no progress for this long fails.
+    pub stall_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +72,7 @@ impl Default for EngineConfig {
             max_active: 32,
             peer_errors: true,
             allow_hooks: false,
+            stall_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -246,6 +249,9 @@ struct Job {
     flushed: bool,
     bytes: u64,
     started: Instant,
+    /// Last time an op was issued or a request completed.
+    progressed: Instant,
+    last_pending: u32,
     reply: Reply<TransferDone>,
 }
 
@@ -255,7 +261,17 @@ enum JobState {
 }
 
 impl Job {
-    fn drive(&mut self, window: usize) -> JobState {
+    fn drive(&mut self, window: usize, stall: Duration) -> JobState {
+        let pending = self.counter.pending();
+        if pending < self.last_pending {
+            self.progressed = Instant::now();
+        }
+        self.last_pending = pending;
+        if pending > 0 && self.progressed.elapsed() > stall {
+            return JobState::Done(Err(TransferError::Stalled(format!(
+                "{pending} RMA requests made no progress for {stall:?}; the peer or the link may be down"
+            ))));
+        }
         if let Some(st) = self.remote.endpoint().failure() {
             return JobState::Done(Err(TransferError::PeerFailed(format!("endpoint error: {st}"))));
         }
@@ -276,7 +292,9 @@ impl Job {
             }
             self.bytes += op.len;
             self.next += 1;
+            self.progressed = Instant::now();
         }
+        self.last_pending = self.counter.pending();
         if self.next == self.ops.len() && self.dir == Rma::Put && !self.flushed {
             if let Err(e) = self.remote.flush(&self.counter) {
                 return JobState::Done(Err(e.into()));
@@ -305,6 +323,7 @@ struct Progress {
     window: usize,
     max_active: usize,
     peer_errors: bool,
+    stall: Duration,
 }
 
 impl Progress {
@@ -346,6 +365,7 @@ impl Progress {
             window: cfg.window.max(1),
             max_active: cfg.max_active.max(1),
             peer_errors: cfg.peer_errors,
+            stall: cfg.stall_timeout,
         };
         Ok((progress, local, Region::new(reg)))
     }
@@ -414,6 +434,8 @@ impl Progress {
                     flushed: false,
                     bytes: 0,
                     started: Instant::now(),
+                    progressed: Instant::now(),
+                    last_pending: 0,
                     reply,
                 };
                 self.queued.push_back(job);
@@ -451,7 +473,7 @@ impl Progress {
         }
         let mut i = 0;
         while i < self.active.len() {
-            match self.active[i].drive(self.window) {
+            match self.active[i].drive(self.window, self.stall) {
                 JobState::Running => i += 1,
                 JobState::Done(result) => {
                     let job = self.active.swap_remove_back(i).expect("index in range");

@@ -19,6 +19,8 @@ pub enum TransferError {
     PeerFailed(String),
     #[error("out of bounds: {0}")]
     OutOfBounds(String),
+    #[error("transfer stalled: {0}")]
+    Stalled(String),
     #[error("transfer cancelled")]
     Cancelled,
     #[error("transfer engine has stopped")]

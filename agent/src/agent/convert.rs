@@ -92,6 +92,7 @@ pub fn status_of(e: &TransferError) -> Status {
         TransferError::UnknownPeer(_) => Code::NotFound,
         TransferError::PeerFailed(_) | TransferError::EngineStopped => Code::Unavailable,
         TransferError::Cancelled => Code::Cancelled,
+        TransferError::Stalled(_) => Code::DeadlineExceeded,
         TransferError::HooksOn(_) => Code::FailedPrecondition,
         TransferError::Ucx { .. } | TransferError::Region(_) | TransferError::Io(_) => Code::Internal,
     };

@@ -32,7 +32,7 @@ pub struct Session {
 }
 
 impl Session {
-    fn send(&self, msg: pb::session_down::Msg) -> Result<(), Status> {
+    pub fn send(&self, msg: pb::session_down::Msg) -> Result<(), Status> {
         let tx = self.down.lock().expect("lock").clone();
         let tx = tx.ok_or_else(|| Status::unavailable(format!("prefill agent {} has no open session stream", self.peer_agent)))?;
         tx.try_send(Ok(pb::SessionDown { msg: Some(msg) }))

@@ -56,6 +56,17 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// Demonstration only: run with UCX's memory hooks on.
     pub allow_hooks: bool,
+    /// A session that hears nothing (not even a heartbeat) for this long
+    /// is dead: its requests fail and its blocks are released.
+    pub lease: Duration,
+    /// A transfer whose RMA requests make no progress for this long fails.
+    pub stall_timeout: Duration,
+}
+
+/// A heartbeat stamped now.
+pub fn heartbeat() -> pb::Heartbeat {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    pb::Heartbeat { sent_unix_ms: ms }
 }
 
 /// Shared state of one agent; services hold it in an `Arc`.
@@ -102,6 +113,7 @@ impl Agent {
             region_alloc: cfg.region_alloc,
             window: cfg.window,
             allow_hooks: cfg.allow_hooks,
+            stall_timeout: cfg.stall_timeout,
             ..EngineConfig::default()
         })?;
         let hook_mode = engine.hook_report().mode;

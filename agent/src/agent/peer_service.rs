@@ -47,15 +47,30 @@ impl pb::peer_server::Peer for PeerService {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         session.attach(tx);
         let agent = self.agent.clone();
+        let lease = agent.cfg.lease;
+        let beat = {
+            let session = session.clone();
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(lease / 5);
+                loop {
+                    t.tick().await;
+                    if session.send(pb::session_down::Msg::Heartbeat(super::heartbeat())).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
         tokio::spawn(async move {
             let why = loop {
-                match inbound.message().await {
-                    Ok(Some(pb::SessionUp { msg: Some(pb::session_up::Msg::Completion(c)) })) => session.complete(c),
-                    Ok(Some(_)) => {}
-                    Ok(None) => break "the prefill agent closed its session".to_string(),
-                    Err(e) => break format!("the session with the prefill agent broke: {}", e.message()),
+                match tokio::time::timeout(lease, inbound.message()).await {
+                    Ok(Ok(Some(pb::SessionUp { msg: Some(pb::session_up::Msg::Completion(c)) }))) => session.complete(c),
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) => break "the prefill agent closed its session".to_string(),
+                    Ok(Err(e)) => break format!("the session with the prefill agent broke: {}", e.message()),
+                    Err(_) => break format!("nothing heard from the prefill agent for {lease:?}: its lease expired"),
                 };
             };
+            beat.abort();
             tracing::warn!(peer = %session.peer_agent, session = %session.id, reason = %why, "session ended");
             session.close(&why);
             let removed = agent.sessions.lock().expect("lock").remove(&session.id).is_some();

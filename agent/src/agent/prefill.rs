@@ -90,8 +90,25 @@ async fn session_once(
     if let Some(tx) = ready.take() {
         let _ = tx.send(Ok(handshake_ms));
     }
+    let lease = agent.cfg.lease;
+    let beat = {
+        let up = link.up.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(lease / 5);
+            loop {
+                t.tick().await;
+                if up.send(pb::SessionUp { msg: Some(pb::session_up::Msg::Heartbeat(super::heartbeat())) }).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     let why = loop {
-        match down.message().await {
+        let msg = match tokio::time::timeout(lease, down.message()).await {
+            Ok(m) => m,
+            Err(_) => break format!("nothing heard from the decode agent for {lease:?}: its lease expired"),
+        };
+        match msg {
             Ok(Some(pb::SessionDown { msg: Some(pb::session_down::Msg::Write(order)) })) => {
                 let (agent, link) = (agent.clone(), link.clone());
                 tokio::spawn(async move { execute(&agent, &link, order).await });
@@ -104,6 +121,7 @@ async fn session_once(
             Err(e) => break format!("session broke: {}", e.message()),
         }
     };
+    beat.abort();
     agent.link.lock().expect("lock").take();
     let _ = agent.engine.disconnect(engine_peer).await;
     Ok(why)

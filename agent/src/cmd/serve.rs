@@ -43,6 +43,8 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         test_patterns: args.test_patterns,
         request_timeout: Duration::from_secs_f64(args.request_timeout_secs.max(0.001)),
         allow_hooks: std::env::var_os(crate::guard::ALLOW_HOOKS_VAR).is_some(),
+        lease: Duration::from_secs_f64(args.lease_secs.max(0.05)),
+        stall_timeout: Duration::from_secs_f64(args.stall_secs.max(0.01)),
     };
     let mut mw = MemWatchConfig::default();
     mw.trend.warmup_secs = args.memwatch.memwatch_warmup_secs;

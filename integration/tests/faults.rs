@@ -1,0 +1,167 @@
+//! Peers die mid-transfer: every affected request fails with a clear error
+//! within the deadline (no request stays pending), the survivor keeps
+//! serving, and a restarted peer is re-handshaken automatically and moves
+//! verified blocks again.
+
+use std::time::{Duration, Instant};
+
+use kvrail_integration::{kvrail_bin, AgentProcess};
+use kvrail_proto::v1 as pb;
+
+const DEADLINE: Duration = Duration::from_secs(8);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn args(role: &str, id: &str, transport: &str, listen: &str) -> Vec<String> {
+    [
+        role,
+        "--agent-id",
+        id,
+        "--transport",
+        transport,
+        "--region-bytes",
+        "64MiB",
+        "--block-bytes",
+        "64KiB",
+        "--test-patterns",
+        "--listen",
+        listen,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn spawn(a: Vec<String>) -> AgentProcess {
+    AgentProcess::spawn_exe(&kvrail_bin(), &a, false, Duration::from_secs(60)).await.expect("agent starts")
+}
+
+async fn prefill_for(decode: &AgentProcess, transport: &str) -> AgentProcess {
+    let mut a = args("prefill", "f-prefill", transport, "127.0.0.1:0");
+    a.extend(["--peer".to_string(), decode.listen.clone()]);
+    spawn(a).await
+}
+
+/// Submits `n` requests of `blocks` blocks each (ids `tag-i`).
+async fn submit_many(decode: &mut AgentProcess, tag: &str, n: u32, blocks: u32, mode: pb::TransferMode) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{tag}-{i}");
+        let src: Vec<u32> = (i * blocks..(i + 1) * blocks).map(|b| b % 1024).collect();
+        let dst = src.clone();
+        decode
+            .control
+            .submit(pb::SubmitRequest { request_id: id.clone(), mode: mode as i32, src_blocks: src, dst_blocks: dst, ..Default::default() })
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+/// Every request reaches a final state before the deadline; returns how many failed.
+async fn all_final(decode: &mut AgentProcess, ids: &[String], since: Instant) -> usize {
+    let mut failed = 0;
+    for id in ids {
+        let w = decode.control.wait(pb::WaitRequest { request_id: id.clone(), timeout_ms: 20_000 }).await.unwrap().into_inner();
+        assert_ne!(w.state, pb::RequestState::Pending as i32, "{id} still pending after {:?}", since.elapsed());
+        if w.state == pb::RequestState::Failed as i32 {
+            assert!(!w.error.is_empty(), "{id}: a failure must say why");
+            failed += 1;
+        }
+    }
+    assert!(since.elapsed() < DEADLINE, "requests took {:?} to settle", since.elapsed());
+    failed
+}
+
+async fn verified_transfer(decode: &mut AgentProcess, prefill: &mut AgentProcess, tag: &str) {
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
+    let src: Vec<u32> = (0..64).collect();
+    let dst: Vec<u32> = (0..64).map(|b| 1023 - b).collect();
+    decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await.unwrap();
+    let w = kvrail_agent::cmd::workload::run_request(
+        &mut decode.control,
+        pb::SubmitRequest {
+            request_id: tag.into(),
+            mode: pb::TransferMode::Write as i32,
+            src_blocks: src.clone(),
+            dst_blocks: dst.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(w.state, pb::RequestState::Done as i32, "{w:?}");
+    let v =
+        decode.control.verify_pattern(pb::VerifyPatternRequest { seed: 5, src_blocks: src, dst_blocks: dst }).await.unwrap().into_inner();
+    assert_eq!(v.verified_blocks, 64, "{v:?}");
+}
+
+async fn wait_for_peer(decode: &mut AgentProcess, id: &str) {
+    let start = Instant::now();
+    loop {
+        let info = decode.control.info(pb::InfoRequest {}).await.unwrap().into_inner();
+        if info.peers.iter().any(|p| p == id) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "peer {id} did not re-handshake: {:?}", info.peers);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_killed_mid_transfer_fails_requests_and_a_new_prefill_is_admitted() {
+    for transport in ["tcp", "sm"] {
+        let mut decode = spawn(args("decode", "f-decode", transport, "127.0.0.1:0")).await;
+        let mut prefill = prefill_for(&decode, transport).await;
+        prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
+        let ids = submit_many(&mut decode, &format!("k-{transport}"), 64, 256, pb::TransferMode::Write).await;
+        prefill.child.start_kill().unwrap();
+        let killed = Instant::now();
+        let failed = all_final(&mut decode, &ids, killed).await;
+        assert!(failed > 0, "{transport}: killing the prefill agent mid-transfer failed nothing");
+        // A restarted prefill agent (same id) is admitted and works.
+        let mut again = prefill_for(&decode, transport).await;
+        wait_for_peer(&mut decode, "f-prefill").await;
+        verified_transfer(&mut decode, &mut again, &format!("after-{transport}")).await;
+        decode.stop().await;
+        again.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_from_a_killed_prefill_fails_within_the_deadline() {
+    let mut decode = spawn(args("decode", "f-decode", "sm", "127.0.0.1:0")).await;
+    let mut prefill = prefill_for(&decode, "sm").await;
+    let ids = submit_many(&mut decode, "pull", 64, 256, pb::TransferMode::Read).await;
+    prefill.child.start_kill().unwrap();
+    let killed = Instant::now();
+    all_final(&mut decode, &ids, killed).await;
+    let mut again = prefill_for(&decode, "sm").await;
+    wait_for_peer(&mut decode, "f-prefill").await;
+    verified_transfer(&mut decode, &mut again, "after-pull").await;
+    decode.stop().await;
+    again.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_killed_and_restarted_is_rehandshaken_by_the_prefill() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut decode = spawn(args("decode", "f-decode", "tcp", &listen)).await;
+    let mut prefill = prefill_for(&decode, "tcp").await;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
+    let _ = submit_many(&mut decode, "d", 32, 256, pb::TransferMode::Write).await;
+    decode.child.start_kill().unwrap();
+    let _ = decode.child.wait().await;
+    // The prefill agent survives and keeps serving its API.
+    let s = prefill.control.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.agent_id, "f-prefill");
+    // A decode agent restarted at the same address gets the prefill agent back.
+    let mut decode = spawn(args("decode", "f-decode", "tcp", &listen)).await;
+    wait_for_peer(&mut decode, "f-prefill").await;
+    verified_transfer(&mut decode, &mut prefill, "after-restart").await;
+    decode.stop().await;
+    prefill.stop().await;
+}
