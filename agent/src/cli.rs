@@ -103,6 +103,14 @@ pub struct AgentArgs {
     /// Seconds a transfer may make no progress before it fails.
     #[arg(long, default_value_t = 5.0)]
     pub stall_secs: f64,
+    /// File holding the cluster secret (else KVRAIL_CLUSTER_SECRET; never
+    /// on the command line).
+    #[arg(long)]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
+    /// Run without a cluster secret: any peer that can reach this agent may
+    /// handshake and write into its region.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,

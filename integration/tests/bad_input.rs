@@ -2,7 +2,10 @@
 //! with INVALID_ARGUMENT before any byte moves, wrong protocol versions and
 //! incompatible layouts are refused at handshake, and the agents keep serving.
 
-use kvrail_integration::agent_pair;
+use std::time::Duration;
+
+use kvrail_agent::agent::auth::{driver_secret, ClusterSecret};
+use kvrail_integration::{agent_pair, kvrail_bin, AgentProcess};
 use kvrail_proto::v1 as pb;
 use tonic::Code;
 
@@ -107,25 +110,37 @@ fn fake_prefill(block_bytes: u64) -> pb::AgentInfo {
     }
 }
 
+type PeerClient = pb::peer_client::PeerClient<tonic::transport::Channel>;
+
+/// A handshake from `info`, proven with `secret` (None: no proof).
+async fn handshake(
+    peer: &mut PeerClient,
+    version: u32,
+    info: pb::AgentInfo,
+    secret: Option<&ClusterSecret>,
+) -> Result<pb::HandshakeResponse, tonic::Status> {
+    let nonce = peer.challenge(pb::ChallengeRequest { agent_id: info.agent_id.clone() }).await?.into_inner().nonce;
+    let auth_proof = secret.map(|s| s.prove("prefill", &nonce, &info)).unwrap_or_default();
+    peer.handshake(pb::HandshakeRequest { protocol_version: version, agent: Some(info), nonce, auth_proof }).await.map(|r| r.into_inner())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_with_wrong_version_or_layout_are_refused() {
     let (decode, prefill) = agent_pair("tcp", "16MiB", "64KiB").await;
-    let mut peer = pb::peer_client::PeerClient::connect(format!("http://{}", decode.listen)).await.unwrap();
-    let err = peer.handshake(pb::HandshakeRequest { protocol_version: 99, agent: Some(fake_prefill(65536)) }).await.unwrap_err();
+    let secret = ClusterSecret::new(driver_secret().into_bytes()).unwrap();
+    let mut peer = PeerClient::connect(format!("http://{}", decode.listen)).await.unwrap();
+    let v = kvrail_proto::PROTOCOL_VERSION;
+    let err = handshake(&mut peer, 99, fake_prefill(65536), Some(&secret)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("v99") && err.message().contains(&format!("v{}", kvrail_proto::PROTOCOL_VERSION)), "{}", err.message());
+    assert!(err.message().contains("v99") && err.message().contains(&format!("v{v}")), "{}", err.message());
 
-    let err = peer
-        .handshake(pb::HandshakeRequest { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(fake_prefill(32768)) })
-        .await
-        .unwrap_err();
+    let err = handshake(&mut peer, v, fake_prefill(32768), Some(&secret)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("block_bytes"), "{}", err.message());
 
     let mut hooked = fake_prefill(65536);
     hooked.hook_mode = pb::HookMode::Bistro as i32;
-    let err =
-        peer.handshake(pb::HandshakeRequest { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(hooked) }).await.unwrap_err();
+    let err = handshake(&mut peer, v, hooked, Some(&secret)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("bistro"), "{}", err.message());
 
@@ -135,4 +150,56 @@ async fn handshakes_with_wrong_version_or_layout_are_refused() {
     assert_eq!(info.peers, vec!["it-prefill".to_string()]);
     decode.stop().await;
     prefill.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_the_cluster_secret_get_nothing() {
+    let (decode, prefill) = agent_pair("tcp", "16MiB", "64KiB").await;
+    let mut peer = PeerClient::connect(format!("http://{}", decode.listen)).await.unwrap();
+    let v = kvrail_proto::PROTOCOL_VERSION;
+    let wrong = ClusterSecret::new(b"not-the-cluster-secret".to_vec()).unwrap();
+    for (what, secret) in [("no proof", None), ("wrong secret", Some(&wrong))] {
+        let err = handshake(&mut peer, v, fake_prefill(65536), secret).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
+        assert!(err.message().contains("cluster secret"), "{what}: {}", err.message());
+    }
+    // A nonce is good once: replaying a valid proof is refused.
+    let secret = ClusterSecret::new(driver_secret().into_bytes()).unwrap();
+    let nonce = peer.challenge(pb::ChallengeRequest { agent_id: "x".into() }).await.unwrap().into_inner().nonce;
+    let info = fake_prefill(32768);
+    let proof = secret.prove("prefill", &nonce, &info);
+    let first = peer
+        .handshake(pb::HandshakeRequest { protocol_version: v, agent: Some(info.clone()), nonce: nonce.clone(), auth_proof: proof.clone() })
+        .await;
+    assert_eq!(first.unwrap_err().code(), Code::FailedPrecondition, "authenticated, then refused for its layout");
+    let replay =
+        peer.handshake(pb::HandshakeRequest { protocol_version: v, agent: Some(info), nonce, auth_proof: proof }).await.unwrap_err();
+    assert_eq!(replay.code(), Code::Unauthenticated);
+    // A prefill agent with another secret never gets in.
+    let mut a: Vec<String> =
+        ["prefill", "--agent-id", "stranger", "--transport", "tcp", "--region-bytes", "16MiB", "--peer", &decode.listen]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    a.extend(["--block-bytes".into(), "64KiB".into()]);
+    let env = vec![(kvrail_agent::agent::auth::SECRET_VAR.to_string(), Some("a-different-secret-entirely".to_string()))];
+    let err = AgentProcess::spawn_env(&kvrail_bin(), &a, &env, false, Duration::from_secs(30)).await.unwrap_err();
+    assert!(err.to_string().contains("exited before it was ready"), "{err}");
+    let mut control = decode.control.clone();
+    let info = control.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.peers, vec!["it-prefill".to_string()]);
+    decode.stop().await;
+    prefill.stop().await;
+}
+
+#[test]
+fn an_agent_without_a_secret_refuses_to_start() {
+    let out = std::process::Command::new(kvrail_bin())
+        .args(["decode", "--region-bytes", "16MiB"])
+        .env_remove(kvrail_agent::agent::auth::SECRET_VAR)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no cluster secret") && err.contains("--cluster-secret-file"), "{err}");
 }

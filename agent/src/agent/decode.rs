@@ -166,6 +166,17 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
         return Err(Status::failed_precondition("this is a prefill agent; prefill agents handshake with a decode agent"));
     }
     let peer = req.agent.ok_or_else(|| Status::invalid_argument("agent is missing"))?;
+    // Nothing about this agent's region leaves before the peer has proven
+    // it holds the cluster secret.
+    if let Some(secret) = &agent.cfg.secret {
+        if !agent.nonces.take(&req.nonce) {
+            return Err(Status::unauthenticated("handshake nonce unknown or expired: call Challenge first, then Handshake within 30 s"));
+        }
+        if !secret.check("prefill", &req.nonce, &peer, &req.auth_proof) {
+            tracing::warn!(peer = %peer.agent_id, "handshake refused: wrong cluster secret");
+            return Err(Status::unauthenticated("handshake proof does not match: the agents do not share the cluster secret"));
+        }
+    }
     check_id("agent.agent_id", &peer.agent_id)?;
     if peer.role != pb::Role::Prefill as i32 {
         return Err(Status::invalid_argument(format!("agent.role must be ROLE_PREFILL, got {}", peer.role)));
@@ -205,7 +216,9 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
     });
     agent.sessions.lock().expect("lock").insert(id.clone(), session);
     tracing::info!(peer = %peer.agent_id, session = %id, peer_ucx = %peer.ucx_version, peer_hooks = %convert::hook_mode_name(peer.hook_mode), "prefill agent admitted");
-    Ok(pb::HandshakeResponse { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(agent.info()), session_id: id })
+    let info = agent.info();
+    let auth_proof = agent.cfg.secret.as_ref().map(|s| s.prove("decode", &req.nonce, &info)).unwrap_or_default();
+    Ok(pb::HandshakeResponse { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(info), session_id: id, auth_proof })
 }
 
 /// Picks the session a request names (or the only one).

@@ -2,6 +2,7 @@
 //! its peers, and the requests it coordinates. Both roles share this state;
 //! `decode` and `prefill` hold what is particular to each.
 
+pub mod auth;
 pub mod control;
 pub mod convert;
 pub mod decode;
@@ -61,6 +62,8 @@ pub struct AgentConfig {
     pub lease: Duration,
     /// A transfer whose RMA requests make no progress for this long fails.
     pub stall_timeout: Duration,
+    /// The cluster secret; `None` only with `--insecure-no-auth`.
+    pub secret: Option<auth::ClusterSecret>,
 }
 
 /// A heartbeat stamped now.
@@ -87,6 +90,8 @@ pub struct Agent {
     pub link: Mutex<Option<Arc<prefill::Link>>>,
     /// Milliseconds the last handshake took (prefill side).
     pub handshake_ms: Mutex<Option<f64>>,
+    /// Decode side: one-time nonces for handshake proofs.
+    pub nonces: auth::Nonces,
     /// Allocator churn (soak load), when enabled.
     pub churn: Mutex<Option<crate::churn::Churn>>,
     /// Test-only leak injection, when enabled.
@@ -139,6 +144,7 @@ impl Agent {
             requests: decode::Requests::default(),
             link: Mutex::new(None),
             handshake_ms: Mutex::new(None),
+            nonces: auth::Nonces::default(),
             churn: Mutex::new(None),
             leak: Mutex::new(None),
         }))

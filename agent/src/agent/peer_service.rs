@@ -24,6 +24,10 @@ type DownStream = Pin<Box<dyn Stream<Item = Result<pb::SessionDown, Status>> + S
 
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
+    async fn challenge(&self, _req: Request<pb::ChallengeRequest>) -> Result<Response<pb::ChallengeResponse>, Status> {
+        Ok(Response::new(pb::ChallengeResponse { nonce: self.agent.nonces.issue(), auth_required: self.agent.cfg.secret.is_some() }))
+    }
+
     async fn handshake(&self, req: Request<pb::HandshakeRequest>) -> Result<Response<pb::HandshakeResponse>, Status> {
         decode::handshake(&self.agent, req.into_inner()).await.map(Response::new)
     }

@@ -64,11 +64,27 @@ async fn session_once(
     let t0 = Instant::now();
     let channel = Channel::from_shared(url)?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await?;
     let mut client = pb::peer_client::PeerClient::new(channel);
+    let nonce = client.challenge(pb::ChallengeRequest { agent_id: agent.cfg.agent_id.clone() }).await?.into_inner().nonce;
+    let info = agent.info();
+    let auth_proof = agent.cfg.secret.as_ref().map(|s| s.prove("prefill", &nonce, &info)).unwrap_or_default();
     let resp = client
-        .handshake(pb::HandshakeRequest { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(agent.info()) })
+        .handshake(pb::HandshakeRequest {
+            protocol_version: kvrail_proto::PROTOCOL_VERSION,
+            agent: Some(info),
+            nonce: nonce.clone(),
+            auth_proof,
+        })
         .await?
         .into_inner();
     let decode = resp.agent.ok_or_else(|| anyhow::anyhow!("decode agent answered the handshake without its AgentInfo"))?;
+    if let Some(secret) = &agent.cfg.secret {
+        if !secret.check("decode", &nonce, &decode, &resp.auth_proof) {
+            return Err(tonic::Status::unauthenticated(
+                "the decode agent did not prove the cluster secret; refusing to write into its region",
+            )
+            .into());
+        }
+    }
     let layout = convert::layout_from_pb(decode.layout.as_ref())?;
     agent.layout.check_compatible(&layout)?;
     let spec = convert::peer_spec(&decode, &layout)?;

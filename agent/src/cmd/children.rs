@@ -43,6 +43,7 @@ impl AgentProcess {
         timeout: Duration,
     ) -> anyhow::Result<AgentProcess> {
         let mut cmd = Command::new(exe);
+        cmd.env(crate::agent::auth::SECRET_VAR, crate::agent::auth::driver_secret());
         for (k, v) in env {
             match v {
                 Some(v) => cmd.env(k, v),

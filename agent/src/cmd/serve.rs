@@ -29,6 +29,16 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let listen: SocketAddr = listener.local_addr()?;
     let agent_id = args.agent_id.clone().unwrap_or_else(|| format!("{}-{}-{}", role.as_str(), hostname(), std::process::id()));
+    let secret = crate::agent::auth::ClusterSecret::load(args.cluster_secret_file.as_deref())?;
+    if secret.is_none() && !args.insecure_no_auth {
+        anyhow::bail!(
+            "no cluster secret: put one (16+ bytes) in a file and pass --cluster-secret-file, or set {}; --insecure-no-auth runs without",
+            crate::agent::auth::SECRET_VAR
+        );
+    }
+    if secret.is_none() {
+        tracing::warn!("running WITHOUT authentication: any peer that can reach this agent may write into its region");
+    }
     let cfg = AgentConfig {
         role,
         agent_id,
@@ -45,6 +55,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         allow_hooks: std::env::var_os(crate::guard::ALLOW_HOOKS_VAR).is_some(),
         lease: Duration::from_secs_f64(args.lease_secs.max(0.05)),
         stall_timeout: Duration::from_secs_f64(args.stall_secs.max(0.01)),
+        secret,
     };
     let mut mw = MemWatchConfig::default();
     mw.trend.warmup_secs = args.memwatch.memwatch_warmup_secs;
