@@ -111,6 +111,10 @@ pub struct AgentArgs {
     /// handshake and write into its region.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// Also serve the local Control API (for the inference engine's
+    /// connector) on this Unix socket, created owner-only (0600).
+    #[arg(long)]
+    pub local_socket: Option<std::path::PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,

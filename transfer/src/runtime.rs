@@ -87,6 +87,11 @@ pub fn map_unmap(count: usize, len: usize) -> u64 {
     n
 }
 
+/// Sets the process's file-mode creation mask; returns the previous one.
+pub fn set_umask(mask: u32) -> u32 {
+    ffi::sys::set_umask(mask)
+}
+
 /// Transports (`tl/device`) a default UCP context finds on this machine.
 pub fn transports() -> Vec<String> {
     match ffi::ucp::Context::new(&[]) {

@@ -13,6 +13,17 @@ use tonic::transport::Channel;
 
 use crate::cmd::serve::MAX_MESSAGE;
 
+/// A gRPC channel over the Unix socket at `path`.
+pub async fn unix_channel(path: std::path::PathBuf) -> anyhow::Result<Channel> {
+    let ch = tonic::transport::Endpoint::try_from("http://local.socket")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await?;
+    Ok(ch)
+}
+
 /// A running agent process.
 #[derive(Debug)]
 pub struct AgentProcess {
@@ -72,7 +83,12 @@ impl AgentProcess {
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let listen = ready["listen"].as_str().context("ready line without listen")?.to_string();
-        let channel = Channel::from_shared(format!("http://{listen}"))?.tcp_nodelay(true).connect().await?;
+        let channel = match ready["local_socket"].as_str() {
+            // The local API is the way in when the agent's TCP address is
+            // not reachable from here (another network namespace).
+            Some(path) => unix_channel(path.into()).await?,
+            None => Channel::from_shared(format!("http://{listen}"))?.tcp_nodelay(true).connect().await?,
+        };
         let control =
             pb::control_client::ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
         Ok(AgentProcess { child, ready, listen, control })

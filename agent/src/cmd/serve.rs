@@ -89,6 +89,9 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         .add_service(control_svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal());
     let server = tokio::spawn(server);
+    if let Some(path) = &args.local_socket {
+        serve_local(path, agent.clone()).await?;
+    }
 
     let mut handshake_ms = None;
     if let Some(addr) = peer {
@@ -100,13 +103,55 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
             _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
         }
     }
-    ready_line(&agent, listen, handshake_ms, metrics);
+    ready_line(&agent, listen, handshake_ms, metrics, args.local_socket.as_deref());
     server.await??;
     tracing::info!(agent_id = %agent.cfg.agent_id, "agent stopped");
     Ok(0)
 }
 
-fn ready_line(agent: &Arc<Agent>, listen: SocketAddr, handshake_ms: Option<f64>, metrics: Option<SocketAddr>) {
+/// The local Control API on a Unix socket, owner-only.
+async fn serve_local(path: &std::path::Path, agent: Arc<Agent>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        std::fs::remove_file(path).map_err(|e| anyhow::anyhow!("removing stale socket {}: {e}", path.display()))?;
+    }
+    // Created under a 0077 umask so no other user can connect in between.
+    let listener = {
+        let _umask = UmaskGuard::owner_only();
+        tokio::net::UnixListener::bind(path).map_err(|e| anyhow::anyhow!("binding local socket {}: {e}", path.display()))?
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let control = pb::control_server::ControlServer::new(ControlService { agent })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tokio::spawn(tonic::transport::Server::builder().add_service(control).serve_with_incoming_shutdown(incoming, shutdown_signal()));
+    tracing::info!(socket = %path.display(), "local Control API on a Unix socket (0600)");
+    Ok(())
+}
+
+/// Sets the process umask to 0077 for its lifetime (socket creation).
+struct UmaskGuard(u32);
+
+impl UmaskGuard {
+    fn owner_only() -> UmaskGuard {
+        UmaskGuard(kvrail_transfer::runtime::set_umask(0o077))
+    }
+}
+
+impl Drop for UmaskGuard {
+    fn drop(&mut self) {
+        kvrail_transfer::runtime::set_umask(self.0);
+    }
+}
+
+fn ready_line(
+    agent: &Arc<Agent>,
+    listen: SocketAddr,
+    handshake_ms: Option<f64>,
+    metrics: Option<SocketAddr>,
+    local: Option<&std::path::Path>,
+) {
     let line = serde_json::json!({
         "event": "ready",
         "role": agent.cfg.role.as_str(),
@@ -114,6 +159,7 @@ fn ready_line(agent: &Arc<Agent>, listen: SocketAddr, handshake_ms: Option<f64>,
         "listen": listen.to_string(),
         "pid": std::process::id(),
         "metrics": metrics.map(|m| format!("http://{m}/metrics")),
+        "local_socket": local.map(|p| p.display().to_string()),
         "handshake_ms": handshake_ms,
         "ucx_version": agent.ucx.version,
         "ucx_library": agent.ucx.library,

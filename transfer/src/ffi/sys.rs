@@ -220,3 +220,9 @@ pub(crate) fn own_memory_call_addresses() -> [usize; 4] {
 
 /// libc entry points UCM hooks (by relocation or by patching code).
 pub(crate) const MEMORY_CALLS: [&str; 4] = ["mmap", "munmap", "mremap", "madvise"];
+
+/// `umask(2)`: sets the file-mode creation mask, returns the previous one.
+pub(crate) fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask only swaps a per-process integer; it cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
