@@ -165,3 +165,32 @@ async fn decode_killed_and_restarted_is_rehandshaken_by_the_prefill() {
     decode.stop().await;
     prefill.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_requests_and_the_agents_keep_serving() {
+    let mut decode = spawn(args("decode", "f-decode", "tcp", "127.0.0.1:0")).await;
+    let mut prefill = prefill_for(&decode, "tcp").await;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
+    for mode in [pb::TransferMode::Write, pb::TransferMode::Read] {
+        let ids = submit_many(&mut decode, &format!("c{}", mode as i32), 4, 1024, mode).await;
+        for id in &ids {
+            let r = decode.control.cancel(pb::CancelRequest { request_id: id.clone() }).await.unwrap().into_inner();
+            assert!(r.state == pb::RequestState::Pending as i32 || r.state == pb::RequestState::Done as i32, "{r:?}");
+        }
+        let mut cancelled = 0;
+        for id in &ids {
+            let w = decode.control.wait(pb::WaitRequest { request_id: id.clone(), timeout_ms: 20_000 }).await.unwrap().into_inner();
+            assert_ne!(w.state, pb::RequestState::Pending as i32, "{id}");
+            if w.state == pb::RequestState::Failed as i32 {
+                assert_eq!(w.code, tonic::Code::Cancelled as i32, "{id}: {w:?}");
+                cancelled += 1;
+            }
+        }
+        assert!(cancelled > 0, "{mode:?}: cancel stopped nothing (4 x 64 MiB over tcp finished first?)");
+    }
+    let err = decode.control.cancel(pb::CancelRequest { request_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    verified_transfer(&mut decode, &mut prefill, "after-cancel").await;
+    decode.stop().await;
+    prefill.stop().await;
+}

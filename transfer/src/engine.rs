@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -131,7 +131,7 @@ type Reply<T> = oneshot::Sender<Result<T, TransferError>>;
 enum Command {
     Connect(PeerSpec, Reply<PeerId>),
     Disconnect(PeerId, Reply<()>),
-    Transfer { peer: PeerId, dir: Direction, ops: Vec<RmaOp>, reply: Reply<TransferDone> },
+    Transfer { peer: PeerId, dir: Direction, ops: Vec<RmaOp>, cancel: Option<Arc<AtomicBool>>, reply: Reply<TransferDone> },
 }
 
 /// Handle to a running engine. Dropping it stops the progress thread after
@@ -220,7 +220,21 @@ impl Engine {
     /// Runs one transfer: every op, then (for writes) a flush. Resolves only
     /// when the bytes are at the target. Dropping the future stops issuing.
     pub async fn transfer(&self, peer: PeerId, dir: Direction, ops: Vec<RmaOp>) -> Result<TransferDone, TransferError> {
-        self.call(|reply| Command::Transfer { peer, dir, ops, reply }).await
+        self.call(|reply| Command::Transfer { peer, dir, ops, cancel: None, reply }).await
+    }
+
+    /// As [`Engine::transfer`], cancellable: once `cancel` is set, no new
+    /// operation is issued, the endpoint is flushed, and the result is
+    /// `Cancelled` only when nothing of this transfer is in flight any more,
+    /// so the target's blocks can be reused safely.
+    pub async fn transfer_cancellable(
+        &self,
+        peer: PeerId,
+        dir: Direction,
+        ops: Vec<RmaOp>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<TransferDone, TransferError> {
+        self.call(|reply| Command::Transfer { peer, dir, ops, cancel: Some(cancel), reply }).await
     }
 }
 
@@ -252,6 +266,8 @@ struct Job {
     /// Last time an op was issued or a request completed.
     progressed: Instant,
     last_pending: u32,
+    cancel: Option<Arc<AtomicBool>>,
+    cancelled: bool,
     reply: Reply<TransferDone>,
 }
 
@@ -280,6 +296,19 @@ impl Job {
         }
         if self.reply.is_closed() {
             return JobState::Done(Err(TransferError::Cancelled));
+        }
+        if !self.cancelled && self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            // Issue nothing more; flush what is in flight, then report.
+            self.cancelled = true;
+            if self.dir == Rma::Put && !self.flushed {
+                if let Err(e) = self.remote.flush(&self.counter) {
+                    return JobState::Done(Err(e.into()));
+                }
+                self.flushed = true;
+            }
+        }
+        if self.cancelled {
+            return if self.counter.pending() == 0 { JobState::Done(Err(TransferError::Cancelled)) } else { JobState::Running };
         }
         while self.next < self.ops.len() && (self.counter.pending() as usize) < window {
             let op = self.ops[self.next];
@@ -416,7 +445,7 @@ impl Progress {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Command::Transfer { peer, dir, ops, reply } => {
+            Command::Transfer { peer, dir, ops, cancel, reply } => {
                 let Some(p) = self.peers.get(&peer) else {
                     let _ = reply.send(Err(TransferError::UnknownPeer(peer.0)));
                     return;
@@ -436,6 +465,8 @@ impl Progress {
                     started: Instant::now(),
                     progressed: Instant::now(),
                     last_pending: 0,
+                    cancel,
+                    cancelled: false,
                     reply,
                 };
                 self.queued.push_back(job);

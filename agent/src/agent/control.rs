@@ -64,6 +64,13 @@ impl pb::control_server::Control for ControlService {
         }))
     }
 
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let req = req.into_inner();
+        decode::check_id("request_id", &req.request_id)?;
+        let state = self.agent.requests.cancel(&req.request_id)?;
+        Ok(Response::new(pb::CancelResponse { state }))
+    }
+
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         Ok(Response::new(self.agent.stats()))
     }

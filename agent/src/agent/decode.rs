@@ -89,6 +89,17 @@ pub struct Requests {
 struct RequestsInner {
     map: HashMap<String, watch::Sender<ReqStatus>>,
     finished: VecDeque<String>,
+    /// How to stop each pending request.
+    cancels: HashMap<String, Canceller>,
+}
+
+/// How a pending request is stopped.
+#[derive(Debug, Clone)]
+enum Canceller {
+    /// Push: ask the prefill agent to stop writing.
+    Write(Arc<Session>),
+    /// Pull: stop this agent's own reads.
+    Read(Arc<std::sync::atomic::AtomicBool>),
 }
 
 impl Requests {
@@ -105,6 +116,7 @@ impl Requests {
     fn finish(&self, id: &str, tx: &watch::Sender<ReqStatus>, st: ReqStatus) {
         tx.send_replace(st);
         let mut g = self.inner.lock().expect("lock");
+        g.cancels.remove(id);
         g.finished.push_back(id.to_string());
         while g.finished.len() > MAX_FINISHED {
             if let Some(old) = g.finished.pop_front() {
@@ -132,6 +144,27 @@ impl Requests {
             g.finished.retain(|x| x != id);
         }
         Ok(st)
+    }
+
+    fn set_canceller(&self, id: &str, c: Canceller) {
+        self.inner.lock().expect("lock").cancels.insert(id.to_string(), c);
+    }
+
+    /// Asks a pending request to stop; returns its state now.
+    pub fn cancel(&self, id: &str) -> Result<i32, Status> {
+        let (state, canceller) = {
+            let g = self.inner.lock().expect("lock");
+            let state = g.map.get(id).ok_or_else(|| Status::not_found(format!("no request with id {id:?}")))?.borrow().state;
+            (state, g.cancels.get(id).cloned())
+        };
+        match canceller {
+            Some(Canceller::Write(session)) => {
+                session.send(pb::session_down::Msg::Cancel(pb::CancelOrder { request_id: id.to_string() }))?;
+            }
+            Some(Canceller::Read(flag)) => flag.store(true, std::sync::atomic::Ordering::Relaxed),
+            None => {}
+        }
+        Ok(state)
     }
 
     pub fn len(&self) -> usize {
@@ -265,6 +298,7 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
         None => {
             let (done_tx, done_rx) = oneshot::channel();
             session.pending.lock().expect("lock").insert(id.clone(), done_tx);
+            agent.requests.set_canceller(&id, Canceller::Write(session.clone()));
             let order = pb::WriteOrder { request_id: id.clone(), src_blocks: req.src_blocks, dst_blocks: req.dst_blocks };
             if let Err(e) = session.send(pb::session_down::Msg::Write(order)) {
                 session.pending.lock().expect("lock").remove(&id);
@@ -293,9 +327,12 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
         }
         Some(ops) => {
             let agent = agent.clone();
+            let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            agent.requests.set_canceller(&id, Canceller::Read(flag.clone()));
             tokio::spawn(async move {
                 let timeout = agent.cfg.request_timeout;
-                let res = tokio::time::timeout(timeout, agent.engine.transfer(session.engine_peer, Direction::Read, ops)).await;
+                let res =
+                    tokio::time::timeout(timeout, agent.engine.transfer_cancellable(session.engine_peer, Direction::Read, ops, flag)).await;
                 let st = match res {
                     Ok(Ok(d)) => ReqStatus {
                         state: pb::RequestState::Done as i32,

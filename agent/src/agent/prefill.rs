@@ -22,6 +22,8 @@ pub struct Link {
     pub engine_peer: PeerId,
     pub session_id: String,
     up: mpsc::Sender<pb::SessionUp>,
+    /// Cancel flags of the write orders in progress.
+    cancels: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
 }
 
 /// Handshakes with the decode agent at `addr` and serves its orders, for
@@ -99,6 +101,7 @@ async fn session_once(
         engine_peer,
         session_id: resp.session_id,
         up: up_tx,
+        cancels: Default::default(),
     });
     *agent.link.lock().expect("lock") = Some(link.clone());
     *agent.handshake_ms.lock().expect("lock") = Some(handshake_ms);
@@ -129,6 +132,11 @@ async fn session_once(
                 let (agent, link) = (agent.clone(), link.clone());
                 tokio::spawn(async move { execute(&agent, &link, order).await });
             }
+            Ok(Some(pb::SessionDown { msg: Some(pb::session_down::Msg::Cancel(c)) })) => {
+                if let Some(flag) = link.cancels.lock().expect("lock").get(&c.request_id) {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             Ok(Some(pb::SessionDown { msg: Some(pb::session_down::Msg::ReadDone(done)) })) => {
                 tracing::debug!(request_id = %done.request_id, ok = done.ok, "decode agent finished reading; blocks may be freed");
             }
@@ -148,10 +156,17 @@ async fn session_once(
 async fn execute(agent: &Agent, link: &Link, order: pb::WriteOrder) {
     let span = tracing::info_span!("write", request_id = %order.request_id, blocks = order.src_blocks.len());
     let _e = span.enter();
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    link.cancels.lock().expect("lock").insert(order.request_id.clone(), flag.clone());
     let result = match TransferPlan::build(&agent.layout, &order.src_blocks, &link.decode_layout, &order.dst_blocks, 0) {
-        Ok(plan) => agent.engine.transfer(link.engine_peer, Direction::Write, plan.into_ops()).await.map_err(|e| convert::status_of(&e)),
+        Ok(plan) => agent
+            .engine
+            .transfer_cancellable(link.engine_peer, Direction::Write, plan.into_ops(), flag)
+            .await
+            .map_err(|e| convert::status_of(&e)),
         Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),
     };
+    link.cancels.lock().expect("lock").remove(&order.request_id);
     let completion = match result {
         Ok(done) => pb::Completion { request_id: order.request_id, ok: true, bytes: done.bytes, ops: done.ops, ..Default::default() },
         Err(s) => pb::Completion {
