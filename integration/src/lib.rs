@@ -21,25 +21,31 @@ pub fn kvrail_bin() -> PathBuf {
     bin
 }
 
-/// Runs `kvrail <args>` to completion, with a time limit.
+/// Runs `kvrail <args>` to completion, with a time limit (its output is
+/// drained while it runs, so large reports cannot block it).
 pub fn run_kvrail(args: &[&str], limit: Duration) -> Output {
-    let mut child = std::process::Command::new(kvrail_bin())
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn kvrail");
-    let start = std::time::Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
+    run_kvrail_env(args, &[], limit)
+}
+
+/// As [`run_kvrail`], with extra environment variables.
+pub fn run_kvrail_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
+    let mut cmd = std::process::Command::new(kvrail_bin());
+    cmd.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn kvrail");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("kvrail output"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("kvrail {args:?} did not finish within {limit:?}");
         }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("kvrail {args:?} did not finish within {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -28,9 +28,9 @@ fn kvrail(lib: &PathBuf, args: &[&str], env: &[(&str, &str)], limit: Duration) -
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let start = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
+    // output() drains stdout and stderr while the process runs.
+    let out = cmd.output().unwrap();
     assert!(start.elapsed() < limit, "kvrail {args:?} took {:?}", start.elapsed());
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("kvrail {args:?}: no JSON ({e}); stderr:\n{err}"));
