@@ -55,13 +55,29 @@ fn transport(s: &str) -> Result<Transport, String> {
     s.parse()
 }
 
-/// Which UCX transports to use.
+/// Direction of the transfers a driver runs.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Mode {
     /// Push: prefill writes into decode (RMA put).
     Write,
     /// Pull: decode reads from prefill (RMA get).
     Read,
+}
+
+impl Mode {
+    pub fn to_pb(self) -> kvrail_proto::v1::TransferMode {
+        match self {
+            Mode::Write => kvrail_proto::v1::TransferMode::Write,
+            Mode::Read => kvrail_proto::v1::TransferMode::Read,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Write => "write",
+            Mode::Read => "read",
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]

@@ -337,6 +337,32 @@ impl Job {
     }
 }
 
+/// Creates a UCP context for `transport`, registers one region of
+/// `region_len` bytes and creates a worker on it, in the calling thread
+/// (which then owns the worker). Shared by the engine and the raw loop.
+pub(crate) fn open_worker(
+    transport: Transport,
+    region_len: usize,
+    alloc: RegionAlloc,
+) -> Result<(Rc<Worker>, Arc<Registration>, LocalInfo), TransferError> {
+    let settings: Vec<(&str, &str)> = transport.ucx_tls().map(|t| ("TLS", t)).into_iter().collect();
+    let ctx = Context::new(&settings)?;
+    let reg = match alloc {
+        RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
+        RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
+    }
+    .map_err(TransferError::Region)?;
+    let reg = Arc::new(reg);
+    let worker = Worker::new(&ctx, reg.clone())?;
+    let local = LocalInfo {
+        worker_address: worker.address()?,
+        region_base: reg.base() as u64,
+        region_len: reg.len() as u64,
+        rkey: reg.pack_rkey()?,
+    };
+    Ok((worker, reg, local))
+}
+
 /// State owned by the progress thread. Field order is drop order: jobs and
 /// peers (rkeys, endpoints) before the worker, the worker before the region
 /// it holds.
@@ -362,24 +388,7 @@ impl Progress {
         wake: Arc<EventFd>,
         counters: Arc<EngineCounters>,
     ) -> Result<(Progress, LocalInfo, Region), TransferError> {
-        let mut settings = Vec::new();
-        if let Some(tls) = cfg.transport.ucx_tls() {
-            settings.push(("TLS", tls));
-        }
-        let ctx = Context::new(&settings)?;
-        let reg = match cfg.region_alloc {
-            RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
-            RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
-        }
-        .map_err(TransferError::Region)?;
-        let reg = Arc::new(reg);
-        let worker = Worker::new(&ctx, reg.clone())?;
-        let local = LocalInfo {
-            worker_address: worker.address()?,
-            region_base: reg.base() as u64,
-            region_len: reg.len() as u64,
-            rkey: reg.pack_rkey()?,
-        };
+        let (worker, reg, local) = open_worker(cfg.transport, region_len, cfg.region_alloc)?;
         let poller = Poller::new(&[worker.event_fd(), wake.raw()])?;
         tracing::info!(transport = %cfg.transport, region_bytes = reg.len(), base = format_args!("{:#x}", reg.base()), "UCX engine ready");
         let progress = Progress {

@@ -6,12 +6,11 @@
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{Direction, LocalInfo, PeerSpec, RegionAlloc};
 use crate::error::TransferError;
-use crate::ffi::ucp::{Context, Endpoint, OpCounter, Registration, RemoteRegion, Rma, Worker};
+use crate::ffi::ucp::{Endpoint, OpCounter, RemoteRegion, Rma, Worker};
 use crate::plan::RmaOp;
 use crate::region::Region;
 use crate::transport::Transport;
@@ -33,22 +32,8 @@ impl RawSide {
         if !report.is_off() {
             return Err(TransferError::HooksOn(report.summary()));
         }
-        let settings: Vec<(&str, &str)> = transport.ucx_tls().map(|t| ("TLS", t)).into_iter().collect();
-        let ctx = Context::new(&settings)?;
         let len = usize::try_from(region_bytes).map_err(|_| TransferError::Region("region too large".into()))?;
-        let reg = match alloc {
-            RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, len, populate),
-            RegionAlloc::Ucx => Registration::allocate(&ctx, len),
-        }
-        .map_err(TransferError::Region)?;
-        let reg = Arc::new(reg);
-        let worker = Worker::new(&ctx, reg.clone())?;
-        let local = LocalInfo {
-            worker_address: worker.address()?,
-            region_base: reg.base() as u64,
-            region_len: reg.len() as u64,
-            rkey: reg.pack_rkey()?,
-        };
+        let (worker, reg, local) = crate::engine::open_worker(transport, len, alloc)?;
         Ok(RawSide { worker, region: Region::new(reg), local })
     }
 

@@ -54,13 +54,6 @@ pub fn ratio(kvrail: f64, raw: f64) -> f64 {
     }
 }
 
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Write => "write",
-        Mode::Read => "read",
-    }
-}
-
 pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(!a.transport.is_empty() && !a.block_bytes.is_empty() && !a.mode.is_empty(), "nothing to measure");
     let mut points = Vec::new();
@@ -72,14 +65,14 @@ pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
                     let (region, total, seed) = (a.region_bytes, a.total_bytes, a.seed);
                     e.insert(tokio::task::spawn_blocking(move || memcpy_gbps(region, b, total, seed)).await?);
                 }
-                eprintln!("bench: {t} {} {} ...", mode_name(m), format_bytes(b));
-                let p = point(a, t, b, m, memcpy[&b]).await.with_context(|| format!("point {t} {} {}", mode_name(m), format_bytes(b)))?;
+                eprintln!("bench: {t} {} {} ...", m.name(), format_bytes(b));
+                let p = point(a, t, b, m, memcpy[&b]).await.with_context(|| format!("point {t} {} {}", m.name(), format_bytes(b)))?;
                 if a.json {
                     println!("{}", serde_json::to_string(&p)?);
                 }
                 eprintln!(
                     "bench: {t} {} {}: kvrail {:.2} GB/s, raw UCX {:.2} GB/s, ratio {:.2}",
-                    mode_name(m),
+                    m.name(),
                     format_bytes(b),
                     p.gbps,
                     p.raw_ucx_gbps,
@@ -103,7 +96,7 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64)
     let gb = (outcome.blocks * block) as f64 / 1e9;
     Ok(Point {
         transport: t.to_string(),
-        mode: mode_name(mode).into(),
+        mode: mode.name().into(),
         block_bytes: block,
         bytes: outcome.blocks * block,
         gbps,
@@ -161,10 +154,7 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
         let num_blocks = (a.region_bytes / block) as u32;
         let work = Workload {
             seed: a.seed,
-            mode: match mode {
-                Mode::Write => pb::TransferMode::Write,
-                Mode::Read => pb::TransferMode::Read,
-            },
+            mode: mode.to_pb(),
             request_blocks: (a.request_bytes / block).max(1) as usize,
             concurrency: a.concurrency.max(1),
         };
@@ -209,7 +199,7 @@ async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow:
             "--total-bytes".into(),
             a.total_bytes.to_string(),
             "--mode".into(),
-            mode_name(mode).into(),
+            mode.name().into(),
             "--window".into(),
             a.window.to_string(),
             "--seed".into(),

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::children::AgentProcess;
 use super::workload::{Outcome, Workload};
-use crate::cli::{DemoArgs, Mode};
+use crate::cli::DemoArgs;
 use crate::units::format_bytes;
 
 #[derive(Debug, Serialize)]
@@ -110,15 +110,7 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
 
     let total_blocks = (args.bytes / args.block_bytes) as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let work = Workload {
-        seed: args.seed,
-        mode: match args.mode {
-            Mode::Write => pb::TransferMode::Write,
-            Mode::Read => pb::TransferMode::Read,
-        },
-        request_blocks: args.request_blocks,
-        concurrency: args.concurrency,
-    };
+    let work = Workload { seed: args.seed, mode: args.mode.to_pb(), request_blocks: args.request_blocks, concurrency: args.concurrency };
     let mut total = Outcome::default();
     let mut pass = 0u64;
     while (total.blocks as usize) < total_blocks {
@@ -159,7 +151,7 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
         first_error: total.first_error.clone(),
         failed_requests: total.failed_requests,
         transport: args.transport.to_string(),
-        mode: format!("{:?}", args.mode).to_lowercase(),
+        mode: args.mode.name().to_string(),
         ucx_version: decode_summary.ucx_version.clone(),
         ucx_library: decode_summary.ucx_library.clone(),
         mmap_hook_mode: hooks_both,

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::children::AgentProcess;
 use super::workload::{Outcome, Workload};
 use crate::chart::{self, Chart, Series, Trend};
-use crate::cli::{Mode, Side, SoakArgs};
+use crate::cli::{Side, SoakArgs};
 use crate::memwatch::MemReport;
 
 #[derive(Debug, Serialize)]
@@ -135,15 +135,7 @@ async fn drive(a: &SoakArgs, decode: &mut AgentProcess, prefill: &mut AgentProce
     let info = decode.control.info(pb::InfoRequest {}).await?.into_inner();
     let num_blocks = info.agent.and_then(|x| x.layout).map(|l| l.num_blocks).context("decode agent reported no layout")?;
     prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.seed }).await?;
-    let work = Workload {
-        seed: a.seed,
-        mode: match a.mode {
-            Mode::Write => pb::TransferMode::Write,
-            Mode::Read => pb::TransferMode::Read,
-        },
-        request_blocks: a.request_blocks.max(1),
-        concurrency: a.concurrency.max(1),
-    };
+    let work = Workload { seed: a.seed, mode: a.mode.to_pb(), request_blocks: a.request_blocks.max(1), concurrency: a.concurrency.max(1) };
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
     let start = Instant::now();
     let mut total = Outcome::default();
@@ -172,7 +164,7 @@ async fn drive(a: &SoakArgs, decode: &mut AgentProcess, prefill: &mut AgentProce
         demo_rcache_max_unreleased: a.demo_rcache_max_unreleased.clone(),
         duration_secs,
         transport: a.transport.to_string(),
-        mode: format!("{:?}", a.mode).to_lowercase(),
+        mode: a.mode.name().to_string(),
         passes,
         blocks: total.blocks,
         bytes: total.blocks * a.block_bytes,
