@@ -211,6 +211,13 @@ pub struct SoakArgs {
     /// Which agent leaks.
     #[arg(long, value_enum, default_value = "decode")]
     pub test_inject_into: Side,
+    /// Cluster mode: the Control address (host:port or unix:PATH) of a
+    /// running decode agent started with --test-patterns; no agents are started.
+    #[arg(long, requires = "prefill", conflicts_with_all = ["test_inject_leak_mib_per_min", "demo_allow_ucx_mmap_hooks"])]
+    pub decode: Option<String>,
+    /// Cluster mode: the Control address of the prefill agent paired with --decode.
+    #[arg(long, requires = "decode")]
+    pub prefill: Option<String>,
     /// DEMONSTRATION ONLY: run both agents with UCX's memory hooks ON (UCX's
     /// defaults), to show the leak kvrail's guard prevents. Never a default.
     #[arg(long)]

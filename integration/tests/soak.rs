@@ -99,3 +99,40 @@ fn leak_injection_is_refused_unless_enabled() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("KVRAIL_ENABLE_TEST_FAULTS=1"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_soaks_running_agents() {
+    let (decode, prefill) = kvrail_integration::agent_pair("tcp", "32MiB", "64KiB").await;
+    let dir = tmpdir("soak-cluster");
+    let args = [
+        "soak",
+        "--decode",
+        &decode.listen,
+        "--prefill",
+        &prefill.listen,
+        "--duration",
+        "10s",
+        "--pass-blocks",
+        "256",
+        "--json",
+        "--report",
+        dir.to_str().unwrap(),
+    ];
+    let out = tokio::task::spawn_blocking({
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        move || run_json(&args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    let (code, r) = out;
+    assert_eq!(r["verified"], true, "{r:#}");
+    assert!(r["passes"].as_u64().unwrap() > 0);
+    assert_eq!(r["decode"]["agent_id"], "it-decode");
+    assert_eq!(r["prefill"]["agent_id"], "it-prefill");
+    // Ten seconds is inside the agents' warm-up: no verdict yet, so no pass.
+    assert_eq!(r["decode"]["verdict"], "warming_up", "{r:#}");
+    assert_eq!(code, 1);
+    let _ = std::fs::remove_dir_all(dir);
+    decode.stop().await;
+    prefill.stop().await;
+}

@@ -165,7 +165,7 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
         let mut i = 0;
         while (out.blocks as usize) < total {
             let n = (total - out.blocks as usize).min(num_blocks as usize);
-            out.absorb(work.pass(&mut decode, num_blocks, n, &format!("bench-{i}"), &mut rng).await?);
+            out.absorb(work.pass(&mut decode.control, num_blocks, n, &format!("bench-{i}"), &mut rng).await?);
             i += 1;
         }
         // Verification time is excluded from `seconds` but not from CPU; the

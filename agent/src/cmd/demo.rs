@@ -115,7 +115,7 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
     let mut pass = 0u64;
     while (total.blocks as usize) < total_blocks {
         let n = (total_blocks - total.blocks as usize).min(num_blocks);
-        total.absorb(work.pass(decode, num_blocks as u32, n, &format!("demo-{pass}"), &mut rng).await?);
+        total.absorb(work.pass(&mut decode.control, num_blocks as u32, n, &format!("demo-{pass}"), &mut rng).await?);
         pass += 1;
     }
     let d_end = stats(decode).await?;

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::children::AgentProcess;
-use super::workload::{Outcome, Workload};
+use super::workload::{Control, Outcome, Workload};
 use crate::chart::{self, Chart, Series, Trend};
 use crate::cli::{Side, SoakArgs};
 use crate::memwatch::MemReport;
@@ -111,16 +111,23 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
             env.push(("UCX_RCACHE_MAX_UNRELEASED".into(), Some(v.clone())));
         }
     }
-    let exe = std::env::current_exe()?;
-    let mut decode =
-        AgentProcess::spawn_env(&exe, &agent_args("decode", a, a.test_inject_into == Side::Decode), &env, a.verbose, limit).await?;
-    let mut p = agent_args("prefill", a, a.test_inject_into == Side::Prefill);
-    p.extend(["--peer".into(), decode.listen.clone()]);
-    let mut prefill = AgentProcess::spawn_env(&exe, &p, &env, a.verbose, limit).await?;
-    let result = drive(a, &mut decode, &mut prefill).await;
-    decode.stop().await;
-    prefill.stop().await;
-    let report = result?;
+    let report = if let (Some(d), Some(p)) = (&a.decode, &a.prefill) {
+        // Cluster mode: agents an operator started (with --test-patterns).
+        let mut decode = control_at(d).await.with_context(|| format!("connecting to the decode agent at {d}"))?;
+        let mut prefill = control_at(p).await.with_context(|| format!("connecting to the prefill agent at {p}"))?;
+        drive(a, &mut decode, &mut prefill).await?
+    } else {
+        let exe = std::env::current_exe()?;
+        let mut decode =
+            AgentProcess::spawn_env(&exe, &agent_args("decode", a, a.test_inject_into == Side::Decode), &env, a.verbose, limit).await?;
+        let mut p = agent_args("prefill", a, a.test_inject_into == Side::Prefill);
+        p.extend(["--peer".into(), decode.listen.clone()]);
+        let mut prefill = AgentProcess::spawn_env(&exe, &p, &env, a.verbose, limit).await?;
+        let result = drive(a, &mut decode.control, &mut prefill.control).await;
+        decode.stop().await;
+        prefill.stop().await;
+        result?
+    };
     let path = a.report.join("report.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     if a.json {
@@ -131,10 +138,19 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     Ok(if report.ok { 0 } else { 1 })
 }
 
-async fn drive(a: &SoakArgs, decode: &mut AgentProcess, prefill: &mut AgentProcess) -> anyhow::Result<SoakReport> {
-    let info = decode.control.info(pb::InfoRequest {}).await?.into_inner();
+/// A Control client for `host:port` or `unix:PATH`.
+async fn control_at(addr: &str) -> anyhow::Result<Control> {
+    let channel = match addr.strip_prefix("unix:") {
+        Some(path) => super::children::unix_channel(path.into()).await?,
+        None => tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?,
+    };
+    Ok(Control::new(channel).max_decoding_message_size(super::serve::MAX_MESSAGE).max_encoding_message_size(super::serve::MAX_MESSAGE))
+}
+
+async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> anyhow::Result<SoakReport> {
+    let info = decode.info(pb::InfoRequest {}).await?.into_inner();
     let num_blocks = info.agent.and_then(|x| x.layout).map(|l| l.num_blocks).context("decode agent reported no layout")?;
-    prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.seed }).await?;
+    prefill.fill_pattern(pb::FillPatternRequest { seed: a.seed }).await?;
     let work = Workload { seed: a.seed, mode: a.mode.to_pb(), request_blocks: a.request_blocks.max(1), concurrency: a.concurrency.max(1) };
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
     let start = Instant::now();
@@ -180,8 +196,8 @@ async fn drive(a: &SoakArgs, decode: &mut AgentProcess, prefill: &mut AgentProce
     })
 }
 
-async fn agent_result(role: &str, a: &SoakArgs, p: &mut AgentProcess) -> anyhow::Result<AgentResult> {
-    let s = p.control.stats(pb::StatsRequest {}).await?.into_inner();
+async fn agent_result(role: &str, a: &SoakArgs, p: &mut Control) -> anyhow::Result<AgentResult> {
+    let s = p.stats(pb::StatsRequest {}).await?.into_inner();
     let mem = s.memory.clone().unwrap_or_default();
     let report: MemReport = serde_json::from_str(&mem.report_json).context("agent sent no MemWatch report")?;
     let svg = render_chart(role, &report);

@@ -9,9 +9,8 @@ use rand::seq::SliceRandom;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
-use super::children::AgentProcess;
-
-type Control = pb::control_client::ControlClient<Channel>;
+/// A Control API client.
+pub type Control = pb::control_client::ControlClient<Channel>;
 
 /// How requests are shaped.
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +96,7 @@ impl Workload {
     /// destination blocks, `tag` makes the request ids unique.
     pub async fn pass(
         &self,
-        decode: &mut AgentProcess,
+        decode: &mut Control,
         num_blocks: u32,
         n: usize,
         tag: &str,
@@ -105,14 +104,14 @@ impl Workload {
     ) -> anyhow::Result<Outcome> {
         let mut out = Outcome { blocks: n as u64, ..Default::default() };
         let (src, dst) = scattered(rng, num_blocks, n);
-        decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
+        decode.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
         let t0 = Instant::now();
         let mut set = JoinSet::new();
         let mut chunks = src.chunks(self.request_blocks).zip(dst.chunks(self.request_blocks)).enumerate();
         loop {
             while set.len() < self.concurrency {
                 let Some((i, (s, d))) = chunks.next() else { break };
-                let mut control = decode.control.clone();
+                let mut control = decode.clone();
                 let req = pb::SubmitRequest {
                     request_id: format!("{tag}-{i}"),
                     peer: String::new(),
@@ -139,7 +138,6 @@ impl Workload {
         out.seconds = t0.elapsed().as_secs_f64();
         for (s, d) in src.chunks(1 << 16).zip(dst.chunks(1 << 16)) {
             let v = decode
-                .control
                 .verify_pattern(pb::VerifyPatternRequest { seed: self.seed, src_blocks: s.to_vec(), dst_blocks: d.to_vec() })
                 .await?
                 .into_inner();
