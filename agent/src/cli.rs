@@ -100,9 +100,12 @@ pub struct AgentArgs {
     /// Layers per block (layer-major layout, as vLLM's per-layer caches).
     #[arg(long, default_value_t = 1)]
     pub layers: u32,
-    /// Let UCX allocate the region (UCP_MEM_MAP_ALLOCATE) instead of mmap.
+    /// Map the region with kvrail's own anonymous mmap instead of letting
+    /// UCX allocate it (UCP_MEM_MAP_ALLOCATE, the default: on UCX 1.13 only
+    /// UCX-allocated memory gets one-sided shared-memory puts; application
+    /// memory is served by the target's CPU over active messages).
     #[arg(long)]
-    pub ucx_alloc: bool,
+    pub mmap_region: bool,
     /// Outstanding RMA operations per transfer.
     #[arg(long, default_value_t = 64)]
     pub window: usize,

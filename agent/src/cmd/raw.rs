@@ -25,7 +25,7 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
-    let side = RawSide::new(a.transport, a.region_bytes, RegionAlloc::Mapped { populate: true })?;
+    let side = RawSide::new(a.transport, a.region_bytes, RegionAlloc::Ucx)?;
     match a.role {
         RawRole::Target => {
             let l = side.local_info();

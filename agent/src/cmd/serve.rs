@@ -48,7 +48,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         region_bytes: args.region_bytes,
         block_bytes: args.block_bytes,
         layers: args.layers,
-        region_alloc: if args.ucx_alloc { RegionAlloc::Ucx } else { RegionAlloc::Mapped { populate: true } },
+        region_alloc: if args.mmap_region { RegionAlloc::Mapped { populate: true } } else { RegionAlloc::Ucx },
         window: args.window,
         test_patterns: args.test_patterns,
         request_timeout: Duration::from_secs_f64(args.request_timeout_secs.max(0.001)),
