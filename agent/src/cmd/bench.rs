@@ -234,6 +234,10 @@ pub fn memcpy_gbps(region: u64, block: u64, total: u64, seed: u64) -> f64 {
     let n_blocks = (region / block).max(1);
     let src = vec![1u8; n_blocks * block];
     let mut dst = vec![0u8; n_blocks * block];
+    // Fault the destination in first, as the regions of both processes are.
+    for b in dst.iter_mut().step_by(4096) {
+        *b = 2;
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut moved = 0u64;
     let mut secs = 0.0;

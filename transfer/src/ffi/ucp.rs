@@ -216,6 +216,11 @@ impl Registration {
         if reg.base == 0 || reg.len < len {
             return Err(format!("UCX allocated {} bytes at {:#x}, asked for {len}", reg.len, reg.base));
         }
+        // Fault every page in now (as MAP_POPULATE does for our own
+        // mappings), so no transfer pays for first touches.
+        for off in (0..reg.len).step_by(4096) {
+            sys::copy_in(reg.base, reg.len, off, &[0]);
+        }
         Ok(reg)
     }
 
