@@ -369,6 +369,9 @@ pub(crate) fn open_worker(
 struct Progress {
     active: VecDeque<Job>,
     queued: VecDeque<Job>,
+    /// Finished transfers whose requests are still in flight: their rkey
+    /// and endpoint stay alive until UCX completes (or fails) every one.
+    draining: Vec<(Rc<RemoteRegion>, Rc<OpCounter>)>,
     peers: HashMap<PeerId, Peer>,
     next_peer: u64,
     poller: Poller,
@@ -394,6 +397,7 @@ impl Progress {
         let progress = Progress {
             active: VecDeque::new(),
             queued: VecDeque::new(),
+            draining: Vec::new(),
             peers: HashMap::new(),
             next_peer: 1,
             poller,
@@ -410,6 +414,7 @@ impl Progress {
 
     fn run(mut self, rx: Receiver<Command>) {
         let mut open = true;
+        let mut closing: Option<Instant> = None;
         loop {
             self.wake.drain();
             while open {
@@ -421,8 +426,13 @@ impl Progress {
             }
             self.worker.progress();
             self.drive();
+            self.draining.retain(|(_, c)| c.pending() > 0);
             if !open && self.active.is_empty() && self.queued.is_empty() {
-                break;
+                // Give in-flight requests a bounded time to finish.
+                let since = *closing.get_or_insert_with(Instant::now);
+                if self.draining.is_empty() || since.elapsed() > Duration::from_secs(5) {
+                    break;
+                }
             }
             if self.active.is_empty() && rx.is_empty() {
                 match self.worker.arm() {
@@ -523,7 +533,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self, job: Job, result: Result<TransferDone, TransferError>) {
+    fn finish(&mut self, job: Job, result: Result<TransferDone, TransferError>) {
         match &result {
             Ok(done) => {
                 self.counters.bytes.fetch_add(done.bytes, Ordering::Relaxed);
@@ -535,8 +545,10 @@ impl Progress {
                 tracing::warn!(peer = job.peer.0, error = %e, "transfer failed");
             }
         }
-        // The job's counter may still be referenced by in-flight requests;
-        // they hold their own Rc, so dropping the job here is safe.
+        // Requests still in flight keep the rkey and endpoint they use.
+        if job.counter.pending() > 0 {
+            self.draining.push((job.remote.clone(), job.counter.clone()));
+        }
         let _ = job.reply.send(result);
     }
 }
