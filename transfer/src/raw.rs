@@ -60,7 +60,10 @@ impl RawSide {
     /// from the first issue to the last completion.
     pub fn run(&self, peer: &PeerSpec, dir: Direction, ops: &[RmaOp], window: usize) -> Result<Duration, TransferError> {
         let ep = Rc::new(Endpoint::connect(&self.worker, &peer.worker_address, false)?);
-        let remote = RemoteRegion::unpack(&ep, &peer.rkey, peer.region_base, peer.region_len)?;
+        let mut remote = RemoteRegion::unpack(&ep, &peer.rkey, peer.region_base, peer.region_len)?;
+        // Steady state, as a long-running agent sees it: the peer mapping is
+        // pre-faulted before the clock starts.
+        remote.wait_populated();
         let rma = match dir {
             Direction::Write => Rma::Put,
             Direction::Read => Rma::Get,

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use kvrail_proto::v1 as pb;
 use kvrail_transfer::RegionAlloc;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::agent::control::ControlService;
 use crate::agent::peer_service::PeerService;
@@ -82,12 +81,14 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     let control_svc = pb::control_server::ControlServer::new(ControlService { agent: agent.clone() })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    // Nagle on the accepted sockets would hold every reply's trailers back
+    // for a delayed ACK (~40 ms per RPC on loopback).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(peer_svc)
         .add_service(control_svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal());
+        .serve_with_incoming_shutdown(incoming, shutdown_signal());
     let server = tokio::spawn(server);
     if let Some(path) = &args.local_socket {
         serve_local(path, agent.clone()).await?;

@@ -142,7 +142,7 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
 async fn control_at(addr: &str) -> anyhow::Result<Control> {
     let channel = match addr.strip_prefix("unix:") {
         Some(path) => super::children::unix_channel(path.into()).await?,
-        None => tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?,
+        None => tonic::transport::Channel::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?,
     };
     Ok(Control::new(channel).max_decoding_message_size(super::serve::MAX_MESSAGE).max_encoding_message_size(super::serve::MAX_MESSAGE))
 }

@@ -51,6 +51,7 @@ extern "C" {
     pub(crate) fn ucp_mem_query(memh: ucp_mem_h, attr: *mut ucp_mem_attr_t) -> i8;
     pub(crate) fn ucp_rkey_pack(context: ucp_context_h, memh: ucp_mem_h, rkey_buffer_p: *mut *mut c_void, size_p: *mut size_t) -> i8;
     pub(crate) fn ucp_ep_rkey_unpack(ep: ucp_ep_h, rkey_buffer: *const c_void, rkey_p: *mut ucp_rkey_h) -> i8;
+    pub(crate) fn ucp_rkey_ptr(rkey: ucp_rkey_h, raddr: u64, addr_p: *mut *mut c_void) -> i8;
     pub(crate) fn ucp_request_check_status(request: *mut c_void) -> i8;
     pub(crate) fn ucm_set_event_handler(events: c_int, priority: c_int, cb: UcmCallback, arg: *mut c_void) -> i8;
     pub(crate) static ucm_global_opts: UcmGlobalOptsHead;

@@ -51,6 +51,27 @@ impl Mapping {
     }
 }
 
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault pages in as if written, without
+/// writing; not in every libc crate release's constants.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Pre-faults the page-table entries of `[addr, addr + len)` in this process,
+/// a range some other owner mapped (a peer's shared-memory segment attached by
+/// UCX). Contents are untouched; an unmapped or read-only range is an error,
+/// never a fault.
+pub(crate) fn populate_write(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MADV_POPULATE_WRITE only establishes page-table entries as a
+    // write fault would, without writing: it cannot change any byte of the
+    // range, and the kernel checks the range (ENOMEM if unmapped, EFAULT /
+    // EINVAL if not writable) instead of faulting the process.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, MADV_POPULATE_WRITE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len are exactly what mmap returned; the owner of this

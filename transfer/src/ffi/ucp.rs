@@ -505,6 +505,54 @@ pub(crate) struct RemoteRegion {
     base: u64,
     len: u64,
     ep: Rc<Endpoint>,
+    populator: Option<Populator>,
+}
+
+/// Pre-faults this process's mapping of a peer's shared-memory segment on a
+/// background thread, so RMA into it runs at memory speed instead of taking
+/// one page fault per 4 KiB on first touch (~0.35 s per GiB here). Stopped
+/// and joined before the rkey (and with it the mapping) is released.
+#[derive(Debug)]
+struct Populator {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Populator {
+    /// Chunk between checks of the stop flag (~1.5 ms of work here).
+    const CHUNK: usize = 8 << 20;
+
+    fn start(addr: usize, len: usize) -> Option<Populator> {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("kvrail-populate".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let mut done = 0;
+                while done < len && !flag.load(Ordering::Relaxed) {
+                    let n = Self::CHUNK.min(len - done);
+                    if let Err(e) = sys::populate_write(addr + done, n) {
+                        tracing::debug!(error = %e, "peer mapping not pre-faulted; first touches will fault it in");
+                        return;
+                    }
+                    done += n;
+                }
+                tracing::debug!(bytes = done, ms = t0.elapsed().as_secs_f64() * 1e3, "peer mapping pre-faulted");
+            })
+            .ok()?;
+        Some(Populator { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Populator {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Direction of one RMA operation.
@@ -522,7 +570,37 @@ impl RemoteRegion {
         // SAFETY: live endpoint on its worker's thread; the packed bytes are
         // only read during the call and UCX validates them.
         check("ucp_ep_rkey_unpack", unsafe { decls::ucp_ep_rkey_unpack(ep.h, packed.as_ptr().cast(), &mut rkey) })?;
-        Ok(RemoteRegion { rkey, base, len, ep: ep.clone() })
+        let mut region = RemoteRegion { rkey, base, len, ep: ep.clone(), populator: None };
+        if let Some(addr) = region.local_view() {
+            region.populator = Populator::start(addr, len as usize);
+        }
+        Ok(region)
+    }
+
+    /// Blocks until the background pre-faulting of the peer mapping (if any)
+    /// has finished.
+    pub(crate) fn wait_populated(&mut self) {
+        if let Some(mut p) = self.populator.take() {
+            if let Some(t) = p.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Where the whole peer region is mapped in this process, when the
+    /// transport reaches it through shared memory (`ucp_rkey_ptr`), checked
+    /// at both ends so the range is one contiguous mapping.
+    fn local_view(&self) -> Option<usize> {
+        let ptr = |raddr: u64| {
+            let mut p: *mut c_void = std::ptr::null_mut();
+            // SAFETY: live rkey; raddr lies inside the peer's advertised
+            // region; UCX only writes the out-pointer.
+            let rc = unsafe { decls::ucp_rkey_ptr(self.rkey, raddr, &mut p) };
+            (rc == 0 && !p.is_null()).then_some(p as usize)
+        };
+        let first = ptr(self.base)?;
+        let last = ptr(self.base + self.len.checked_sub(1)?)?;
+        (last.checked_sub(first)? == self.len as usize - 1).then_some(first)
     }
 
     pub(crate) fn endpoint(&self) -> &Rc<Endpoint> {
@@ -573,6 +651,8 @@ impl RemoteRegion {
 
 impl Drop for RemoteRegion {
     fn drop(&mut self) {
+        // The populating thread works on the mapping the rkey keeps alive.
+        drop(self.populator.take());
         // SAFETY: rkey from ucp_ep_rkey_unpack, destroyed once, before its
         // endpoint (we hold the Rc until after this).
         unsafe { sys_ucx::ucp_rkey_destroy(self.rkey) };
