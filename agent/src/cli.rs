@@ -134,6 +134,8 @@ pub struct AgentArgs {
     /// connector) on this Unix socket, created owner-only (0600).
     #[arg(long)]
     pub local_socket: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
@@ -221,6 +223,9 @@ pub struct SoakArgs {
     /// Cluster mode: the Control address of the prefill agent paired with --decode.
     #[arg(long, requires = "decode")]
     pub prefill: Option<String>,
+    /// Cluster mode: TLS to agents that serve it (their --tls-* flags).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// DEMONSTRATION ONLY: run both agents with UCX's memory hooks ON (UCX's
     /// defaults), to show the leak kvrail's guard prevents. Never a default.
     #[arg(long)]

@@ -12,4 +12,5 @@ pub mod guard;
 pub mod memwatch;
 pub mod metrics;
 pub mod pattern;
+pub mod tls;
 pub mod units;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
+use kvrail_proto::v1 as pb;
+
 pub use kvrail_agent::cmd::children::AgentProcess;
 
 /// The `kvrail` binary of this build (`cargo build --bins` puts it beside the
@@ -79,4 +81,30 @@ pub async fn agent_pair(transport: &str, region: &str, block: &str) -> (AgentPro
     p.extend(["--peer".to_string(), decode.listen.clone()]);
     let prefill = AgentProcess::spawn_exe(&bin, &p, false, limit).await.expect("prefill agent");
     (decode, prefill)
+}
+
+/// Fills the prefill agent's pattern, pushes 64 blocks into scattered
+/// destination blocks of the decode agent (request id `tag`) and checks all
+/// 64 arrive intact.
+pub async fn verified_transfer(decode: &mut AgentProcess, prefill: &mut AgentProcess, tag: &str) {
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
+    let src: Vec<u32> = (0..64).collect();
+    let dst: Vec<u32> = (0..64).map(|b| 1023 - b).collect();
+    decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await.unwrap();
+    let w = kvrail_agent::cmd::workload::run_request(
+        &mut decode.control,
+        pb::SubmitRequest {
+            request_id: tag.into(),
+            mode: pb::TransferMode::Write as i32,
+            src_blocks: src.clone(),
+            dst_blocks: dst.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(w.state, pb::RequestState::Done as i32, "{w:?}");
+    let v =
+        decode.control.verify_pattern(pb::VerifyPatternRequest { seed: 5, src_blocks: src, dst_blocks: dst }).await.unwrap().into_inner();
+    assert_eq!(v.verified_blocks, 64, "{v:?}");
 }

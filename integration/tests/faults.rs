@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvrail_integration::{kvrail_bin, AgentProcess};
+use kvrail_integration::{kvrail_bin, verified_transfer, AgentProcess};
 use kvrail_proto::v1 as pb;
 
 const DEADLINE: Duration = Duration::from_secs(8);
@@ -74,29 +74,6 @@ async fn all_final(decode: &mut AgentProcess, ids: &[String], since: Instant) ->
     }
     assert!(since.elapsed() < DEADLINE, "requests took {:?} to settle", since.elapsed());
     failed
-}
-
-async fn verified_transfer(decode: &mut AgentProcess, prefill: &mut AgentProcess, tag: &str) {
-    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
-    let src: Vec<u32> = (0..64).collect();
-    let dst: Vec<u32> = (0..64).map(|b| 1023 - b).collect();
-    decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await.unwrap();
-    let w = kvrail_agent::cmd::workload::run_request(
-        &mut decode.control,
-        pb::SubmitRequest {
-            request_id: tag.into(),
-            mode: pb::TransferMode::Write as i32,
-            src_blocks: src.clone(),
-            dst_blocks: dst.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(w.state, pb::RequestState::Done as i32, "{w:?}");
-    let v =
-        decode.control.verify_pattern(pb::VerifyPatternRequest { seed: 5, src_blocks: src, dst_blocks: dst }).await.unwrap().into_inner();
-    assert_eq!(v.verified_blocks, 64, "{v:?}");
 }
 
 async fn wait_for_peer(decode: &mut AgentProcess, id: &str) {

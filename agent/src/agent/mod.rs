@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub stall_timeout: Duration,
     /// The cluster secret; `None` only with `--insecure-no-auth`.
     pub secret: Option<auth::ClusterSecret>,
+    /// TLS for the gRPC port (served and dialled); `None` = plain HTTP/2.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// A heartbeat stamped now.

@@ -10,7 +10,6 @@ use kvrail_transfer::plan::TransferPlan;
 use kvrail_transfer::{BlockLayout, Direction, PeerId};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use super::{convert, Agent};
 
@@ -51,10 +50,12 @@ pub async fn run(agent: Arc<Agent>, addr: String, ready: tokio::sync::oneshot::S
     }
 }
 
-/// Refusals that retrying cannot fix (version, layout, hooks, bad input).
+/// Refusals that retrying cannot fix (version, layout, hooks, bad input, a
+/// TLS peer that does not accept our certificate or that we do not accept).
 fn is_permanent(e: &anyhow::Error) -> bool {
     e.downcast_ref::<tonic::Status>()
         .is_some_and(|s| matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated))
+        || crate::tls::is_tls_refusal(e)
 }
 
 async fn session_once(
@@ -62,9 +63,8 @@ async fn session_once(
     addr: &str,
     ready: &mut Option<tokio::sync::oneshot::Sender<anyhow::Result<f64>>>,
 ) -> anyhow::Result<String> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let t0 = Instant::now();
-    let channel = Channel::from_shared(url)?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await?;
+    let channel = crate::tls::endpoint(addr, agent.cfg.tls.as_ref())?.connect_timeout(Duration::from_secs(2)).connect().await?;
     let mut client = pb::peer_client::PeerClient::new(channel);
     let nonce = client.challenge(pb::ChallengeRequest { agent_id: agent.cfg.agent_id.clone() }).await?.into_inner().nonce;
     let info = agent.info();

@@ -55,6 +55,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         lease: Duration::from_secs_f64(args.lease_secs.max(0.05)),
         stall_timeout: Duration::from_secs_f64(args.stall_secs.max(0.01)),
         secret,
+        tls: args.tls.load()?,
     };
     let mut mw = MemWatchConfig::default();
     mw.trend.warmup_secs = args.memwatch.memwatch_warmup_secs;
@@ -84,7 +85,12 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     // Nagle on the accepted sockets would hold every reply's trailers back
     // for a delayed ACK (~40 ms per RPC on loopback).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &agent.cfg.tls {
+        builder = builder.tls_config(tls.server()).map_err(|e| anyhow::anyhow!("TLS server configuration: {e}"))?;
+        tracing::info!("gRPC over TLS (mutual, cluster CA)");
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(peer_svc)
         .add_service(control_svc)
@@ -100,7 +106,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         tokio::spawn(prefill::run(agent.clone(), addr.clone(), tx));
         match tokio::time::timeout(Duration::from_secs(120), rx).await {
             Ok(Ok(Ok(ms))) => handshake_ms = Some(ms),
-            Ok(Ok(Err(e))) => anyhow::bail!("decode agent {addr} refused the handshake: {e}"),
+            Ok(Ok(Err(e))) => anyhow::bail!("decode agent {addr} refused the handshake: {e:#}"),
             _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
         }
     }
@@ -165,6 +171,7 @@ fn ready_line(
         "ucx_version": agent.ucx.version,
         "ucx_library": agent.ucx.library,
         "mmap_hook_mode": agent.hook_mode.as_str(),
+        "tls": agent.cfg.tls.is_some(),
     });
     println!("{line}");
 }

@@ -113,8 +113,9 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     }
     let report = if let (Some(d), Some(p)) = (&a.decode, &a.prefill) {
         // Cluster mode: agents an operator started (with --test-patterns).
-        let mut decode = control_at(d).await.with_context(|| format!("connecting to the decode agent at {d}"))?;
-        let mut prefill = control_at(p).await.with_context(|| format!("connecting to the prefill agent at {p}"))?;
+        let tls = a.tls.load()?;
+        let mut decode = control_at(d, tls.as_ref()).await.with_context(|| format!("connecting to the decode agent at {d}"))?;
+        let mut prefill = control_at(p, tls.as_ref()).await.with_context(|| format!("connecting to the prefill agent at {p}"))?;
         drive(a, &mut decode, &mut prefill).await?
     } else {
         let exe = std::env::current_exe()?;
@@ -138,11 +139,11 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     Ok(if report.ok { 0 } else { 1 })
 }
 
-/// A Control client for `host:port` or `unix:PATH`.
-async fn control_at(addr: &str) -> anyhow::Result<Control> {
+/// A Control client for `host:port` (over TLS with `tls`) or `unix:PATH`.
+async fn control_at(addr: &str, tls: Option<&crate::tls::Tls>) -> anyhow::Result<Control> {
     let channel = match addr.strip_prefix("unix:") {
         Some(path) => super::children::unix_channel(path.into()).await?,
-        None => tonic::transport::Channel::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?,
+        None => crate::tls::endpoint(addr, tls)?.connect().await.with_context(|| format!("connecting to the agent at {addr}"))?,
     };
     Ok(Control::new(channel).max_decoding_message_size(super::serve::MAX_MESSAGE).max_encoding_message_size(super::serve::MAX_MESSAGE))
 }
