@@ -17,6 +17,7 @@ pub mod plan;
 pub mod raw;
 pub mod region;
 pub mod runtime;
+pub mod status;
 pub mod transport;
 
 pub use engine::{Direction, Engine, EngineConfig, LocalInfo, PeerId, PeerSpec, RegionAlloc, TransferDone};

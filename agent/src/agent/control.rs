@@ -50,7 +50,7 @@ impl pb::control_server::Control for ControlService {
 
     async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
         let req = req.into_inner();
-        decode::check_id("request_id", &req.request_id)?;
+        super::validate::check_id("request_id", &req.request_id)?;
         let timeout = Duration::from_millis(req.timeout_ms as u64).min(MAX_WAIT);
         let st = self.agent.requests.wait(&req.request_id, timeout).await?;
         Ok(Response::new(pb::WaitResponse {
@@ -66,7 +66,7 @@ impl pb::control_server::Control for ControlService {
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let req = req.into_inner();
-        decode::check_id("request_id", &req.request_id)?;
+        super::validate::check_id("request_id", &req.request_id)?;
         let state = self.agent.requests.cancel(&req.request_id)?;
         Ok(Response::new(pb::CancelResponse { state }))
     }

@@ -7,16 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvrail_proto::v1 as pb;
-use kvrail_transfer::plan::{self, TransferPlan};
 use kvrail_transfer::{BlockLayout, Direction, PeerId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
-use super::convert;
 use super::Agent;
+use super::{convert, validate};
 
-/// Longest request id, agent id or peer name accepted.
-pub const MAX_ID_LEN: usize = 256;
 /// Finished requests kept for a late `Wait` before the oldest are dropped.
 const MAX_FINISHED: usize = 65_536;
 
@@ -176,25 +173,9 @@ impl Requests {
     }
 }
 
-pub(crate) fn check_id(field: &str, id: &str) -> Result<(), Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is empty")));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(Status::invalid_argument(format!("{field} is {} bytes long; the limit is {MAX_ID_LEN}", id.len())));
-    }
-    Ok(())
-}
-
 /// Admits a prefill agent: versions, role, layout and hook mode must fit.
 pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, Status> {
-    if req.protocol_version != kvrail_proto::PROTOCOL_VERSION {
-        return Err(Status::failed_precondition(format!(
-            "protocol version mismatch: the peer speaks kvrail protocol v{}, this agent speaks v{}; run the same kvrail release on both sides",
-            req.protocol_version,
-            kvrail_proto::PROTOCOL_VERSION
-        )));
-    }
+    validate::protocol_version(req.protocol_version)?;
     if agent.cfg.role != super::Role::Decode {
         return Err(Status::failed_precondition("this is a prefill agent; prefill agents handshake with a decode agent"));
     }
@@ -210,23 +191,7 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
             return Err(Status::unauthenticated("handshake proof does not match: the agents do not share the cluster secret"));
         }
     }
-    check_id("agent.agent_id", &peer.agent_id)?;
-    if peer.role != pb::Role::Prefill as i32 {
-        return Err(Status::invalid_argument(format!("agent.role must be ROLE_PREFILL, got {}", peer.role)));
-    }
-    let layout = convert::layout_from_pb(peer.layout.as_ref())?;
-    agent.layout.check_compatible(&layout).map_err(|e| Status::failed_precondition(format!("incompatible KV layouts: {e}")))?;
-    if peer.compat_hash != layout.compat_hash() {
-        return Err(Status::invalid_argument("agent.compat_hash does not match agent.layout"));
-    }
-    if peer.hook_mode != pb::HookMode::None as i32 && !agent.cfg.allow_hooks {
-        return Err(Status::failed_precondition(format!(
-            "peer {} runs with UCX mmap hook mode {}; kvrail requires none on both sides",
-            peer.agent_id,
-            convert::hook_mode_name(peer.hook_mode)
-        )));
-    }
-    let spec = convert::peer_spec(&peer, &layout)?;
+    let (layout, spec) = validate::admit(&peer, &agent.layout, agent.cfg.allow_hooks)?;
     // A restarted peer replaces its old session.
     let old: Vec<Arc<Session>> = {
         let mut s = agent.sessions.lock().expect("lock");
@@ -277,20 +242,9 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
     if agent.cfg.role != super::Role::Decode {
         return Err(Status::failed_precondition("submit transfers on the decode agent; this is a prefill agent"));
     }
-    check_id("request_id", &req.request_id)?;
-    let mode =
-        pb::TransferMode::try_from(req.mode).map_err(|_| Status::invalid_argument(format!("mode {} is not a TransferMode", req.mode)))?;
+    let mode = validate::submit_header(&req)?;
     let session = session_for(agent, &req.peer)?;
-    plan::validate(&session.peer_layout, &req.src_blocks, &agent.layout, &req.dst_blocks)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let ops = match mode {
-        pb::TransferMode::Read => Some(
-            TransferPlan::build(&session.peer_layout, &req.src_blocks, &agent.layout, &req.dst_blocks, 0)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
-                .into_ops(),
-        ),
-        _ => None,
-    };
+    let ops = validate::submit_blocks(&req, mode, &session.peer_layout, &agent.layout)?;
     let tx = agent.requests.insert(&req.request_id)?;
     let started = Instant::now();
     let id = req.request_id.clone();

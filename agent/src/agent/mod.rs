@@ -8,6 +8,7 @@ pub mod convert;
 pub mod decode;
 pub mod peer_service;
 pub mod prefill;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
