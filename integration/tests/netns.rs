@@ -1,8 +1,10 @@
 //! Two real hosts: network namespaces joined by a veth pair, one agent in
-//! each, transfers over `tcp` verified; then the link is cut mid-transfer
-//! (every request must fail within the deadline) and restored (the prefill
-//! agent must re-handshake and move verified blocks again). The test makes
-//! and removes its own namespaces; it needs root and iproute2.
+//! each, transfers over `tcp` verified; then over a degraded link (tc netem
+//! where the kernel has it, else a tbf rate limit with nftables dropping
+//! TCP packets at random); then the link is cut mid-transfer (every request
+//! must fail within the deadline) and restored (the prefill agent must
+//! re-handshake and move verified blocks again). The test makes and removes
+//! its own namespaces; it needs root, iproute2 and nftables.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -112,6 +114,66 @@ async fn verify(decode: &mut AgentProcess, n: u32) -> u64 {
         .into_inner()
         .verified_blocks
 }
+/// How the prefill side's link was degraded.
+#[derive(Debug)]
+enum Impairment {
+    Netem,
+    TbfAndDrops,
+    None,
+}
+
+const NFT_TABLE: &str = "kvrail_impair";
+
+fn in_ns(ns: &str, cmd: &[&str]) -> bool {
+    Command::new("ip").args(["netns", "exec", ns]).args(cmd).status().is_ok_and(|s| s.success())
+}
+
+impl Impairment {
+    fn apply(net: &Net) -> Impairment {
+        if in_ns(&net.a, &["tc", "qdisc", "add", "dev", &net.va, "root", "netem", "delay", "5ms", "loss", "0.5%"]) {
+            return Impairment::Netem;
+        }
+        let dev = &net.va;
+        let rules = format!(
+            "table inet {NFT_TABLE} {{\n\
+             chain out {{ type filter hook output priority 0; oifname \"{dev}\" meta l4proto tcp numgen random mod 1000 < 5 counter drop; }}\n\
+             chain in {{ type filter hook input priority 0; iifname \"{dev}\" meta l4proto tcp numgen random mod 1000 < 5 counter drop; }}\n\
+             }}\n"
+        );
+        let nft =
+            Command::new("ip").args(["netns", "exec", &net.a, "nft", "-f", "-"]).stdin(std::process::Stdio::piped()).spawn().and_then(
+                |mut c| {
+                    use std::io::Write as _;
+                    c.stdin.take().expect("stdin").write_all(rules.as_bytes())?;
+                    c.wait()
+                },
+            );
+        if !nft.is_ok_and(|s| s.success()) {
+            return Impairment::None;
+        }
+        assert!(
+            in_ns(&net.a, &["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "200mbit", "burst", "64kb", "latency", "20ms"]),
+            "tbf qdisc refused"
+        );
+        Impairment::TbfAndDrops
+    }
+
+    /// Packets the nftables rules dropped so far.
+    fn dropped(&self, net: &Net) -> u64 {
+        let out = Command::new("ip").args(["netns", "exec", &net.a, "nft", "list", "table", "inet", NFT_TABLE]).output().expect("nft list");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("counter packets ").skip(1).filter_map(|t| t.split_whitespace().next()?.parse::<u64>().ok()).sum()
+    }
+
+    fn remove(&self, net: &Net) {
+        if !matches!(self, Impairment::None) {
+            assert!(in_ns(&net.a, &["tc", "qdisc", "del", "dev", &net.va, "root"]));
+        }
+        if matches!(self, Impairment::TbfAndDrops) {
+            assert!(in_ns(&net.a, &["nft", "delete", "table", "inet", NFT_TABLE]));
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_over_veth_with_a_link_cut_and_recovery() {
@@ -143,18 +205,25 @@ async fn two_hosts_over_veth_with_a_link_cut_and_recovery() {
     assert_eq!(w.state, pb::RequestState::Done as i32, "{w:?}");
     assert_eq!(verify(&mut decode, 256).await, 256);
 
-    // tc netem (delay and loss) needs the kernel's sch_netem.
-    let netem = Command::new("ip")
-        .args(["netns", "exec", &net.a, "tc", "qdisc", "add", "dev", &net.va, "root", "netem", "delay", "5ms", "loss", "0.5%"])
-        .status();
-    if netem.is_ok_and(|s| s.success()) {
-        let w = transfer(&mut decode, "ns-netem", 256).await;
-        assert_eq!(w.state, pb::RequestState::Done as i32, "with delay and loss: {w:?}");
-        assert_eq!(verify(&mut decode, 256).await, 256);
-        let _ = Command::new("ip").args(["netns", "exec", &net.a, "tc", "qdisc", "del", "dev", &net.va, "root"]).status();
-    } else {
-        eprintln!("!!! SKIPPED (netem only): this kernel has no sch_netem qdisc, so the delay/loss leg did not run");
+    // An impaired link: tc netem (delay and loss) where the kernel has
+    // sch_netem; else a tbf rate limit (queueing delay) with nftables
+    // dropping 0.5% of TCP packets in both directions at random.
+    let imp = Impairment::apply(&net);
+    let w = transfer(&mut decode, "ns-impaired", 256).await;
+    assert_eq!(w.state, pb::RequestState::Done as i32, "over {imp:?}: {w:?}");
+    assert_eq!(verify(&mut decode, 256).await, 256);
+    match &imp {
+        Impairment::Netem => {}
+        Impairment::TbfAndDrops => {
+            let dropped = imp.dropped(&net);
+            eprintln!("impaired link: {dropped} TCP packets dropped on purpose, transfer verified");
+            assert!(dropped > 0, "the nftables loss rule dropped nothing: the impairment did not apply");
+        }
+        Impairment::None => {
+            eprintln!("!!! SKIPPED (impairment only): neither sch_netem nor nftables works here, so the delay/loss leg ran unimpaired")
+        }
     }
+    imp.remove(&net);
 
     // Cut the link mid-transfer: every request settles within the deadline.
     let mut ids = Vec::new();
