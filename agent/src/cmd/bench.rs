@@ -58,39 +58,92 @@ pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(!a.transport.is_empty() && !a.block_bytes.is_empty() && !a.mode.is_empty(), "nothing to measure");
     let mut points = Vec::new();
     let mut memcpy = std::collections::HashMap::new();
+    let progress = Progress::new((a.transport.len() * a.block_bytes.len() * a.mode.len()) as u64);
     for &t in &a.transport {
         for &b in &a.block_bytes {
             for &m in &a.mode {
+                let name = format!("{t} {} {}", m.name(), format_bytes(b));
                 if let std::collections::hash_map::Entry::Vacant(e) = memcpy.entry(b) {
+                    progress.stage(&name, "memcpy limit");
                     let (region, total, seed) = (a.region_bytes, a.total_bytes, a.seed);
                     e.insert(tokio::task::spawn_blocking(move || memcpy_gbps(region, b, total, seed)).await?);
                 }
-                eprintln!("bench: {t} {} {} ...", m.name(), format_bytes(b));
-                let p = point(a, t, b, m, memcpy[&b]).await.with_context(|| format!("point {t} {} {}", m.name(), format_bytes(b)))?;
+                let p = point(a, t, b, m, memcpy[&b], |stage| progress.stage(&name, stage))
+                    .await
+                    .with_context(|| format!("point {name}"))?;
                 if a.json {
                     println!("{}", serde_json::to_string(&p)?);
                 }
-                eprintln!(
+                progress.point_done(format!(
                     "bench: {t} {} {}: kvrail {:.2} GB/s, raw UCX {:.2} GB/s, ratio {:.2}",
                     m.name(),
                     format_bytes(b),
                     p.gbps,
                     p.raw_ucx_gbps,
                     p.ratio
-                );
+                ));
                 points.push(p);
             }
         }
     }
+    progress.finish();
     if !a.json {
         print_table(&points);
     }
     Ok(if points.iter().all(|p| p.verified) { 0 } else { 1 })
 }
 
-async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64) -> anyhow::Result<Point> {
+/// A progress bar on a terminal; plain lines on stderr otherwise (logs, CI).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(points: u64) -> Progress {
+        use std::io::IsTerminal as _;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(points);
+            let style = indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} points  {msg}")
+                .expect("static template");
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress { bar }
+    }
+
+    fn stage(&self, point: &str, stage: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(format!("{point}: {stage}")),
+            None => eprintln!("bench: {point}: {stage} ..."),
+        }
+    }
+
+    fn point_done(&self, line: String) {
+        match &self.bar {
+            Some(bar) => {
+                bar.println(line);
+                bar.inc(1);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64, stage: impl Fn(&str)) -> anyhow::Result<Point> {
+    stage("kvrail agents");
     let (outcome, handshake_ms, cpu, ucx_version) = kvrail_run(a, t, block, mode).await?;
+    stage("raw-UCX loop");
     let raw = raw_run(a, t, block, mode).await?;
+    if !a.no_perftest {
+        stage("ucx_perftest");
+    }
     let perftest = if a.no_perftest { None } else { perftest(t, block, mode).await.ok() };
     let gbps = if outcome.seconds > 0.0 { (outcome.blocks * block) as f64 / outcome.seconds / 1e9 } else { 0.0 };
     let gb = (outcome.blocks * block) as f64 / 1e9;
