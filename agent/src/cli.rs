@@ -313,6 +313,10 @@ pub struct BenchArgs {
     /// Outstanding RMA operations (kvrail per transfer, and the raw loop).
     #[arg(long, default_value_t = 64)]
     pub window: usize,
+    /// Runs of kvrail and of the raw loop per point, interleaved; the
+    /// medians are reported (a 2-core machine is noisy).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// Skip the ucx_perftest reference.
     #[arg(long)]
     pub no_perftest: bool,
@@ -350,4 +354,8 @@ pub struct RawArgs {
     pub window: usize,
     #[arg(long, default_value_t = 11)]
     pub seed: u64,
+    /// Endpoints without UCX's peer-failure reporting (the engine asks for
+    /// it; this measures what it costs).
+    #[arg(long)]
+    pub no_peer_errors: bool,
 }

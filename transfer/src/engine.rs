@@ -337,6 +337,22 @@ impl Job {
     }
 }
 
+/// An endpoint to the worker at `address`, with UCX's peer-failure reporting
+/// when asked for and the transport supports it. Some transports (UCX 1.13's
+/// shared memory) cannot report peer failures; the endpoint is then created
+/// without, and failures surface through the control plane's deadlines and
+/// leases.
+pub(crate) fn connect_endpoint(worker: &Rc<Worker>, address: &[u8], peer_errors: bool) -> Result<Endpoint, TransferError> {
+    match Endpoint::connect(worker, address, peer_errors) {
+        Ok(ep) => Ok(ep),
+        Err(e) if peer_errors && e.status == Status::ERR_UNREACHABLE => {
+            tracing::info!("transport has no peer-failure reporting; endpoint created without it");
+            Ok(Endpoint::connect(worker, address, false)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Creates a UCP context for `transport`, registers one region of
 /// `region_len` bytes and creates a worker on it, in the calling thread
 /// (which then owns the worker). Shared by the engine and the raw loop.
@@ -412,9 +428,14 @@ impl Progress {
         Ok((progress, local, Region::new(reg)))
     }
 
+    /// How long the thread polls after the last worker event before it
+    /// sleeps on the event fd.
+    const SPIN: Duration = Duration::from_micros(200);
+
     fn run(mut self, rx: Receiver<Command>) {
         let mut open = true;
         let mut closing: Option<Instant> = None;
+        let mut last_event = Instant::now();
         loop {
             self.wake.drain();
             while open {
@@ -424,7 +445,9 @@ impl Progress {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.worker.progress();
+            if self.worker.progress() > 0 {
+                last_event = Instant::now();
+            }
             self.drive();
             self.draining.retain(|(_, c)| c.pending() > 0);
             if !open && self.active.is_empty() && self.queued.is_empty() {
@@ -434,7 +457,10 @@ impl Progress {
                     break;
                 }
             }
-            if self.active.is_empty() && rx.is_empty() {
+            // Keep polling briefly after the last event: a peer streaming
+            // into this worker (software RMA over tcp) sends the next message
+            // within microseconds, and a sleep/wake per message costs more.
+            if self.active.is_empty() && rx.is_empty() && last_event.elapsed() > Self::SPIN {
                 match self.worker.arm() {
                     Ok(true) => self.poller.wait(1000),
                     Ok(false) => {}
@@ -494,18 +520,7 @@ impl Progress {
     }
 
     fn connect(&mut self, spec: PeerSpec) -> Result<PeerId, TransferError> {
-        let ep = match Endpoint::connect(&self.worker, &spec.worker_address, self.peer_errors) {
-            Ok(ep) => ep,
-            // Some transports (UCX 1.13's shared memory) cannot report peer
-            // failures; run without, failures then surface through the
-            // control plane's deadlines and leases.
-            Err(e) if self.peer_errors && e.status == Status::ERR_UNREACHABLE => {
-                tracing::info!("transport has no peer-failure reporting; endpoint created without it");
-                Endpoint::connect(&self.worker, &spec.worker_address, false)?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let ep = Rc::new(ep);
+        let ep = Rc::new(connect_endpoint(&self.worker, &spec.worker_address, self.peer_errors)?);
         let remote = Rc::new(RemoteRegion::unpack(&ep, &spec.rkey, spec.region_base, spec.region_len)?);
         let id = PeerId(self.next_peer);
         self.next_peer += 1;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{Direction, LocalInfo, PeerSpec, RegionAlloc};
 use crate::error::TransferError;
-use crate::ffi::ucp::{Endpoint, OpCounter, RemoteRegion, Rma, Worker};
+use crate::ffi::ucp::{OpCounter, RemoteRegion, Rma, Worker};
 use crate::plan::RmaOp;
 use crate::region::Region;
 use crate::transport::Transport;
@@ -57,9 +57,11 @@ impl RawSide {
 
     /// Initiator role: runs `ops` against the peer with at most `window`
     /// requests outstanding, then (for writes) flushes. Returns the time
-    /// from the first issue to the last completion.
-    pub fn run(&self, peer: &PeerSpec, dir: Direction, ops: &[RmaOp], window: usize) -> Result<Duration, TransferError> {
-        let ep = Rc::new(Endpoint::connect(&self.worker, &peer.worker_address, false)?);
+    /// from the first issue to the last completion. `peer_errors` asks for
+    /// UCX's peer-failure reporting on the endpoint, as the engine does by
+    /// default (it costs throughput on some transports, e.g. tcp in 1.18).
+    pub fn run(&self, peer: &PeerSpec, dir: Direction, ops: &[RmaOp], window: usize, peer_errors: bool) -> Result<Duration, TransferError> {
+        let ep = Rc::new(crate::engine::connect_endpoint(&self.worker, &peer.worker_address, peer_errors)?);
         let mut remote = RemoteRegion::unpack(&ep, &peer.rkey, peer.region_base, peer.region_len)?;
         // Steady state, as a long-running agent sees it: the peer mapping is
         // pre-faulted before the clock starts.

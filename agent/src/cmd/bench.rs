@@ -45,6 +45,17 @@ pub struct Point {
     pub ucx_version: String,
 }
 
+/// The median of `v` (the mean of the middle two for an even count; NaN
+/// when empty).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// kvrail / raw, 0 when the baseline is missing.
 pub fn ratio(kvrail: f64, raw: f64) -> f64 {
     if raw > 0.0 && kvrail.is_finite() {
@@ -68,9 +79,8 @@ pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
                     let (region, total, seed) = (a.region_bytes, a.total_bytes, a.seed);
                     e.insert(tokio::task::spawn_blocking(move || memcpy_gbps(region, b, total, seed)).await?);
                 }
-                let p = point(a, t, b, m, memcpy[&b], |stage| progress.stage(&name, stage))
-                    .await
-                    .with_context(|| format!("point {name}"))?;
+                let p =
+                    point(a, t, b, m, memcpy[&b], |stage| progress.stage(&name, stage)).await.with_context(|| format!("point {name}"))?;
                 if a.json {
                     println!("{}", serde_json::to_string(&p)?);
                 }
@@ -137,15 +147,24 @@ impl Progress {
 }
 
 async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64, stage: impl Fn(&str)) -> anyhow::Result<Point> {
-    stage("kvrail agents");
-    let (outcome, handshake_ms, cpu, ucx_version) = kvrail_run(a, t, block, mode).await?;
-    stage("raw-UCX loop");
-    let raw = raw_run(a, t, block, mode).await?;
+    let n = a.repeat.max(1);
+    let (mut outcome, mut cpu, mut ucx_version) = (Outcome::default(), (0.0, 0.0), String::new());
+    let (mut runs, mut raws, mut handshakes) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 1..=n {
+        stage(&format!("kvrail agents, run {i}/{n}"));
+        let (o, hs, c, v) = kvrail_run(a, t, block, mode).await?;
+        runs.push(if o.seconds > 0.0 { (o.blocks * block) as f64 / o.seconds / 1e9 } else { 0.0 });
+        handshakes.push(hs);
+        (cpu.0, cpu.1, ucx_version) = (cpu.0 + c.0, cpu.1 + c.1, v);
+        outcome.absorb(o);
+        stage(&format!("raw-UCX loop, run {i}/{n}"));
+        raws.push(raw_run(a, t, block, mode).await?);
+    }
     if !a.no_perftest {
         stage("ucx_perftest");
     }
     let perftest = if a.no_perftest { None } else { perftest(t, block, mode).await.ok() };
-    let gbps = if outcome.seconds > 0.0 { (outcome.blocks * block) as f64 / outcome.seconds / 1e9 } else { 0.0 };
+    let (gbps, raw, handshake_ms) = (median(&mut runs), median(&mut raws), median(&mut handshakes));
     let gb = (outcome.blocks * block) as f64 / 1e9;
     Ok(Point {
         transport: t.to_string(),
@@ -180,20 +199,9 @@ fn cpu_secs(pid: Option<u32>) -> f64 {
 
 async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<(Outcome, f64, (f64, f64), String)> {
     let common = |role: &str| -> Vec<String> {
-        vec![
-            role.to_string(),
-            "--agent-id".into(),
-            format!("bench-{role}"),
-            "--transport".into(),
-            t.to_string(),
-            "--region-bytes".into(),
-            a.region_bytes.to_string(),
-            "--block-bytes".into(),
-            block.to_string(),
-            "--window".into(),
-            a.window.to_string(),
-            "--test-patterns".into(),
-        ]
+        let mut v = vec![role.to_string(), "--agent-id".into(), format!("bench-{role}"), "--test-patterns".into()];
+        v.extend(geometry_args(a, t, block));
+        v
     };
     let limit = Duration::from_secs(120);
     let mut decode = AgentProcess::spawn(&common("decode"), a.verbose, limit).await?;
@@ -233,31 +241,29 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
     Ok((out, handshake_ms, cpu, ucx_version))
 }
 
+/// The flags kvrail's agents and the raw loop share: same transport, region,
+/// block size and op window.
+fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
+    [
+        ("--transport", t.to_string()),
+        ("--region-bytes", a.region_bytes.to_string()),
+        ("--block-bytes", block.to_string()),
+        ("--window", a.window.to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_string(), v])
+    .collect()
+}
+
 /// Runs the two raw-UCX processes and returns their GB/s.
 async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let args = |role: &str| -> Vec<String> {
-        vec![
-            "--log-level".into(),
-            "warn".into(),
-            "raw-ucx".into(),
-            "--role".into(),
-            role.into(),
-            "--transport".into(),
-            t.to_string(),
-            "--region-bytes".into(),
-            a.region_bytes.to_string(),
-            "--block-bytes".into(),
-            block.to_string(),
-            "--total-bytes".into(),
-            a.total_bytes.to_string(),
-            "--mode".into(),
-            mode.name().into(),
-            "--window".into(),
-            a.window.to_string(),
-            "--seed".into(),
-            a.seed.to_string(),
-        ]
+        let mut v = vec!["--log-level".into(), "warn".into(), "raw-ucx".into(), "--role".into(), role.into()];
+        v.extend(geometry_args(a, t, block));
+        v.extend(["--total-bytes".into(), a.total_bytes.to_string(), "--mode".into(), mode.name().into()]);
+        v.extend(["--seed".into(), a.seed.to_string()]);
+        v
     };
     let mut target =
         tokio::process::Command::new(&exe).args(args("target")).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
@@ -374,6 +380,13 @@ fn print_table(points: &[Point]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&mut []).is_nan());
+    }
 
     #[test]
     fn ratio_is_kvrail_over_raw() {

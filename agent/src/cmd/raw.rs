@@ -67,7 +67,7 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                 let n = (total - done).min(layout.num_blocks() as usize);
                 let (src, dst) = scattered(&mut rng, layout.num_blocks(), n);
                 let ops = TransferPlan::build(&layout, &src, &layout, &dst, 0)?.into_ops();
-                secs += side.run(&peer, dir, &ops, a.window)?.as_secs_f64();
+                secs += side.run(&peer, dir, &ops, a.window, !a.no_peer_errors)?.as_secs_f64();
                 done += n;
             }
             let bytes = total as u64 * a.block_bytes;
