@@ -282,8 +282,16 @@ async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow:
     drop(target.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(10), target.wait()).await;
     anyhow::ensure!(out.status.success(), "raw-UCX initiator failed ({})", out.status);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["gbps"].as_f64().context("raw-UCX initiator printed no gbps")
+    raw_gbps(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The `gbps` of the raw initiator's JSON line; UCX may log to stdout too.
+fn raw_gbps(stdout: &str) -> anyhow::Result<f64> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["gbps"].as_f64())
+        .with_context(|| format!("raw-UCX initiator printed no gbps: {stdout:?}"))
 }
 
 /// Scattered block copies between two region-sized buffers: the streaming
@@ -380,6 +388,14 @@ fn print_table(points: &[Point]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_gbps_skips_ucx_log_lines() {
+        let out =
+            "[1795460185.286911] [vm:1:0] select.c:549 UCX ERROR no active messages transport\n{\"bytes\":1,\"gbps\":2.5,\"seconds\":1}\n";
+        assert_eq!(raw_gbps(out).unwrap(), 2.5);
+        assert!(raw_gbps("nothing here").unwrap_err().to_string().contains("no gbps"));
+    }
 
     #[test]
     fn median_of_odd_even_and_empty() {
