@@ -234,9 +234,19 @@ pub struct SoakArgs {
     /// queue (UCX_RCACHE_MAX_UNRELEASED), the second mitigation.
     #[arg(long, requires = "demo_allow_ucx_mmap_hooks")]
     pub demo_rcache_max_unreleased: Option<String>,
+    #[command(flatten)]
+    pub out: DriverOpts,
+}
+
+/// What every driver (demo, soak, bench) takes: the seed of its block
+/// mapping and test pattern, JSON output, and the agents' logs.
+#[derive(Debug, Args, Clone)]
+pub struct DriverOpts {
+    /// Seed of the block mapping and the test pattern.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Print the report as JSON on stdout.
+    /// JSON on stdout (one object; one per point for bench) instead of the
+    /// human summary.
     #[arg(long)]
     pub json: bool,
     /// Show the agents' logs on stderr.
@@ -276,15 +286,8 @@ pub struct DemoArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Seed of the block mapping and the test pattern.
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
-    /// One JSON object on stdout instead of the human summary.
-    #[arg(long)]
-    pub json: bool,
-    /// Show the agents' logs (info level) on stderr.
-    #[arg(long)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub out: DriverOpts,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -320,13 +323,8 @@ pub struct BenchArgs {
     /// Skip the ucx_perftest reference.
     #[arg(long)]
     pub no_perftest: bool,
-    #[arg(long, default_value_t = 11)]
-    pub seed: u64,
-    /// One JSON object per point on stdout.
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub out: DriverOpts,
 }
 
 /// Role in the raw-UCX baseline.

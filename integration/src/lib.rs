@@ -108,3 +108,14 @@ pub async fn verified_transfer(decode: &mut AgentProcess, prefill: &mut AgentPro
         decode.control.verify_pattern(pb::VerifyPatternRequest { seed: 5, src_blocks: src, dst_blocks: dst }).await.unwrap().into_inner();
     assert_eq!(v.verified_blocks, 64, "{v:?}");
 }
+
+/// Arguments of a test soak: `kvrail soak` over 64 MiB regions, passes of
+/// 512 blocks 100 ms apart, the JSON report in `report`; `knobs` are the
+/// flag/value pairs a test sets (duration, transport, churn, MemWatch).
+pub fn soak_args(report: &std::path::Path, knobs: &[(&str, &str)]) -> Vec<String> {
+    let mut v: Vec<String> =
+        ["soak", "--region-bytes", "64MiB", "--pass-blocks", "512", "--pause-ms", "100", "--json"].iter().map(|s| s.to_string()).collect();
+    v.extend(["--report".to_string(), report.display().to_string()]);
+    v.extend(knobs.iter().flat_map(|(k, val)| [k.to_string(), val.to_string()]));
+    v
+}

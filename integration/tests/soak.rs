@@ -8,31 +8,16 @@ use std::time::Duration;
 use kvrail_integration::{kvrail_bin, run_json};
 
 fn soak_args(report: &std::path::Path) -> Vec<String> {
-    [
-        "soak",
-        "--duration",
-        "150s",
-        "--transport",
-        "sm",
-        "--region-bytes",
-        "64MiB",
-        "--pass-blocks",
-        "512",
-        "--pause-ms",
-        "100",
-        "--churn-rounds-per-sec",
-        "10",
-        "--memwatch-warmup-secs",
-        "30",
-        "--memwatch-window-secs",
-        "90",
-        "--json",
-        "--report",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([report.display().to_string()])
-    .collect()
+    kvrail_integration::soak_args(
+        report,
+        &[
+            ("--duration", "150s"),
+            ("--transport", "sm"),
+            ("--churn-rounds-per-sec", "10"),
+            ("--memwatch-warmup-secs", "30"),
+            ("--memwatch-window-secs", "90"),
+        ],
+    )
 }
 
 fn tmpdir(name: &str) -> std::path::PathBuf {

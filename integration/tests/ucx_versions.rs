@@ -62,31 +62,16 @@ fn runs_and_verifies_on_each_wheel_ucx() {
 
 fn soak(lib: &PathBuf, name: &str, extra: &[&str]) -> (i32, serde_json::Value) {
     let dir = std::env::temp_dir().join(format!("kvrail-it-{name}-{}", std::process::id()));
-    let mut args = vec![
-        "soak",
-        "--duration",
-        "120s",
-        "--transport",
-        "tcp",
-        "--region-bytes",
-        "64MiB",
-        "--pass-blocks",
-        "512",
-        "--pause-ms",
-        "100",
-        "--churn-rounds-per-sec",
-        "50",
-        "--churn-unmaps-per-round",
-        "200",
-        "--memwatch-warmup-secs",
-        "15",
-        "--memwatch-window-secs",
-        "60",
-        "--json",
-        "--report",
+    let knobs = [
+        ("--duration", "120s"),
+        ("--transport", "tcp"),
+        ("--churn-rounds-per-sec", "50"),
+        ("--churn-unmaps-per-round", "200"),
+        ("--memwatch-warmup-secs", "15"),
+        ("--memwatch-window-secs", "60"),
     ];
-    let d = dir.display().to_string();
-    args.push(&d);
+    let owned = kvrail_integration::soak_args(&dir, &knobs);
+    let mut args: Vec<&str> = owned.iter().map(String::as_str).collect();
     args.extend_from_slice(extra);
     let (code, v, _) = kvrail(lib, &args, &[], Duration::from_secs(400));
     (code, v)

@@ -76,12 +76,12 @@ pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
                 let name = format!("{t} {} {}", m.name(), format_bytes(b));
                 if let std::collections::hash_map::Entry::Vacant(e) = memcpy.entry(b) {
                     progress.stage(&name, "memcpy limit");
-                    let (region, total, seed) = (a.region_bytes, a.total_bytes, a.seed);
+                    let (region, total, seed) = (a.region_bytes, a.total_bytes, a.out.seed);
                     e.insert(tokio::task::spawn_blocking(move || memcpy_gbps(region, b, total, seed)).await?);
                 }
                 let p =
                     point(a, t, b, m, memcpy[&b], |stage| progress.stage(&name, stage)).await.with_context(|| format!("point {name}"))?;
-                if a.json {
+                if a.out.json {
                     println!("{}", serde_json::to_string(&p)?);
                 }
                 progress.point_done(format!(
@@ -97,7 +97,7 @@ pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
         }
     }
     progress.finish();
-    if !a.json {
+    if !a.out.json {
         print_table(&points);
     }
     Ok(if points.iter().all(|p| p.verified) { 0 } else { 1 })
@@ -204,23 +204,23 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
         v
     };
     let limit = Duration::from_secs(120);
-    let mut decode = AgentProcess::spawn(&common("decode"), a.verbose, limit).await?;
+    let mut decode = AgentProcess::spawn(&common("decode"), a.out.verbose, limit).await?;
     let mut p = common("prefill");
     p.extend(["--peer".into(), decode.listen.clone()]);
-    let mut prefill = AgentProcess::spawn(&p, a.verbose, limit).await?;
+    let mut prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
     let handshake_ms = prefill.ready["handshake_ms"].as_f64().unwrap_or(f64::NAN);
     let ucx_version = prefill.ready["ucx_version"].as_str().unwrap_or("").to_string();
     let result = async {
-        prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.seed }).await?;
+        prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
         let num_blocks = (a.region_bytes / block) as u32;
         let work = Workload {
-            seed: a.seed,
+            seed: a.out.seed,
             mode: mode.to_pb(),
             request_blocks: (a.request_bytes / block).max(1) as usize,
             concurrency: a.concurrency.max(1),
         };
         let (d0, p0) = (cpu_secs(decode.child.id()), cpu_secs(prefill.child.id()));
-        let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
         let total = (a.total_bytes / block) as usize;
         let mut out = Outcome::default();
         let mut i = 0;
@@ -262,7 +262,7 @@ async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow:
         let mut v = vec!["--log-level".into(), "warn".into(), "raw-ucx".into(), "--role".into(), role.into()];
         v.extend(geometry_args(a, t, block));
         v.extend(["--total-bytes".into(), a.total_bytes.to_string(), "--mode".into(), mode.name().into()]);
-        v.extend(["--seed".into(), a.seed.to_string()]);
+        v.extend(["--seed".into(), a.out.seed.to_string()]);
         v
     };
     let mut target =

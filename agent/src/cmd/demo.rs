@@ -83,17 +83,17 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<i32> {
     let timeout = Duration::from_secs(120);
     let mut decode_args = vec!["decode".to_string(), "--agent-id".into(), "demo-decode".into()];
     decode_args.extend(common.clone());
-    let mut decode = AgentProcess::spawn(&decode_args, args.verbose, timeout).await.context("starting the decode agent")?;
+    let mut decode = AgentProcess::spawn(&decode_args, args.out.verbose, timeout).await.context("starting the decode agent")?;
     let mut prefill_args = vec!["prefill".to_string(), "--agent-id".into(), "demo-prefill".into(), "--peer".into(), decode.listen.clone()];
     prefill_args.extend(common);
-    let mut prefill = AgentProcess::spawn(&prefill_args, args.verbose, timeout).await.context("starting the prefill agent")?;
+    let mut prefill = AgentProcess::spawn(&prefill_args, args.out.verbose, timeout).await.context("starting the prefill agent")?;
     let handshake_ms = prefill.ready["handshake_ms"].as_f64().unwrap_or(f64::NAN);
 
     let report = drive(args, &mut decode, &mut prefill, handshake_ms).await;
     decode.stop().await;
     prefill.stop().await;
     let report = report?;
-    if args.json {
+    if args.out.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_human(&report);
@@ -106,11 +106,12 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
     let p_start = stats(prefill).await?;
     let info = decode.control.info(pb::InfoRequest {}).await?.into_inner();
     let num_blocks = info.agent.and_then(|a| a.layout).map(|l| l.num_blocks).context("decode agent reported no layout")? as usize;
-    prefill.control.fill_pattern(pb::FillPatternRequest { seed: args.seed }).await?;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: args.out.seed }).await?;
 
     let total_blocks = (args.bytes / args.block_bytes) as usize;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let work = Workload { seed: args.seed, mode: args.mode.to_pb(), request_blocks: args.request_blocks, concurrency: args.concurrency };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.out.seed);
+    let work =
+        Workload { seed: args.out.seed, mode: args.mode.to_pb(), request_blocks: args.request_blocks, concurrency: args.concurrency };
     let mut total = Outcome::default();
     let mut pass = 0u64;
     while (total.blocks as usize) < total_blocks {

@@ -120,10 +120,10 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     } else {
         let exe = std::env::current_exe()?;
         let mut decode =
-            AgentProcess::spawn_env(&exe, &agent_args("decode", a, a.test_inject_into == Side::Decode), &env, a.verbose, limit).await?;
+            AgentProcess::spawn_env(&exe, &agent_args("decode", a, a.test_inject_into == Side::Decode), &env, a.out.verbose, limit).await?;
         let mut p = agent_args("prefill", a, a.test_inject_into == Side::Prefill);
         p.extend(["--peer".into(), decode.listen.clone()]);
-        let mut prefill = AgentProcess::spawn_env(&exe, &p, &env, a.verbose, limit).await?;
+        let mut prefill = AgentProcess::spawn_env(&exe, &p, &env, a.out.verbose, limit).await?;
         let result = drive(a, &mut decode.control, &mut prefill.control).await;
         decode.stop().await;
         prefill.stop().await;
@@ -131,7 +131,7 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     };
     let path = a.report.join("report.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
-    if a.json {
+    if a.out.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_human(&report, &path);
@@ -151,9 +151,10 @@ async fn control_at(addr: &str, tls: Option<&crate::tls::Tls>) -> anyhow::Result
 async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> anyhow::Result<SoakReport> {
     let info = decode.info(pb::InfoRequest {}).await?.into_inner();
     let num_blocks = info.agent.and_then(|x| x.layout).map(|l| l.num_blocks).context("decode agent reported no layout")?;
-    prefill.fill_pattern(pb::FillPatternRequest { seed: a.seed }).await?;
-    let work = Workload { seed: a.seed, mode: a.mode.to_pb(), request_blocks: a.request_blocks.max(1), concurrency: a.concurrency.max(1) };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    prefill.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
+    let work =
+        Workload { seed: a.out.seed, mode: a.mode.to_pb(), request_blocks: a.request_blocks.max(1), concurrency: a.concurrency.max(1) };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
     let start = Instant::now();
     let mut total = Outcome::default();
     let mut passes = 0u64;
