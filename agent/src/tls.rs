@@ -76,30 +76,21 @@ impl Tls {
 /// An endpoint for `addr` (`host:port` or a URL), over TLS when `tls` is set.
 pub fn endpoint(addr: &str, tls: Option<&Tls>) -> anyhow::Result<Endpoint> {
     let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
-    match tls {
-        None => Ok(Endpoint::from_shared(format!("http://{rest}"))?.tcp_nodelay(true)),
-        Some(tls) => {
-            let ep = Endpoint::from_shared(format!("https://{rest}"))?.tcp_nodelay(true);
-            let host = ep.uri().host().context("the peer address has no host")?.to_string();
-            Ok(ep.tls_config(tls.client(&host)).context("TLS client configuration")?)
-        }
-    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let ep = Endpoint::from_shared(format!("{scheme}://{rest}"))?.tcp_nodelay(true);
+    let Some(tls) = tls else { return Ok(ep) };
+    let host = ep.uri().host().context("the peer address has no host")?.to_string();
+    ep.tls_config(tls.client(&host)).context("TLS client configuration")
 }
 
 /// True when `e` was caused by a TLS failure (certificate not trusted,
 /// wrong name, peer refused ours, peer not speaking TLS): configuration
 /// errors that a retry cannot fix.
 pub fn is_tls_refusal(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(c);
-        while let Some(err) = cur {
-            if err.downcast_ref::<rustls::Error>().is_some()
-                || err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return true;
-            }
-            cur = err.source();
-        }
-        false
+    // `chain` already walks every `source()`; an io::Error carries rustls'
+    // error as its payload rather than as its source.
+    e.chain().any(|err| {
+        err.is::<rustls::Error>()
+            || err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).is_some_and(|inner| inner.is::<rustls::Error>())
     })
 }

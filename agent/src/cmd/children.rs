@@ -87,7 +87,7 @@ impl AgentProcess {
             // The local API is the way in when the agent's TCP address is
             // not reachable from here (another network namespace).
             Some(path) => unix_channel(path.into()).await?,
-            None => Channel::from_shared(format!("http://{listen}"))?.tcp_nodelay(true).connect().await?,
+            None => crate::tls::endpoint(&listen, None)?.connect().await?,
         };
         let control =
             pb::control_client::ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);

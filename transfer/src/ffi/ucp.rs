@@ -546,12 +546,19 @@ impl Populator {
     }
 }
 
-impl Drop for Populator {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+impl Populator {
+    /// Waits for the thread (at once if already joined).
+    fn join(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Populator {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.join();
     }
 }
 
@@ -580,10 +587,8 @@ impl RemoteRegion {
     /// Blocks until the background pre-faulting of the peer mapping (if any)
     /// has finished.
     pub(crate) fn wait_populated(&mut self) {
-        if let Some(mut p) = self.populator.take() {
-            if let Some(t) = p.thread.take() {
-                let _ = t.join();
-            }
+        if let Some(p) = self.populator.as_mut() {
+            p.join();
         }
     }
 
