@@ -90,12 +90,10 @@ async fn wait_for_peer(decode: &mut AgentProcess, id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_killed_mid_transfer_fails_requests_and_a_new_prefill_is_admitted() {
-    // Shared memory only: over UCX's tcp transport (1.13.1 and 1.18.1 alike)
-    // the decode agent, as the target of software-emulated puts, can be
-    // aborted inside UCX (ucs_fatal "unexpected error: Endpoint timeout" in
-    // ucp_request_try_send, sending an RMA completion to the dead peer).
-    // That is a UCX defect kvrail cannot catch; see the README's known limits.
-    for transport in ["sm"] {
+    // Over tcp the blocks come as active messages: a decode agent that were
+    // the target of software-emulated puts could be aborted inside UCX
+    // sending a completion to the dead writer.
+    for transport in ["sm", "tcp"] {
         let mut decode = spawn(args("decode", "f-decode", transport, "127.0.0.1:0")).await;
         let mut prefill = prefill_for(&decode, transport).await;
         prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
@@ -115,35 +113,41 @@ async fn prefill_killed_mid_transfer_fails_requests_and_a_new_prefill_is_admitte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_from_a_killed_prefill_fails_within_the_deadline() {
-    let mut decode = spawn(args("decode", "f-decode", "sm", "127.0.0.1:0")).await;
-    let mut prefill = prefill_for(&decode, "sm").await;
-    let ids = submit_many(&mut decode, "pull", 64, 256, pb::TransferMode::Read).await;
-    prefill.child.start_kill().unwrap();
-    let killed = Instant::now();
-    all_final(&mut decode, &ids, killed).await;
-    let mut again = prefill_for(&decode, "sm").await;
-    wait_for_peer(&mut decode, "f-prefill").await;
-    verified_transfer(&mut decode, &mut again, "after-pull").await;
-    decode.stop().await;
-    again.stop().await;
+    for transport in ["sm", "tcp"] {
+        let mut decode = spawn(args("decode", "f-decode", transport, "127.0.0.1:0")).await;
+        let mut prefill = prefill_for(&decode, transport).await;
+        let ids = submit_many(&mut decode, &format!("pull-{transport}"), 64, 256, pb::TransferMode::Read).await;
+        prefill.child.start_kill().unwrap();
+        let killed = Instant::now();
+        all_final(&mut decode, &ids, killed).await;
+        let mut again = prefill_for(&decode, transport).await;
+        wait_for_peer(&mut decode, "f-prefill").await;
+        verified_transfer(&mut decode, &mut again, &format!("after-pull-{transport}")).await;
+        decode.stop().await;
+        again.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_killed_and_restarted_is_rehandshaken_by_the_prefill() {
+    // Over tcp, in both directions: pushing (the prefill agent sends) and
+    // pulling (the prefill agent is the target of the decode agent's gets).
     let listen = format!("127.0.0.1:{}", free_port());
     let mut decode = spawn(args("decode", "f-decode", "tcp", &listen)).await;
     let mut prefill = prefill_for(&decode, "tcp").await;
     prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
-    let _ = submit_many(&mut decode, "d", 32, 256, pb::TransferMode::Write).await;
-    decode.child.start_kill().unwrap();
-    let _ = decode.child.wait().await;
-    // The prefill agent survives and keeps serving its API.
-    let s = prefill.control.stats(pb::StatsRequest {}).await.unwrap().into_inner();
-    assert_eq!(s.agent_id, "f-prefill");
-    // A decode agent restarted at the same address gets the prefill agent back.
-    let mut decode = spawn(args("decode", "f-decode", "tcp", &listen)).await;
-    wait_for_peer(&mut decode, "f-prefill").await;
-    verified_transfer(&mut decode, &mut prefill, "after-restart").await;
+    for mode in [pb::TransferMode::Write, pb::TransferMode::Read] {
+        let _ = submit_many(&mut decode, "d", 32, 256, mode).await;
+        decode.child.start_kill().unwrap();
+        let _ = decode.child.wait().await;
+        // The prefill agent survives and keeps serving its API.
+        let s = prefill.control.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+        assert_eq!(s.agent_id, "f-prefill", "{mode:?}");
+        // A decode agent restarted at the same address gets the prefill agent back.
+        decode = spawn(args("decode", "f-decode", "tcp", &listen)).await;
+        wait_for_peer(&mut decode, "f-prefill").await;
+        verified_transfer(&mut decode, &mut prefill, &format!("after-restart-{}", mode as i32)).await;
+    }
     decode.stop().await;
     prefill.stop().await;
 }

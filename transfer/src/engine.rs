@@ -30,6 +30,7 @@ use crate::ffi::status::Status;
 use crate::ffi::sys::{EventFd, Poller};
 use crate::ffi::ucp::{Context, Endpoint, OpCounter, Registration, RemoteRegion, Rma, Worker};
 use crate::hooks;
+use crate::inbox;
 use crate::plan::RmaOp;
 use crate::region::Region;
 use crate::transport::Transport;
@@ -60,6 +61,9 @@ pub struct EngineConfig {
     pub allow_hooks: bool,
     /// A transfer whose requests make no progress for this long fails.
     pub stall_timeout: Duration,
+    /// Largest active message a delivery ([`Direction::Deliver`]) sends;
+    /// longer operations are split.
+    pub am_chunk: u64,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +77,7 @@ impl Default for EngineConfig {
             peer_errors: true,
             allow_hooks: false,
             stall_timeout: Duration::from_secs(5),
+            am_chunk: 32 << 10,
         }
     }
 }
@@ -106,6 +111,13 @@ pub enum Direction {
     Write,
     /// `src` offsets are remote, `dst` offsets local (RMA get).
     Read,
+    /// As `Write`, sent as active messages that the peer's engine copies
+    /// into its region, accepted only while the peer holds `tag` open
+    /// ([`Engine::expect`]). The peer never answers through UCX, so the
+    /// death of either side cannot abort the other inside UCX; "done" means
+    /// every message left this side, and the peer's [`Expected`] tells when
+    /// they all landed.
+    Deliver { tag: u64 },
 }
 
 /// A completed transfer.
@@ -124,11 +136,16 @@ pub struct EngineCounters {
     pub transfers_ok: AtomicU64,
     pub transfers_failed: AtomicU64,
     pub peers: AtomicU64,
+    /// Active-message deliveries dropped (unknown or closed tag, outside
+    /// the region, more than expected).
+    pub deliveries_rejected: AtomicU64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, TransferError>>;
 
 enum Command {
+    Expect { tag: u64, bytes: u64, opened: Reply<()>, reply: Reply<TransferDone> },
+    Close(u64, Option<oneshot::Sender<()>>),
     Connect(PeerSpec, Reply<PeerId>),
     Disconnect(PeerId, Reply<()>),
     Transfer { peer: PeerId, dir: Direction, ops: Vec<RmaOp>, cancel: Option<Arc<AtomicBool>>, reply: Reply<TransferDone> },
@@ -140,6 +157,9 @@ enum Command {
 pub struct Engine {
     tx: Option<Sender<Command>>,
     wake: Arc<EventFd>,
+    /// Tells the thread to finish (handles such as [`Expected`] keep the
+    /// command channel open, so its closing alone cannot).
+    stopping: Arc<AtomicBool>,
     local: LocalInfo,
     region: Region,
     counters: Arc<EngineCounters>,
@@ -160,13 +180,14 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::unbounded();
         let wake = Arc::new(EventFd::new()?);
         let counters = Arc::new(EngineCounters::default());
+        let stopping = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = {
-            let (wake, counters, cfg) = (wake.clone(), counters.clone(), cfg.clone());
+            let (wake, counters, cfg, stop) = (wake.clone(), counters.clone(), cfg.clone(), stopping.clone());
             std::thread::Builder::new().name("kvrail-ucx".into()).spawn(move || match Progress::new(&cfg, region_len, wake, counters) {
                 Ok((progress, info, region)) => {
                     let _ = ready_tx.send(Ok((info, region)));
-                    progress.run(rx);
+                    progress.run(rx, &stop);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -174,7 +195,7 @@ impl Engine {
             })?
         };
         let (local, region) = ready_rx.recv().map_err(|_| TransferError::EngineStopped)??;
-        Ok(Engine { tx: Some(tx), wake, local, region, counters, hooks: report, thread: Some(thread) })
+        Ok(Engine { tx: Some(tx), wake, stopping, local, region, counters, hooks: report, thread: Some(thread) })
     }
 
     pub fn local_info(&self) -> &LocalInfo {
@@ -205,6 +226,16 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         self.send(make(reply))?;
         rx.await.map_err(|_| TransferError::EngineStopped)?
+    }
+
+    /// Opens `tag` for deliveries of exactly `bytes` bytes into this
+    /// engine's region. Returns once the tag is open (a peer may be told to
+    /// send from then on); the [`Expected`] resolves when every byte landed.
+    pub async fn expect(&self, tag: u64, bytes: u64) -> Result<Expected, TransferError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(|opened| Command::Expect { tag, bytes, opened, reply }).await?;
+        let (tx, wake) = (self.tx.clone().ok_or(TransferError::EngineStopped)?, self.wake.clone());
+        Ok(Expected { tag, rx: Some(rx), tx, wake })
     }
 
     /// Creates an endpoint to the peer and unpacks its rkey.
@@ -238,9 +269,59 @@ impl Engine {
     }
 }
 
+/// Deliveries this engine accepts for one tag ([`Engine::expect`]). While
+/// it exists the tag is open; [`Expected::close`] (or dropping it) closes
+/// the tag, after which late bytes for it are dropped, never written.
+#[derive(Debug)]
+pub struct Expected {
+    tag: u64,
+    rx: Option<oneshot::Receiver<Result<TransferDone, TransferError>>>,
+    tx: Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl Expected {
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Waits up to `limit` until every expected byte landed (the tag then
+    /// closes by itself).
+    pub async fn arrived(&mut self, limit: Duration) -> Result<TransferDone, TransferError> {
+        let rx = self.rx.as_mut().ok_or(TransferError::EngineStopped)?;
+        match tokio::time::timeout(limit, rx).await {
+            Ok(r) => {
+                self.rx = None;
+                r.map_err(|_| TransferError::EngineStopped)?
+            }
+            Err(_) => Err(TransferError::Stalled(format!("not every block of delivery {} arrived within {limit:?}", self.tag))),
+        }
+    }
+
+    /// Closes the tag and returns once the engine dropped it: no byte for
+    /// it is written after this.
+    pub async fn close(mut self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Close(self.tag, Some(done))).is_ok() {
+            self.wake.notify();
+            let _ = rx.await;
+        }
+        self.rx = None;
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        if self.rx.is_some() {
+            let _ = self.tx.send(Command::Close(self.tag, None));
+            self.wake.notify();
+        }
+    }
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
-        // Closing the channel tells the thread to finish.
+        self.stopping.store(true, Ordering::Relaxed);
         self.tx.take();
         self.wake.notify();
         if let Some(t) = self.thread.take() {
@@ -300,7 +381,7 @@ impl Job {
         if !self.cancelled && self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
             // Issue nothing more; flush what is in flight, then report.
             self.cancelled = true;
-            if self.dir == Rma::Put && !self.flushed {
+            if self.dir != Rma::Get && !self.flushed {
                 if let Err(e) = self.remote.flush(&self.counter) {
                     return JobState::Done(Err(e.into()));
                 }
@@ -313,7 +394,7 @@ impl Job {
         while self.next < self.ops.len() && (self.counter.pending() as usize) < window {
             let op = self.ops[self.next];
             let (local, remote) = match self.dir {
-                Rma::Put => (op.src_offset, op.dst_offset),
+                Rma::Put | Rma::Deliver => (op.src_offset, op.dst_offset),
                 Rma::Get => (op.dst_offset, op.src_offset),
             };
             if let Err(e) = self.remote.start(self.dir, local, remote, op.len, &self.counter) {
@@ -324,7 +405,7 @@ impl Job {
             self.progressed = Instant::now();
         }
         self.last_pending = self.counter.pending();
-        if self.next == self.ops.len() && self.dir == Rma::Put && !self.flushed {
+        if self.next == self.ops.len() && self.dir != Rma::Get && !self.flushed {
             if let Err(e) = self.remote.flush(&self.counter) {
                 return JobState::Done(Err(e.into()));
             }
@@ -335,6 +416,32 @@ impl Job {
         }
         JobState::Running
     }
+}
+
+/// The messages of a delivery of `ops` under `tag` (operations split into
+/// `chunk`-sized messages) and the counter holding their headers.
+pub(crate) fn delivery(ops: Vec<RmaOp>, tag: u64, chunk: u64) -> (Vec<RmaOp>, OpCounter) {
+    let ops = chunked(ops, chunk);
+    let headers = ops.iter().map(|op| inbox::header(tag, op.dst_offset)).collect();
+    (ops, OpCounter::with_headers(headers))
+}
+
+/// `ops` with every operation longer than `chunk` split into pieces of at
+/// most `chunk` bytes, in order.
+fn chunked(ops: Vec<RmaOp>, chunk: u64) -> Vec<RmaOp> {
+    if ops.iter().all(|op| op.len <= chunk) {
+        return ops;
+    }
+    let mut out = Vec::with_capacity(ops.iter().map(|op| op.len.div_ceil(chunk) as usize).sum());
+    for op in ops {
+        let mut done = 0;
+        while done < op.len {
+            let len = chunk.min(op.len - done);
+            out.push(RmaOp { src_offset: op.src_offset + done, dst_offset: op.dst_offset + done, len });
+            done += len;
+        }
+    }
+    out
 }
 
 /// An endpoint to the worker at `address`, with UCX's peer-failure reporting
@@ -388,6 +495,8 @@ struct Progress {
     /// Finished transfers whose requests are still in flight: their rkey
     /// and endpoint stay alive until UCX completes (or fails) every one.
     draining: Vec<(Rc<RemoteRegion>, Rc<OpCounter>)>,
+    /// Open delivery tags and who waits for them.
+    expects: Vec<Expect>,
     peers: HashMap<PeerId, Peer>,
     next_peer: u64,
     poller: Poller,
@@ -398,6 +507,13 @@ struct Progress {
     max_active: usize,
     peer_errors: bool,
     stall: Duration,
+    am_chunk: u64,
+}
+
+struct Expect {
+    tag: u64,
+    started: Instant,
+    reply: Reply<TransferDone>,
 }
 
 impl Progress {
@@ -414,6 +530,7 @@ impl Progress {
             active: VecDeque::new(),
             queued: VecDeque::new(),
             draining: Vec::new(),
+            expects: Vec::new(),
             peers: HashMap::new(),
             next_peer: 1,
             poller,
@@ -424,6 +541,7 @@ impl Progress {
             max_active: cfg.max_active.max(1),
             peer_errors: cfg.peer_errors,
             stall: cfg.stall_timeout,
+            am_chunk: cfg.am_chunk.max(1),
         };
         Ok((progress, local, Region::new(reg)))
     }
@@ -432,7 +550,7 @@ impl Progress {
     /// sleeps on the event fd.
     const SPIN: Duration = Duration::from_micros(200);
 
-    fn run(mut self, rx: Receiver<Command>) {
+    fn run(mut self, rx: Receiver<Command>, stopping: &AtomicBool) {
         let mut open = true;
         let mut closing: Option<Instant> = None;
         let mut last_event = Instant::now();
@@ -444,6 +562,9 @@ impl Progress {
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
+            }
+            if stopping.load(Ordering::Relaxed) {
+                open = false;
             }
             if self.worker.progress() > 0 {
                 last_event = Instant::now();
@@ -476,6 +597,21 @@ impl Progress {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Expect { tag, bytes, opened, reply } => {
+                if self.worker.inbox().open(tag, bytes) {
+                    self.expects.push(Expect { tag, started: Instant::now(), reply });
+                    let _ = opened.send(Ok(()));
+                } else {
+                    let _ = opened.send(Err(TransferError::Region(format!("delivery tag {tag} is already open"))));
+                }
+            }
+            Command::Close(tag, done) => {
+                self.worker.inbox().close(tag);
+                self.expects.retain(|e| e.tag != tag);
+                if let Some(d) = done {
+                    let _ = d.send(());
+                }
+            }
             Command::Connect(spec, reply) => {
                 let _ = reply.send(self.connect(spec));
             }
@@ -495,16 +631,21 @@ impl Progress {
                     let _ = reply.send(Err(TransferError::UnknownPeer(peer.0)));
                     return;
                 };
+                let (rma, ops, counter) = match dir {
+                    Direction::Write => (Rma::Put, ops, OpCounter::default()),
+                    Direction::Read => (Rma::Get, ops, OpCounter::default()),
+                    Direction::Deliver { tag } => {
+                        let (ops, counter) = delivery(ops, tag, self.am_chunk);
+                        (Rma::Deliver, ops, counter)
+                    }
+                };
                 let job = Job {
                     peer,
                     remote: p.remote.clone(),
-                    dir: match dir {
-                        Direction::Write => Rma::Put,
-                        Direction::Read => Rma::Get,
-                    },
+                    dir: rma,
                     ops,
                     next: 0,
-                    counter: Rc::new(OpCounter::default()),
+                    counter: Rc::new(counter),
                     flushed: false,
                     bytes: 0,
                     started: Instant::now(),
@@ -530,6 +671,23 @@ impl Progress {
     }
 
     fn drive(&mut self) {
+        let inbox = self.worker.inbox();
+        self.counters.deliveries_rejected.store(inbox.rejected(), Ordering::Relaxed);
+        let mut i = 0;
+        while i < self.expects.len() {
+            let e = &self.expects[i];
+            let done = inbox.arrival(e.tag).filter(|a| a.arrived == a.expected);
+            if done.is_none() && !e.reply.is_closed() {
+                i += 1;
+                continue;
+            }
+            let e = self.expects.swap_remove(i);
+            inbox.close(e.tag);
+            if let Some(a) = done {
+                self.counters.bytes.fetch_add(a.arrived, Ordering::Relaxed);
+                let _ = e.reply.send(Ok(TransferDone { bytes: a.arrived, ops: a.messages, elapsed: e.started.elapsed() }));
+            }
+        }
         while self.active.len() < self.max_active {
             match self.queued.pop_front() {
                 Some(job) => self.active.push_back(job),

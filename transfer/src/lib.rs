@@ -12,6 +12,7 @@ mod ffi;
 pub mod engine;
 pub mod error;
 pub mod hooks;
+mod inbox;
 pub mod layout;
 pub mod plan;
 pub mod raw;
@@ -20,7 +21,7 @@ pub mod runtime;
 pub mod status;
 pub mod transport;
 
-pub use engine::{Direction, Engine, EngineConfig, LocalInfo, PeerId, PeerSpec, RegionAlloc, TransferDone};
+pub use engine::{Direction, Engine, EngineConfig, Expected, LocalInfo, PeerId, PeerSpec, RegionAlloc, TransferDone};
 pub use error::TransferError;
 pub use layout::BlockLayout;
 pub use plan::{RmaOp, TransferPlan};

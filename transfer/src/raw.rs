@@ -4,6 +4,7 @@
 //! channels). One process is the target (it only progresses its worker), the
 //! other issues the operations with a bounded window, then flushes.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -14,6 +15,32 @@ use crate::ffi::ucp::{OpCounter, RemoteRegion, Rma, Worker};
 use crate::plan::RmaOp;
 use crate::region::Region;
 use crate::transport::Transport;
+
+/// The initiator's connection to the target: endpoint, unpacked rkey and
+/// the operation it runs. Lives on the initiator's thread.
+#[derive(Debug)]
+pub struct RawPeer {
+    remote: RemoteRegion,
+    rma: Rma,
+    tag: u64,
+}
+
+impl RawPeer {
+    /// The operations as issued (deliveries split as the engine splits
+    /// them) and their counter (with the deliveries' headers).
+    fn prepare<'a>(&self, ops: &'a [RmaOp]) -> (Cow<'a, [RmaOp]>, Rc<OpCounter>) {
+        match self.rma {
+            Rma::Deliver => {
+                let (ops, counter) = crate::engine::delivery(ops.to_vec(), self.tag, crate::engine::EngineConfig::default().am_chunk);
+                (Cow::Owned(ops), Rc::new(counter))
+            }
+            Rma::Put | Rma::Get => (Cow::Borrowed(ops), Rc::new(OpCounter::default())),
+        }
+    }
+}
+
+/// The tag a raw target accepts deliveries under.
+pub const RAW_TAG: u64 = 1;
 
 /// One side of the raw loop: context, worker and the registered region.
 #[derive(Debug)]
@@ -46,8 +73,9 @@ impl RawSide {
     }
 
     /// Target role: progress the worker (busy, as ucx_perftest does) until
-    /// `stop` is set.
+    /// `stop` is set, accepting deliveries under [`RAW_TAG`].
     pub fn serve(&self, stop: &AtomicBool) {
+        self.worker.inbox().open(RAW_TAG, u64::MAX);
         while !stop.load(Ordering::Relaxed) {
             if self.worker.progress() == 0 {
                 std::hint::spin_loop();
@@ -55,51 +83,63 @@ impl RawSide {
         }
     }
 
-    /// Initiator role: runs `ops` against the peer with at most `window`
-    /// requests outstanding, then (for writes) flushes. Returns the time
-    /// from the first issue to the last completion. `peer_errors` asks for
-    /// UCX's peer-failure reporting on the endpoint, as the engine does by
-    /// default (it costs throughput on some transports, e.g. tcp in 1.18).
-    pub fn run(&self, peer: &PeerSpec, dir: Direction, ops: &[RmaOp], window: usize, peer_errors: bool) -> Result<Duration, TransferError> {
+    /// Initiator role: connects to the peer once (endpoint, rkey, and the
+    /// peer mapping pre-faulted, as a long-running agent sees it) and runs
+    /// one warm-up operation. `peer_errors` asks for UCX's peer-failure
+    /// reporting on the endpoint, as the engine does by default (it costs
+    /// throughput on some transports, e.g. tcp in 1.18).
+    pub fn connect(&self, peer: &PeerSpec, dir: Direction, warmup: Option<&RmaOp>, peer_errors: bool) -> Result<RawPeer, TransferError> {
         let ep = Rc::new(crate::engine::connect_endpoint(&self.worker, &peer.worker_address, peer_errors)?);
         let mut remote = RemoteRegion::unpack(&ep, &peer.rkey, peer.region_base, peer.region_len)?;
-        // Steady state, as a long-running agent sees it: the peer mapping is
-        // pre-faulted before the clock starts.
         remote.wait_populated();
         let rma = match dir {
             Direction::Write => Rma::Put,
             Direction::Read => Rma::Get,
+            Direction::Deliver { .. } => Rma::Deliver,
         };
-        // One warm-up op establishes the connection outside the timing.
-        let counter = Rc::new(OpCounter::default());
-        if let Some(op) = ops.first() {
-            self.issue(&remote, rma, op, &counter)?;
-            self.drain(&remote, rma, &counter)?;
+        let peer = RawPeer { remote, rma, tag: if let Direction::Deliver { tag } = dir { tag } else { 0 } };
+        if let Some(op) = warmup {
+            let (ops, counter) = peer.prepare(std::slice::from_ref(op));
+            for op in ops.iter() {
+                self.issue(&peer, op, &counter)?;
+            }
+            self.drain(&peer, &counter)?;
         }
+        Ok(peer)
+    }
+
+    /// Runs `ops` against the connected peer with at most `window` requests
+    /// outstanding, then (for writes and deliveries) flushes. Returns the
+    /// time from the first issue to the last completion. A delivery is
+    /// complete when its last message left (the target does not answer),
+    /// so up to a socket buffer's worth may still be in flight: the figure
+    /// errs on the fast side, never in kvrail's favour.
+    pub fn run(&self, peer: &RawPeer, ops: &[RmaOp], window: usize) -> Result<Duration, TransferError> {
+        let (ops, counter) = peer.prepare(ops);
         let window = window.max(1) as u32;
         let start = Instant::now();
-        for op in ops {
+        for op in ops.iter() {
             while counter.pending() >= window {
                 self.worker.progress();
             }
-            self.issue(&remote, rma, op, &counter)?;
+            self.issue(peer, op, &counter)?;
         }
-        self.drain(&remote, rma, &counter)?;
+        self.drain(peer, &counter)?;
         Ok(start.elapsed())
     }
 
-    fn issue(&self, remote: &RemoteRegion, rma: Rma, op: &RmaOp, counter: &Rc<OpCounter>) -> Result<(), TransferError> {
-        let (local, far) = match rma {
-            Rma::Put => (op.src_offset, op.dst_offset),
+    fn issue(&self, peer: &RawPeer, op: &RmaOp, counter: &Rc<OpCounter>) -> Result<(), TransferError> {
+        let (local, far) = match peer.rma {
             Rma::Get => (op.dst_offset, op.src_offset),
+            Rma::Put | Rma::Deliver => (op.src_offset, op.dst_offset),
         };
-        remote.start(rma, local, far, op.len, counter)?;
+        peer.remote.start(peer.rma, local, far, op.len, counter)?;
         Ok(())
     }
 
-    fn drain(&self, remote: &RemoteRegion, rma: Rma, counter: &Rc<OpCounter>) -> Result<(), TransferError> {
-        if rma == Rma::Put {
-            remote.flush(counter)?;
+    fn drain(&self, peer: &RawPeer, counter: &Rc<OpCounter>) -> Result<(), TransferError> {
+        if peer.rma != Rma::Get {
+            peer.remote.flush(counter)?;
         }
         while counter.pending() > 0 {
             self.worker.progress();

@@ -9,7 +9,11 @@ pub enum Transport {
     /// UCX picks (RDMA on a cluster, shared memory or TCP elsewhere).
     #[default]
     Auto,
-    /// Shared memory only (posix, sysv, cma): same host.
+    /// Shared memory only (posix, sysv): same host. Not cma: UCX serves
+    /// RMA over cma with process_vm_readv/writev on the peer process, and
+    /// when the peer has died UCX aborts the caller (`ucs_fatal` in
+    /// cma_ep.c, seen with UCX 1.18.1); over posix and sysv it copies
+    /// through a mapping that outlives the peer.
     Sm,
     /// TCP only.
     Tcp,
@@ -20,9 +24,18 @@ impl Transport {
     pub fn ucx_tls(self) -> Option<&'static str> {
         match self {
             Transport::Auto => None,
-            Transport::Sm => Some("sm"),
+            Transport::Sm => Some("posix,sysv,self"),
             Transport::Tcp => Some("tcp"),
         }
+    }
+
+    /// Whether writes to a peer go as active messages instead of RMA puts.
+    /// Over tcp UCX emulates puts in software, and the target of an emulated
+    /// put whose writer dies can be aborted inside UCX; active messages
+    /// never make the receiver answer. Elsewhere (shared memory, RDMA) puts
+    /// are one-sided.
+    pub fn writes_as_messages(self) -> bool {
+        self == Transport::Tcp
     }
 
     pub fn as_str(self) -> &'static str {
@@ -59,7 +72,7 @@ mod tests {
 
     #[test]
     fn parse_and_map() {
-        assert_eq!("SM".parse::<Transport>().unwrap().ucx_tls(), Some("sm"));
+        assert_eq!("SM".parse::<Transport>().unwrap().ucx_tls(), Some("posix,sysv,self"));
         assert_eq!("tcp".parse::<Transport>().unwrap().ucx_tls(), Some("tcp"));
         assert_eq!("auto".parse::<Transport>().unwrap().ucx_tls(), None);
         assert!("rdma".parse::<Transport>().unwrap_err().contains("auto, sm or tcp"));

@@ -89,3 +89,50 @@ fn runtime_reports_loaded_ucx() {
     let t = kvrail_transfer::runtime::transports();
     assert!(t.iter().any(|x| x.starts_with("tcp/")), "{t:?}");
 }
+
+/// Deliveries over tcp (active messages): land only for an open tag, only
+/// up to the bytes it expects, and never after it closed.
+#[tokio::test]
+async fn tcp_deliveries_land_only_while_their_tag_is_open() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+    let a = engine(Transport::Tcp, RegionAlloc::Mapped { populate: false });
+    let b = engine(Transport::Tcp, RegionAlloc::Mapped { populate: false });
+    let layout = BlockLayout::contiguous(BLOCK, (REGION / BLOCK) as u32).unwrap();
+    let b_on_a = a.connect(spec(&b)).await.expect("connect a->b");
+    for blk in 0..8u32 {
+        fill(&a, blk, 0x40 + blk as u8);
+    }
+    let ops = |src: &[u32], dst: &[u32]| TransferPlan::build(&layout, src, &layout, dst, 0).unwrap().into_ops();
+    let rejected = || b.counters().deliveries_rejected.load(Relaxed);
+
+    // An open tag: every block lands, then the tag closes by itself.
+    let mut exp = b.expect(9, 4 * BLOCK).await.unwrap();
+    assert!(b.expect(9, BLOCK).await.is_err(), "a tag opens once");
+    let done = a.transfer(b_on_a, Direction::Deliver { tag: 9 }, ops(&[0, 1, 2, 3], &[40, 30, 20, 10])).await.expect("deliver");
+    assert_eq!(done.bytes, 4 * BLOCK);
+    let got = exp.arrived(Duration::from_secs(10)).await.unwrap_or_else(|e| panic!("{e}; rejected {}", rejected()));
+    assert_eq!(got.bytes, 4 * BLOCK);
+    for (s, d) in [(0u32, 40u32), (1, 30), (2, 20), (3, 10)] {
+        assert_eq!(block_of(&b, d), vec![0x40 + s as u8; BLOCK as usize], "block {s} -> {d}");
+    }
+    assert_eq!(rejected(), 0);
+
+    // More than expected: the excess is dropped, not written.
+    let mut exp = b.expect(10, BLOCK).await.unwrap();
+    a.transfer(b_on_a, Direction::Deliver { tag: 10 }, ops(&[4, 5], &[50, 51])).await.expect("deliver");
+    assert_eq!(exp.arrived(Duration::from_secs(10)).await.expect("one block arrived").bytes, BLOCK);
+    // Unknown and closed tags take nothing.
+    b.expect(11, BLOCK).await.unwrap().close().await;
+    a.transfer(b_on_a, Direction::Deliver { tag: 11 }, ops(&[6], &[60])).await.expect("sent");
+    a.transfer(b_on_a, Direction::Deliver { tag: 12 }, ops(&[7], &[61])).await.expect("sent");
+    let t0 = std::time::Instant::now();
+    while rejected() < 3 && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rejected() >= 3, "excess, closed and unknown deliveries must be counted as dropped: {}", rejected());
+    assert_eq!(block_of(&b, 50), vec![0x44; BLOCK as usize]);
+    for d in [51, 60, 61] {
+        assert_eq!(block_of(&b, d), vec![0; BLOCK as usize], "block {d} was written by a rejected delivery");
+    }
+}

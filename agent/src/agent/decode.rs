@@ -248,20 +248,50 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
     let tx = agent.requests.insert(&req.request_id)?;
     let started = Instant::now();
     let id = req.request_id.clone();
+    // Where UCX emulates RMA in software (tcp), the target of an emulated
+    // get is the prefill agent, and it can be aborted inside UCX if this
+    // agent dies mid-read. A pull there is served as a delivery this agent
+    // asks for: the prefill agent sends, this agent never answers in UCX.
+    let ops = ops.filter(|_| !agent.cfg.transport.writes_as_messages());
     match ops {
         None => {
+            // Where puts are emulated in software, the blocks come as active
+            // messages this engine accepts only while their tag is open.
+            let delivery = if agent.cfg.transport.writes_as_messages() {
+                let tag = agent.delivery_tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let bytes = req.src_blocks.len() as u64 * agent.layout.bytes_per_block();
+                match agent.engine.expect(tag, bytes).await {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        let s = convert::status_of(&e);
+                        agent.requests.finish(&id, &tx, failed(started, s.code() as i32, s.message().to_string()));
+                        return Err(s);
+                    }
+                }
+            } else {
+                None
+            };
             let (done_tx, done_rx) = oneshot::channel();
             session.pending.lock().expect("lock").insert(id.clone(), done_tx);
             agent.requests.set_canceller(&id, Canceller::Write(session.clone()));
-            let order = pb::WriteOrder { request_id: id.clone(), src_blocks: req.src_blocks, dst_blocks: req.dst_blocks };
+            let order = pb::WriteOrder {
+                request_id: id.clone(),
+                src_blocks: req.src_blocks,
+                dst_blocks: req.dst_blocks,
+                delivery_tag: delivery.as_ref().map_or(0, |d| d.tag()),
+            };
             if let Err(e) = session.send(pb::session_down::Msg::Write(order)) {
                 session.pending.lock().expect("lock").remove(&id);
+                if let Some(d) = delivery {
+                    d.close().await;
+                }
                 agent.requests.finish(&id, &tx, failed(started, e.code() as i32, e.message().to_string()));
                 return Err(e);
             }
             let (agent, timeout) = (agent.clone(), agent.cfg.request_timeout);
             tokio::spawn(async move {
-                let st = match tokio::time::timeout(timeout, done_rx).await {
+                let mut delivery = delivery;
+                let mut st = match tokio::time::timeout(timeout, done_rx).await {
                     Ok(Ok(c)) if c.ok => ReqStatus {
                         state: pb::RequestState::Done as i32,
                         bytes: c.bytes,
@@ -276,6 +306,19 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
                         failed(started, tonic::Code::DeadlineExceeded as i32, format!("no completion within {timeout:?}"))
                     }
                 };
+                // The prefill agent has sent everything; its last messages
+                // may still be on the wire.
+                if let Some(d) = delivery.as_mut().filter(|_| st.state == pb::RequestState::Done as i32) {
+                    match d.arrived(agent.cfg.stall_timeout).await {
+                        Ok(_) => st.latency_us = started.elapsed().as_micros() as u64,
+                        Err(e) => st = failed(started, convert::status_of(&e).code() as i32, e.to_string()),
+                    }
+                }
+                // A failed request's tag closes before its failure is
+                // reported: nothing lands in its blocks afterwards.
+                if let Some(d) = delivery {
+                    d.close().await;
+                }
                 agent.requests.finish(&id, &tx, st);
             });
         }

@@ -151,6 +151,14 @@ async fn session_once(
     Ok(why)
 }
 
+/// How a write order asks for its blocks to be sent.
+fn direction(delivery_tag: u64) -> Direction {
+    match delivery_tag {
+        0 => Direction::Write,
+        tag => Direction::Deliver { tag },
+    }
+}
+
 /// Executes one write order and answers with its completion, only after
 /// the flush completed.
 async fn execute(agent: &Agent, link: &Link, order: pb::WriteOrder) {
@@ -161,7 +169,7 @@ async fn execute(agent: &Agent, link: &Link, order: pb::WriteOrder) {
     let result = match TransferPlan::build(&agent.layout, &order.src_blocks, &link.decode_layout, &order.dst_blocks, 0) {
         Ok(plan) => agent
             .engine
-            .transfer_cancellable(link.engine_peer, Direction::Write, plan.into_ops(), flag)
+            .transfer_cancellable(link.engine_peer, direction(order.delivery_tag), plan.into_ops(), flag)
             .await
             .map_err(|e| convert::status_of(&e)),
         Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),

@@ -8,8 +8,8 @@ use std::io::BufRead;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvrail_transfer::raw::RawSide;
-use kvrail_transfer::{BlockLayout, Direction, PeerSpec, RegionAlloc, TransferPlan};
+use kvrail_transfer::raw::{RawSide, RAW_TAG};
+use kvrail_transfer::{BlockLayout, Direction, PeerSpec, RegionAlloc, RmaOp, TransferPlan};
 use rand::SeedableRng;
 
 use super::workload::scattered;
@@ -58,16 +58,20 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
             let layout = BlockLayout::fit_region(a.region_bytes, a.block_bytes, 1)?;
             let total = (a.total_bytes / a.block_bytes) as usize;
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+            // As the agents do: over tcp both modes are deliveries.
             let dir = match a.mode {
+                _ if a.transport.writes_as_messages() => Direction::Deliver { tag: RAW_TAG },
                 Mode::Write => Direction::Write,
                 Mode::Read => Direction::Read,
             };
             let (mut done, mut secs) = (0usize, 0.0f64);
+            let warmup = RmaOp { src_offset: 0, dst_offset: 0, len: a.block_bytes };
+            let peer = side.connect(&peer, dir, Some(&warmup), !a.no_peer_errors)?;
             while done < total {
                 let n = (total - done).min(layout.num_blocks() as usize);
                 let (src, dst) = scattered(&mut rng, layout.num_blocks(), n);
                 let ops = TransferPlan::build(&layout, &src, &layout, &dst, 0)?.into_ops();
-                secs += side.run(&peer, dir, &ops, a.window, !a.no_peer_errors)?.as_secs_f64();
+                secs += side.run(&peer, &ops, a.window)?.as_secs_f64();
                 done += n;
             }
             let bytes = total as u64 * a.block_bytes;

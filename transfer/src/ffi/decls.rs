@@ -7,8 +7,8 @@
 use std::os::raw::{c_char, c_int, c_uint, c_void};
 
 use ucx1_sys::{
-    size_t, ucp_address_t, ucp_config_t, ucp_context_h, ucp_ep_h, ucp_ep_params_t, ucp_mem_attr_t, ucp_mem_h, ucp_mem_map_params_t,
-    ucp_params_t, ucp_rkey_h, ucp_worker_h, ucp_worker_params_t,
+    size_t, ucp_address_t, ucp_am_handler_param_t, ucp_config_t, ucp_context_h, ucp_ep_h, ucp_ep_params_t, ucp_mem_attr_t, ucp_mem_h,
+    ucp_mem_map_params_t, ucp_params_t, ucp_rkey_h, ucp_worker_h, ucp_worker_params_t,
 };
 
 /// A request-completion callback as UCX calls it, status as raw `i8`.
@@ -45,6 +45,7 @@ extern "C" {
     pub(crate) fn ucp_worker_get_address(worker: ucp_worker_h, address_p: *mut *mut ucp_address_t, address_length_p: *mut size_t) -> i8;
     pub(crate) fn ucp_worker_get_efd(worker: ucp_worker_h, fd: *mut c_int) -> i8;
     pub(crate) fn ucp_worker_arm(worker: ucp_worker_h) -> i8;
+    pub(crate) fn ucp_worker_set_am_recv_handler(worker: ucp_worker_h, param: *const ucp_am_handler_param_t) -> i8;
     pub(crate) fn ucp_ep_create(worker: ucp_worker_h, params: *const ucp_ep_params_t, ep_p: *mut ucp_ep_h) -> i8;
     pub(crate) fn ucp_mem_map(context: ucp_context_h, params: *const ucp_mem_map_params_t, memh_p: *mut ucp_mem_h) -> i8;
     pub(crate) fn ucp_mem_unmap(context: ucp_context_h, memh: ucp_mem_h) -> i8;

@@ -23,6 +23,7 @@ use ucx1_sys as sys_ucx;
 use super::decls::{self, ErrCallback, SendCallback};
 use super::status::{decode_ptr, PtrStatus, Status};
 use super::sys::{self, Mapping};
+use crate::inbox::{Inbox, Reject, AM_DELIVER, HEADER_LEN};
 
 /// A UCX failure: the call that failed and its raw status.
 #[derive(Debug, Clone)]
@@ -90,7 +91,9 @@ impl Context {
         let mut params: sys_ucx::ucp_params_t = unsafe { std::mem::zeroed() };
         params.field_mask =
             (sys_ucx::ucp_params_field::UCP_PARAM_FIELD_FEATURES | sys_ucx::ucp_params_field::UCP_PARAM_FIELD_MT_WORKERS_SHARED).0 as u64;
-        params.features = (sys_ucx::ucp_feature::UCP_FEATURE_RMA | sys_ucx::ucp_feature::UCP_FEATURE_WAKEUP).0 as u64;
+        params.features =
+            (sys_ucx::ucp_feature::UCP_FEATURE_RMA | sys_ucx::ucp_feature::UCP_FEATURE_AM | sys_ucx::ucp_feature::UCP_FEATURE_WAKEUP).0
+                as u64;
         params.mt_workers_shared = 1;
         let mut h: sys_ucx::ucp_context_h = std::ptr::null_mut();
         // SAFETY: params and config are live; API version 1.12 is what the
@@ -289,14 +292,23 @@ impl Drop for Registration {
     }
 }
 
-/// Completion bookkeeping shared by a batch of requests.
+/// Completion bookkeeping shared by a batch of requests. For deliveries it
+/// also holds their headers: UCX may read a header until its request
+/// completes, and every request keeps the counter alive until then.
 #[derive(Debug, Default)]
 pub(crate) struct OpCounter {
     pending: Cell<u32>,
     first_error: Cell<i8>,
+    headers: Box<[[u8; HEADER_LEN]]>,
+    next_header: Cell<usize>,
 }
 
 impl OpCounter {
+    /// A counter for deliveries with these headers, used in order.
+    pub(crate) fn with_headers(headers: Vec<[u8; HEADER_LEN]>) -> OpCounter {
+        OpCounter { headers: headers.into_boxed_slice(), ..OpCounter::default() }
+    }
+
     pub(crate) fn pending(&self) -> u32 {
         self.pending.get()
     }
@@ -325,11 +337,54 @@ unsafe extern "C" fn op_done(request: *mut c_void, status: i8, user_data: *mut c
     unsafe { sys_ucx::ucp_request_free(request) };
 }
 
-/// A UCP worker owned by one thread (`!Send`), with the one region it serves.
+/// The active-message handler of block deliveries (see [`Inbox`]).
+unsafe extern "C" fn am_deliver(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: sys_ucx::size_t,
+    data: *mut c_void,
+    length: sys_ucx::size_t,
+    param: *const sys_ucx::ucp_am_recv_param_t,
+) -> i8 {
+    // Called by UCX inside ucp_worker_progress on the worker's thread; no
+    // panics below (bounds-checked copy, RefCell never borrowed across a
+    // progress call).
+    // SAFETY: arg is Rc::as_ptr of the Inbox the Worker holds; the worker
+    // is destroyed (no more callbacks) before that Rc is dropped.
+    let inbox = unsafe { &*(arg as *const Inbox) };
+    // SAFETY: UCX passes a valid parameter struct for the call's duration.
+    let attr = unsafe { (*param).recv_attr };
+    if attr & sys_ucx::ucp_am_recv_attr_t::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
+        // A rendezvous descriptor, not data: kvrail's senders always force
+        // eager, so this is a foreign sender. Returning OK drops it.
+        inbox.reject(Reject::Rendezvous);
+        return 0;
+    }
+    if header.is_null() || (data.is_null() && length > 0) {
+        inbox.reject(Reject::Header);
+        return 0;
+    }
+    // SAFETY: UCX guarantees header_length readable header bytes and, for
+    // an eager message, length readable data bytes until the callback
+    // returns; both
+    // slices are dropped before that and never written.
+    let (h, d) = unsafe {
+        (
+            std::slice::from_raw_parts(header.cast::<u8>(), header_length as usize),
+            if length == 0 { &[][..] } else { std::slice::from_raw_parts(data.cast::<u8>(), length as usize) },
+        )
+    };
+    let _ = inbox.deliver(h, d);
+    0
+}
+
+/// A UCP worker owned by one thread (`!Send`), with the one region it serves
+/// and the inbox its active-message deliveries land in.
 #[derive(Debug)]
 pub(crate) struct Worker {
     h: sys_ucx::ucp_worker_h,
     efd: c_int,
+    inbox: Rc<Inbox>,
     region: Arc<Registration>,
     _ctx: Arc<Context>,
 }
@@ -344,12 +399,32 @@ impl Worker {
         let mut h: sys_ucx::ucp_worker_h = std::ptr::null_mut();
         // SAFETY: live context and params; out-pointer to a local.
         check("ucp_worker_create", unsafe { decls::ucp_worker_create(ctx.h, &p, &mut h) })?;
-        let mut w = Worker { h, efd: -1, region, _ctx: ctx.clone() };
+        let inbox = Rc::new(Inbox::new(region.clone()));
+        let mut w = Worker { h, efd: -1, inbox, region, _ctx: ctx.clone() };
         let mut efd: c_int = -1;
         // SAFETY: live worker (context has WAKEUP); out-pointer to a local.
         check("ucp_worker_get_efd", unsafe { decls::ucp_worker_get_efd(w.h, &mut efd) })?;
         w.efd = efd;
+        // SAFETY: zeroed = nothing set; the fields set are named in the mask.
+        let mut am: sys_ucx::ucp_am_handler_param_t = unsafe { std::mem::zeroed() };
+        am.field_mask = (sys_ucx::ucp_am_handler_param_field::UCP_AM_HANDLER_PARAM_FIELD_ID
+            | sys_ucx::ucp_am_handler_param_field::UCP_AM_HANDLER_PARAM_FIELD_CB
+            | sys_ucx::ucp_am_handler_param_field::UCP_AM_HANDLER_PARAM_FIELD_ARG)
+            .0 as u64;
+        am.id = AM_DELIVER;
+        // SAFETY: identical C ABI; the status is returned as a raw i8 (0 = OK).
+        am.cb = Some(unsafe { std::mem::transmute::<AmCallback, AmRecvCb>(am_deliver) });
+        am.arg = Rc::as_ptr(&w.inbox) as *mut c_void;
+        // SAFETY: live worker on its thread (context has AM); the inbox the
+        // argument points to lives as long as the worker (field, dropped
+        // after ucp_worker_destroy).
+        check("ucp_worker_set_am_recv_handler", unsafe { decls::ucp_worker_set_am_recv_handler(w.h, &am) })?;
         Ok(Rc::new(w))
+    }
+
+    /// Where active-message deliveries to this worker land.
+    pub(crate) fn inbox(&self) -> &Rc<Inbox> {
+        &self.inbox
     }
 
     pub(crate) fn region(&self) -> &Arc<Registration> {
@@ -481,6 +556,22 @@ impl Endpoint {
 
 type ErrHandlerCb = unsafe extern "C" fn(*mut c_void, sys_ucx::ucp_ep_h, sys_ucx::ucs_status_t);
 type SendCb = unsafe extern "C" fn(*mut c_void, sys_ucx::ucs_status_t, *mut c_void);
+type AmCallback = unsafe extern "C" fn(
+    *mut c_void,
+    *const c_void,
+    sys_ucx::size_t,
+    *mut c_void,
+    sys_ucx::size_t,
+    *const sys_ucx::ucp_am_recv_param_t,
+) -> i8;
+type AmRecvCb = unsafe extern "C" fn(
+    *mut c_void,
+    *const c_void,
+    sys_ucx::size_t,
+    *mut c_void,
+    sys_ucx::size_t,
+    *const sys_ucx::ucp_am_recv_param_t,
+) -> sys_ucx::ucs_status_t;
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
@@ -569,6 +660,10 @@ pub(crate) enum Rma {
     Put,
     /// Remote region -> local region.
     Get,
+    /// Local region -> remote region as eager active messages the peer's
+    /// inbox copies (see [`Inbox`]); the header must stay valid until the
+    /// request completes.
+    Deliver,
 }
 
 impl RemoteRegion {
@@ -612,9 +707,10 @@ impl RemoteRegion {
         &self.ep
     }
 
-    /// Starts one put or get of `len` bytes between the worker's own region
-    /// at `local_offset` and this remote region at `remote_offset`. Both
-    /// ranges are bounds-checked first. On `Ok`, the counter's pending count
+    /// Starts one put, get or delivery of `len` bytes between the worker's
+    /// own region at `local_offset` and this remote region at
+    /// `remote_offset`. Both ranges are bounds-checked first. A delivery
+    /// sends the counter's next header. On `Ok`, the counter's pending count
     /// covers the request if it did not complete at once.
     pub(crate) fn start(&self, dir: Rma, local_offset: u64, remote_offset: u64, len: u64, counter: &Rc<OpCounter>) -> Result<(), RmaError> {
         let region = self.ep.worker.region();
@@ -626,21 +722,41 @@ impl RemoteRegion {
         }
         let local = (region.base() as u64 + local_offset) as *mut c_void;
         let remote = self.base + remote_offset;
-        let param = request_param(counter, Some(region.memh));
-        // SAFETY: ep and rkey are live and belong to this worker's thread;
-        // the local range lies inside the worker's own registered region,
-        // which outlives the worker and therefore every request on it; the
-        // remote range lies inside the bounds the peer advertised with this
-        // rkey; the counter reference in user_data is reclaimed by op_done.
-        // `param` is a RequestParam: a newer UCX that reads fields past the
-        // 1.12 struct (memh) finds them there, set or zeroed.
-        let ret = unsafe {
-            match dir {
-                Rma::Put => sys_ucx::ucp_put_nbx(self.ep.h, local, len as _, remote, self.rkey, &param.base),
-                Rma::Get => sys_ucx::ucp_get_nbx(self.ep.h, local, len as _, remote, self.rkey, &param.base),
+        let mut param = request_param(counter, Some(region.memh));
+        let (ret, call) = match dir {
+            // SAFETY: ep and rkey are live and belong to this worker's
+            // thread; the local range lies inside the worker's own registered
+            // region, which outlives the worker and therefore every request
+            // on it; the remote range lies inside the bounds the peer
+            // advertised with this rkey; the counter reference in user_data
+            // is reclaimed by op_done. `param` is a RequestParam: a newer UCX
+            // that reads fields past the 1.12 struct (memh) finds them there,
+            // set or zeroed.
+            Rma::Put => (unsafe { sys_ucx::ucp_put_nbx(self.ep.h, local, len as _, remote, self.rkey, &param.base) }, "ucp_put_nbx"),
+            // SAFETY: as for Put.
+            Rma::Get => (unsafe { sys_ucx::ucp_get_nbx(self.ep.h, local, len as _, remote, self.rkey, &param.base) }, "ucp_get_nbx"),
+            Rma::Deliver => {
+                let i = counter.next_header.get();
+                let Some(header) = counter.headers.get(i) else {
+                    // Give back the reference request_param lent.
+                    settle(std::ptr::null_mut(), counter, "ucp_am_send_nbx")?;
+                    return Err(RmaError::OutOfBounds(format!("delivery {i} has no header (only {})", counter.headers.len())));
+                };
+                counter.next_header.set(i + 1);
+                param.base.op_attr_mask |= sys_ucx::ucp_op_attr_t::UCP_OP_ATTR_FIELD_FLAGS as u32;
+                param.base.flags = sys_ucx::ucp_send_am_flags::UCP_AM_SEND_FLAG_EAGER.0;
+                // SAFETY: live endpoint on its worker's thread; the local
+                // range is inside the registered region (as for Put); the
+                // header lives in the counter, which the request's user_data
+                // keeps alive until its callback ran, so UCX may read it for
+                // as long as the request exists.
+                let ret = unsafe {
+                    sys_ucx::ucp_am_send_nbx(self.ep.h, AM_DELIVER, header.as_ptr().cast(), HEADER_LEN as _, local, len as _, &param.base)
+                };
+                (ret, "ucp_am_send_nbx")
             }
         };
-        settle(ret, counter, if dir == Rma::Put { "ucp_put_nbx" } else { "ucp_get_nbx" })
+        settle(ret, counter, call)
     }
 
     /// Starts a flush of the endpoint: completes when every operation

@@ -1,0 +1,166 @@
+//! Blocks that arrive as UCX active messages (the `tcp` write path).
+//!
+//! Over `tcp`, UCX emulates a put in software: the target's UCX copies the
+//! bytes and then sends a completion back to the writer. If the writer dies
+//! meanwhile, that send fails inside UCX and aborts the target (`ucs_fatal`,
+//! "unexpected error: Endpoint timeout"), which no caller can catch. On this
+//! path the writer instead sends each chunk as an eager active message whose
+//! 16-byte header names a tag and a destination offset; the receiving engine
+//! copies it into its region and never sends anything back through UCX.
+//! Completion is counted here: the receiver opened the tag for an exact
+//! number of bytes and knows when all of them are in place.
+//!
+//! Only open tags are accepted. Bytes for an unknown or closed tag, outside
+//! the region, or beyond what the tag expects are dropped (and counted), so
+//! a request that failed or was cancelled cannot be written into afterwards.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::ffi::ucp::Registration;
+
+/// The active-message id of a block delivery.
+pub(crate) const AM_DELIVER: u32 = 0x6b76;
+
+/// Length of a delivery header: tag, then destination offset (little endian).
+pub(crate) const HEADER_LEN: usize = 16;
+
+/// The header of a chunk for `tag` landing at `dst_offset`.
+pub(crate) fn header(tag: u64, dst_offset: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(&tag.to_le_bytes());
+    h[8..].copy_from_slice(&dst_offset.to_le_bytes());
+    h
+}
+
+fn parse(header: &[u8]) -> Option<(u64, u64)> {
+    let h: &[u8; HEADER_LEN] = header.try_into().ok()?;
+    let (tag, off) = h.split_at(8);
+    Some((u64::from_le_bytes(tag.try_into().ok()?), u64::from_le_bytes(off.try_into().ok()?)))
+}
+
+/// Progress of one open tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    pub expected: u64,
+    pub arrived: u64,
+    pub messages: u64,
+}
+
+/// Why a delivery was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reject {
+    Header,
+    Tag,
+    Range,
+    Excess,
+    Rendezvous,
+}
+
+/// The receiving side's tags and counters. Lives on the progress thread
+/// (the handler runs inside `ucp_worker_progress`).
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    region: Arc<Registration>,
+    open: RefCell<HashMap<u64, Arrival>>,
+    rejected: Cell<u64>,
+}
+
+impl Inbox {
+    pub(crate) fn new(region: Arc<Registration>) -> Inbox {
+        Inbox { region, open: RefCell::new(HashMap::new()), rejected: Cell::new(0) }
+    }
+
+    /// Starts accepting `expected` bytes for `tag`. False if it is open.
+    pub(crate) fn open(&self, tag: u64, expected: u64) -> bool {
+        let mut open = self.open.borrow_mut();
+        if open.contains_key(&tag) {
+            return false;
+        }
+        open.insert(tag, Arrival { expected, arrived: 0, messages: 0 });
+        true
+    }
+
+    /// Stops accepting bytes for `tag`; returns how far it got.
+    pub(crate) fn close(&self, tag: u64) -> Option<Arrival> {
+        self.open.borrow_mut().remove(&tag)
+    }
+
+    pub(crate) fn arrival(&self, tag: u64) -> Option<Arrival> {
+        self.open.borrow().get(&tag).copied()
+    }
+
+    /// Deliveries dropped so far.
+    pub(crate) fn rejected(&self) -> u64 {
+        self.rejected.get()
+    }
+
+    /// Counts a delivery the handler could not take.
+    pub(crate) fn reject(&self, why: Reject) {
+        self.rejected.set(self.rejected.get() + 1);
+        tracing::debug!(?why, "active-message delivery dropped");
+    }
+
+    /// Copies one chunk into the region if its tag is open, it lies inside
+    /// the region and the tag still expects that many bytes.
+    pub(crate) fn deliver(&self, header: &[u8], data: &[u8]) -> Result<(), Reject> {
+        let r = self.try_deliver(header, data);
+        if let Err(why) = r {
+            self.reject(why);
+        }
+        r
+    }
+
+    fn try_deliver(&self, header: &[u8], data: &[u8]) -> Result<(), Reject> {
+        let (tag, offset) = parse(header).ok_or(Reject::Header)?;
+        let mut open = self.open.borrow_mut();
+        let a = open.get_mut(&tag).ok_or(Reject::Tag)?;
+        let len = data.len() as u64;
+        if a.arrived.checked_add(len).is_none_or(|n| n > a.expected) {
+            return Err(Reject::Excess);
+        }
+        self.region.write(offset, data).map_err(|_| Reject::Range)?;
+        a.arrived += len;
+        a.messages += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::ucp::Context;
+
+    fn inbox() -> Inbox {
+        let ctx = Context::new(&[("TLS", "tcp")]).expect("UCX context");
+        Inbox::new(Arc::new(Registration::map_anonymous(&ctx, 1 << 20, false).expect("region")))
+    }
+
+    fn read(i: &Inbox, off: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        i.region.read(off, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn accepts_only_open_tags_in_range_up_to_the_expected_bytes() {
+        let i = inbox();
+        assert_eq!(i.deliver(&header(7, 0), &[1; 8]), Err(Reject::Tag), "nothing is open yet");
+        assert!(i.open(7, 16));
+        assert!(!i.open(7, 16), "a tag opens once");
+        assert_eq!(i.deliver(&header(7, 4096), &[2; 8]), Ok(()));
+        assert_eq!(i.deliver(&header(7, (1 << 20) - 4), &[3; 8]), Err(Reject::Range));
+        assert_eq!(i.deliver(&header(7, 0)[..15], &[3; 8]), Err(Reject::Header));
+        assert_eq!(i.deliver(&header(7, 0), &[4; 9]), Err(Reject::Excess), "9 more would exceed 16");
+        assert_eq!(i.deliver(&header(7, 8192), &[5; 8]), Ok(()));
+        assert_eq!(i.arrival(7), Some(Arrival { expected: 16, arrived: 16, messages: 2 }));
+        assert_eq!(read(&i, 4096, 8), vec![2; 8]);
+        assert_eq!(read(&i, 8192, 8), vec![5; 8]);
+        assert_eq!(read(&i, 0, 8), vec![0; 8], "rejected bytes were not written");
+        assert_eq!(i.close(7).map(|a| a.arrived), Some(16));
+        assert_eq!(i.deliver(&header(7, 0), &[6; 8]), Err(Reject::Tag), "closed tags take nothing");
+        assert_eq!(read(&i, 0, 8), vec![0; 8]);
+        assert_eq!(i.rejected(), 5);
+    }
+}
