@@ -64,6 +64,12 @@ pub fn render(s: &pb::StatsResponse) -> String {
     metric("kvrail_bytes_moved_total", "counter", "Bytes this agent moved with RMA.", s.bytes_moved as f64);
     metric("kvrail_transfers_ok_total", "counter", "Transfers completed.", s.transfers_ok as f64);
     metric("kvrail_transfers_failed_total", "counter", "Transfers that failed.", s.transfers_failed as f64);
+    metric(
+        "kvrail_deliveries_rejected_total",
+        "counter",
+        "Active-message deliveries dropped (unknown or closed tag, outside the region, more than expected).",
+        s.deliveries_rejected as f64,
+    );
     metric("kvrail_peers", "gauge", "Connected peers.", s.peers as f64);
     metric("kvrail_rss_bytes", "gauge", "VmRSS.", m.vm_rss as f64);
     metric("kvrail_rss_anon_bytes", "gauge", "RssAnon.", m.rss_anon as f64);
