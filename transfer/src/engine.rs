@@ -10,6 +10,11 @@
 //! the endpoint, and reports success only after the flush completed: the
 //! target's bytes are in place when the caller hears "done".
 //!
+//! Deliveries ([`Direction::Deliver`], used over tcp) are the exception:
+//! they are active messages the receiving engine copies into its region
+//! for a tag it opened ([`Engine::expect`]), and there "done" on the
+//! sending side means sent; the receiver's [`Expected`] says when landed.
+//!
 //! Cancel safety: dropping a caller's future only stops new operations from
 //! being issued. Requests already in flight keep their completion counter
 //! alive (an `Rc` owned by the request), and the memory they touch is the
@@ -723,5 +728,21 @@ impl Progress {
             self.draining.push((job.remote.clone(), job.counter.clone()));
         }
         let _ = job.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_split_long_operations_in_order_with_one_header_each() {
+        let ops = vec![RmaOp { src_offset: 0, dst_offset: 1000, len: 70 }, RmaOp { src_offset: 500, dst_offset: 0, len: 30 }];
+        let (split, counter) = delivery(ops, 7, 32);
+        let got: Vec<(u64, u64, u64)> = split.iter().map(|o| (o.src_offset, o.dst_offset, o.len)).collect();
+        assert_eq!(got, vec![(0, 1000, 32), (32, 1032, 32), (64, 1064, 6), (500, 0, 30)]);
+        assert_eq!(counter.headers(), &split.iter().map(|o| inbox::header(7, o.dst_offset)).collect::<Vec<_>>()[..]);
+        let short = vec![RmaOp { src_offset: 0, dst_offset: 0, len: 32 }];
+        assert_eq!(chunked(short.clone(), 32), short);
     }
 }

@@ -309,6 +309,11 @@ impl OpCounter {
         OpCounter { headers: headers.into_boxed_slice(), ..OpCounter::default() }
     }
 
+    #[cfg(test)]
+    pub(crate) fn headers(&self) -> &[[u8; HEADER_LEN]] {
+        &self.headers
+    }
+
     pub(crate) fn pending(&self) -> u32 {
         self.pending.get()
     }
