@@ -94,44 +94,43 @@ async fn prefill_killed_mid_transfer_fails_requests_and_a_new_prefill_is_admitte
     // the target of software-emulated puts could be aborted inside UCX
     // sending a completion to the dead writer.
     for transport in ["sm", "tcp"] {
-        let mut decode = spawn(args("decode", "f-decode", transport, "127.0.0.1:0")).await;
-        let mut prefill = prefill_for(&decode, transport).await;
-        prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
-        let ids = submit_many(&mut decode, &format!("k-{transport}"), 64, 256, pb::TransferMode::Write).await;
-        prefill.child.start_kill().unwrap();
-        let killed = Instant::now();
-        let failed = all_final(&mut decode, &ids, killed).await;
+        let failed = kill_prefill_mid(transport, pb::TransferMode::Write).await;
         assert!(failed > 0, "{transport}: killing the prefill agent mid-transfer failed nothing");
-        // A restarted prefill agent (same id) is admitted and works.
-        let mut again = prefill_for(&decode, transport).await;
-        wait_for_peer(&mut decode, "f-prefill").await;
-        verified_transfer(&mut decode, &mut again, &format!("after-{transport}")).await;
-        decode.stop().await;
-        again.stop().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_from_a_killed_prefill_fails_within_the_deadline() {
     for transport in ["sm", "tcp"] {
-        let mut decode = spawn(args("decode", "f-decode", transport, "127.0.0.1:0")).await;
-        let mut prefill = prefill_for(&decode, transport).await;
-        let ids = submit_many(&mut decode, &format!("pull-{transport}"), 64, 256, pb::TransferMode::Read).await;
-        prefill.child.start_kill().unwrap();
-        let killed = Instant::now();
-        all_final(&mut decode, &ids, killed).await;
-        let mut again = prefill_for(&decode, transport).await;
-        wait_for_peer(&mut decode, "f-prefill").await;
-        verified_transfer(&mut decode, &mut again, &format!("after-pull-{transport}")).await;
-        decode.stop().await;
-        again.stop().await;
+        kill_prefill_mid(transport, pb::TransferMode::Read).await;
     }
+}
+
+/// Kills the prefill agent right after submitting 64 requests of 256
+/// blocks; every request settles within the deadline, and a restarted
+/// prefill agent (same id) is admitted and moves verified blocks. Returns
+/// how many requests failed.
+async fn kill_prefill_mid(transport: &str, mode: pb::TransferMode) -> usize {
+    let mut decode = spawn(args("decode", "f-decode", transport, "127.0.0.1:0")).await;
+    let mut prefill = prefill_for(&decode, transport).await;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
+    let tag = format!("k-{transport}-{}", mode as i32);
+    let ids = submit_many(&mut decode, &tag, 64, 256, mode).await;
+    prefill.child.start_kill().unwrap();
+    let killed = Instant::now();
+    let failed = all_final(&mut decode, &ids, killed).await;
+    let mut again = prefill_for(&decode, transport).await;
+    wait_for_peer(&mut decode, "f-prefill").await;
+    verified_transfer(&mut decode, &mut again, &format!("after-{tag}")).await;
+    decode.stop().await;
+    again.stop().await;
+    failed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_killed_and_restarted_is_rehandshaken_by_the_prefill() {
-    // Over tcp, in both directions: pushing (the prefill agent sends) and
-    // pulling (the prefill agent is the target of the decode agent's gets).
+    // Over tcp, pushing and pulling (both served as deliveries the prefill
+    // agent sends: it is never the target of an emulated get there).
     let listen = format!("127.0.0.1:{}", free_port());
     let mut decode = spawn(args("decode", "f-decode", "tcp", &listen)).await;
     let mut prefill = prefill_for(&decode, "tcp").await;
