@@ -1,6 +1,7 @@
 //! Bad input changes nothing: out-of-range or duplicate blocks are refused
 //! with INVALID_ARGUMENT before any byte moves, wrong protocol versions and
-//! incompatible layouts are refused at handshake, and the agents keep serving.
+//! incompatible layouts are refused at handshake, and the agents keep serving
+//! (a verified transfer after each).
 
 use std::time::Duration;
 
@@ -41,6 +42,16 @@ async fn verified(decode: &mut kvrail_integration::AgentProcess, src: &[u32], ds
         .unwrap()
         .into_inner()
         .verified_blocks
+}
+
+/// The agents keep their session and still move verified blocks.
+async fn still_serving(decode: &mut AgentProcess, prefill: &mut AgentProcess, id: &str) {
+    let info = decode.control.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.peers, vec!["it-prefill".to_string()]);
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 3 }).await.unwrap();
+    let ok = submit(decode, id, vec![4, 5, 6], vec![40, 41, 42]).await.unwrap();
+    assert_eq!(ok.state, pb::RequestState::Done as i32, "{ok:?}");
+    assert_eq!(verified(decode, &[4, 5, 6], &[40, 41, 42]).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +137,7 @@ async fn handshake(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_with_wrong_version_or_layout_are_refused() {
-    let (decode, prefill) = agent_pair("tcp", "16MiB", "64KiB").await;
+    let (mut decode, mut prefill) = agent_pair("tcp", "16MiB", "64KiB").await;
     let secret = ClusterSecret::new(driver_secret().into_bytes()).unwrap();
     let mut peer = PeerClient::connect(format!("http://{}", decode.listen)).await.unwrap();
     let v = kvrail_proto::PROTOCOL_VERSION;
@@ -145,16 +156,14 @@ async fn handshakes_with_wrong_version_or_layout_are_refused() {
     assert!(err.message().contains("bistro"), "{}", err.message());
 
     // None of that disturbed the real session.
-    let mut control = decode.control.clone();
-    let info = control.info(pb::InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.peers, vec!["it-prefill".to_string()]);
+    still_serving(&mut decode, &mut prefill, "after-skew").await;
     decode.stop().await;
     prefill.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_without_the_cluster_secret_get_nothing() {
-    let (decode, prefill) = agent_pair("tcp", "16MiB", "64KiB").await;
+    let (mut decode, mut prefill) = agent_pair("tcp", "16MiB", "64KiB").await;
     let mut peer = PeerClient::connect(format!("http://{}", decode.listen)).await.unwrap();
     let v = kvrail_proto::PROTOCOL_VERSION;
     let wrong = ClusterSecret::new(b"not-the-cluster-secret".to_vec()).unwrap();
@@ -185,9 +194,7 @@ async fn peers_without_the_cluster_secret_get_nothing() {
     let env = vec![(kvrail_agent::agent::auth::SECRET_VAR.to_string(), Some("a-different-secret-entirely".to_string()))];
     let err = AgentProcess::spawn_env(&kvrail_bin(), &a, &env, false, Duration::from_secs(30)).await.unwrap_err();
     assert!(err.to_string().contains("exited before it was ready"), "{err}");
-    let mut control = decode.control.clone();
-    let info = control.info(pb::InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.peers, vec!["it-prefill".to_string()]);
+    still_serving(&mut decode, &mut prefill, "after-strangers").await;
     decode.stop().await;
     prefill.stop().await;
 }
