@@ -38,6 +38,9 @@ fn check(v: &serde_json::Value, transport: &str, bytes: u64) {
         assert_eq!(v[agent]["mmap_hook_mode"], "none", "{agent}: {v:#}");
         assert_eq!(v[agent]["ucx_intercepted_munmaps"].as_u64(), Some(0), "{agent}");
         assert!(v[agent]["rss_end_mib"].as_f64().unwrap() > 0.0);
+        let private = v[agent]["private_end_mib"].as_f64().unwrap();
+        assert!(private > 0.0 && private <= v[agent]["rss_end_mib"].as_f64().unwrap(), "{agent}: {v:#}");
+        assert!(!v[agent]["memory_verdict"].as_str().unwrap().is_empty(), "{agent}: {v:#}");
     }
     assert!(v["gbps"].as_f64().unwrap() > 0.0);
     assert!(v["handshake_ms"].as_f64().unwrap() > 0.0);

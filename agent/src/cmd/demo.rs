@@ -27,6 +27,13 @@ struct AgentSummary {
     mmap_hook_mode: String,
     rss_start_mib: f64,
     rss_end_mib: f64,
+    /// Private memory (RssAnon): where a leak shows. The rest of RSS is the
+    /// shared region and, on sm, the peer's mapped segment.
+    private_start_mib: f64,
+    private_end_mib: f64,
+    shared_end_mib: f64,
+    /// MemWatch's verdict at the end.
+    memory_verdict: String,
     bytes_moved: u64,
     ucx_intercepted_munmaps: u64,
 }
@@ -129,6 +136,10 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
         mmap_hook_mode: hook_name(end.hook_mode),
         rss_start_mib: mib(start.memory.as_ref().map_or(0, |m| m.vm_rss)),
         rss_end_mib: mib(end.memory.as_ref().map_or(0, |m| m.vm_rss)),
+        private_start_mib: mib(start.memory.as_ref().map_or(0, |m| m.rss_anon)),
+        private_end_mib: mib(end.memory.as_ref().map_or(0, |m| m.rss_anon)),
+        shared_end_mib: mib(end.memory.as_ref().map_or(0, |m| m.rss_shmem)),
+        memory_verdict: end.memory.as_ref().map_or_else(String::new, |m| m.verdict.clone()),
         bytes_moved: end.bytes_moved,
         ucx_intercepted_munmaps: end.ucx_intercepted_munmaps,
     };
@@ -187,8 +198,14 @@ fn print_human(r: &DemoReport) {
     println!("  mmap hooks   {} (UCX {})", r.mmap_hook_mode, r.ucx_library);
     for (name, a) in [("decode", &r.decode), ("prefill", &r.prefill)] {
         println!(
-            "  {name:<8}     RSS {:.1} -> {:.1} MiB, {} munmaps intercepted by UCX",
-            a.rss_start_mib, a.rss_end_mib, a.ucx_intercepted_munmaps
+            "  {name:<8}     RSS {:.1} -> {:.1} MiB (private {:.1} -> {:.1} MiB, shared {:.1} MiB), MemWatch {}, {} munmaps intercepted by UCX",
+            a.rss_start_mib,
+            a.rss_end_mib,
+            a.private_start_mib,
+            a.private_end_mib,
+            a.shared_end_mib,
+            if a.memory_verdict.is_empty() { "-" } else { &a.memory_verdict },
+            a.ucx_intercepted_munmaps
         );
     }
 }
