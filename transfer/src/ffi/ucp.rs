@@ -361,7 +361,8 @@ unsafe extern "C" fn am_deliver(
     let attr = unsafe { (*param).recv_attr };
     if attr & sys_ucx::ucp_am_recv_attr_t::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
         // A rendezvous descriptor, not data: kvrail's senders always force
-        // eager, so this is a foreign sender. Returning OK drops it.
+        // eager, so this is a foreign sender. Returning OK without receiving
+        // releases the descriptor (UCX completes the sender's call).
         inbox.reject(Reject::Rendezvous);
         return 0;
     }
@@ -371,8 +372,7 @@ unsafe extern "C" fn am_deliver(
     }
     // SAFETY: UCX guarantees header_length readable header bytes and, for
     // an eager message, length readable data bytes until the callback
-    // returns; both
-    // slices are dropped before that and never written.
+    // returns; both slices are dropped before that and never written.
     let (h, d) = unsafe {
         (
             std::slice::from_raw_parts(header.cast::<u8>(), header_length as usize),
