@@ -31,7 +31,7 @@ impl RawPeer {
     fn prepare<'a>(&self, ops: &'a [RmaOp]) -> (Cow<'a, [RmaOp]>, Rc<OpCounter>) {
         match self.rma {
             Rma::Deliver => {
-                let (ops, counter) = crate::engine::delivery(ops.to_vec(), self.tag, crate::engine::EngineConfig::default().am_chunk);
+                let (ops, counter) = crate::engine::delivery(ops.to_vec(), self.tag, crate::engine::DEFAULT_AM_CHUNK);
                 (Cow::Owned(ops), Rc::new(counter))
             }
             Rma::Put | Rma::Get => (Cow::Borrowed(ops), Rc::new(OpCounter::default())),

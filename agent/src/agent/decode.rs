@@ -244,20 +244,22 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
     }
     let mode = validate::submit_header(&req)?;
     let session = session_for(agent, &req.peer)?;
-    let ops = validate::submit_blocks(&req, mode, &session.peer_layout, &agent.layout)?;
-    let tx = agent.requests.insert(&req.request_id)?;
-    let started = Instant::now();
-    let id = req.request_id.clone();
     // Where UCX emulates RMA in software (tcp), the target of an emulated
     // get is the prefill agent, and it can be aborted inside UCX if this
     // agent dies mid-read. A pull there is served as a delivery this agent
     // asks for: the prefill agent sends, this agent never answers in UCX.
-    let ops = ops.filter(|_| !agent.cfg.transport.writes_as_messages());
+    // (The blocks are validated the same way; only no read plan is built.)
+    let deliver = agent.cfg.transport.writes_as_messages();
+    let plan_mode = if deliver { pb::TransferMode::Write } else { mode };
+    let ops = validate::submit_blocks(&req, plan_mode, &session.peer_layout, &agent.layout)?;
+    let tx = agent.requests.insert(&req.request_id)?;
+    let started = Instant::now();
+    let id = req.request_id.clone();
     match ops {
         None => {
             // Where puts are emulated in software, the blocks come as active
             // messages this engine accepts only while their tag is open.
-            let delivery = if agent.cfg.transport.writes_as_messages() {
+            let delivery = if deliver {
                 let tag = agent.delivery_tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let bytes = req.src_blocks.len() as u64 * agent.layout.bytes_per_block();
                 match agent.engine.expect(tag, bytes).await {
