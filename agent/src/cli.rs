@@ -346,6 +346,10 @@ pub struct RawArgs {
     pub block_bytes: u64,
     #[arg(long, default_value = "2GiB", value_parser = bytes)]
     pub total_bytes: u64,
+    /// Blocks are grouped into requests of this size and each is planned
+    /// on its own, as the agents plan theirs; the requests run back to back.
+    #[arg(long, default_value = "16MiB", value_parser = bytes)]
+    pub request_bytes: u64,
     #[arg(long, value_enum, default_value = "write")]
     pub mode: Mode,
     #[arg(long, default_value_t = 64)]

@@ -5,10 +5,15 @@
 //! Callers send commands over a channel and wake the thread through an
 //! eventfd; results come back on oneshot channels. When no transfer is
 //! active the thread arms the worker and sleeps on its event fd (and the
-//! command eventfd) instead of spinning. Each transfer issues its coalesced
-//! operations with a bounded window of outstanding requests, then flushes
-//! the endpoint, and reports success only after the flush completed: the
-//! target's bytes are in place when the caller hears "done".
+//! command eventfd) instead of spinning. Transfers issue their coalesced
+//! operations in arrival order through one bounded window of outstanding
+//! requests: the oldest transfer goes first and the next one fills the
+//! window as the oldest runs out of operations, so requests finish one
+//! after another (a caller with more requests to send can refill the queue
+//! while the rest run) and the wire stays busy across their boundaries.
+//! Each transfer then flushes the endpoint and reports success only after
+//! the flush completed: the target's bytes are in place when the caller
+//! hears "done".
 //!
 //! Deliveries ([`Direction::Deliver`], used over tcp) are the exception:
 //! they are active messages the receiving engine copies into its region
@@ -21,6 +26,7 @@
 //! region, which lives as long as the worker.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,7 +62,7 @@ pub struct EngineConfig {
     pub transport: Transport,
     pub region_bytes: u64,
     pub region_alloc: RegionAlloc,
-    /// Outstanding RMA requests per transfer.
+    /// Outstanding RMA requests, shared by the active transfers in order.
     pub window: usize,
     /// Transfers executed at once; more wait in a queue.
     pub max_active: usize,
@@ -153,7 +159,7 @@ pub struct EngineCounters {
 type Reply<T> = oneshot::Sender<Result<T, TransferError>>;
 
 enum Command {
-    Expect { tag: u64, bytes: u64, opened: Reply<()>, reply: Reply<TransferDone> },
+    Expect { tag: u64, into: inbox::Ranges, bytes: u64, opened: Reply<()>, reply: Reply<TransferDone> },
     Close(u64, Option<oneshot::Sender<()>>),
     Connect(PeerSpec, Reply<PeerId>),
     Disconnect(PeerId, Reply<()>),
@@ -237,12 +243,14 @@ impl Engine {
         rx.await.map_err(|_| TransferError::EngineStopped)?
     }
 
-    /// Opens `tag` for deliveries of exactly `bytes` bytes into this
-    /// engine's region. Returns once the tag is open (a peer may be told to
+    /// Opens `tag` for deliveries that fill exactly the byte ranges `into`
+    /// of this engine's region (disjoint; a request's destination blocks),
+    /// nothing else. Returns once the tag is open (a peer may be told to
     /// send from then on); the [`Expected`] resolves when every byte landed.
-    pub async fn expect(&self, tag: u64, bytes: u64) -> Result<Expected, TransferError> {
+    pub async fn expect(&self, tag: u64, into: Vec<Range<u64>>) -> Result<Expected, TransferError> {
+        let (into, bytes) = crate::inbox::into_ranges(into).map_err(TransferError::Region)?;
         let (reply, rx) = oneshot::channel();
-        self.call(|opened| Command::Expect { tag, bytes, opened, reply }).await?;
+        self.call(|opened| Command::Expect { tag, into, bytes, opened, reply }).await?;
         let (tx, wake) = (self.tx.clone().ok_or(TransferError::EngineStopped)?, self.wake.clone());
         Ok(Expected { tag, rx: Some(rx), tx, wake })
     }
@@ -371,7 +379,10 @@ enum JobState {
 }
 
 impl Job {
-    fn drive(&mut self, window: usize, stall: Duration) -> JobState {
+    /// Checks the job's health and issues operations while `budget` (free
+    /// slots of the shared window) lasts; an operation that completes at
+    /// once takes no slot.
+    fn drive(&mut self, budget: &mut usize, stall: Duration) -> JobState {
         let pending = self.counter.pending();
         if pending < self.last_pending {
             self.progressed = Instant::now();
@@ -404,14 +415,18 @@ impl Job {
         if self.cancelled {
             return if self.counter.pending() == 0 { JobState::Done(Err(TransferError::Cancelled)) } else { JobState::Running };
         }
-        while self.next < self.ops.len() && (self.counter.pending() as usize) < window {
+        while self.next < self.ops.len() && *budget > 0 {
             let op = self.ops[self.next];
+            let before = self.counter.pending();
             let (local, remote) = match self.dir {
                 Rma::Put | Rma::Deliver => (op.src_offset, op.dst_offset),
                 Rma::Get => (op.dst_offset, op.src_offset),
             };
             if let Err(e) = self.remote.start(self.dir, local, remote, op.len, &self.counter) {
                 return JobState::Done(Err(e.into()));
+            }
+            if self.counter.pending() > before {
+                *budget -= 1;
             }
             self.bytes += op.len;
             self.next += 1;
@@ -610,8 +625,8 @@ impl Progress {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Expect { tag, bytes, opened, reply } => {
-                if self.worker.inbox().open(tag, bytes) {
+            Command::Expect { tag, into, bytes, opened, reply } => {
+                if self.worker.inbox().open(tag, into, bytes) {
                     self.expects.push(Expect { tag, started: Instant::now(), reply });
                     let _ = opened.send(Ok(()));
                 } else {
@@ -705,12 +720,15 @@ impl Progress {
                 None => break,
             }
         }
+        // One window for all active jobs, oldest first (order is kept).
+        let in_flight: usize = self.active.iter().map(|j| j.counter.pending() as usize).sum();
+        let mut budget = self.window.saturating_sub(in_flight);
         let mut i = 0;
         while i < self.active.len() {
-            match self.active[i].drive(self.window, self.stall) {
+            match self.active[i].drive(&mut budget, self.stall) {
                 JobState::Running => i += 1,
                 JobState::Done(result) => {
-                    let job = self.active.swap_remove_back(i).expect("index in range");
+                    let job = self.active.remove(i).expect("index in range");
                     self.finish(job, result);
                 }
             }

@@ -10,12 +10,15 @@
 //! Completion is counted here: the receiver opened the tag for an exact
 //! number of bytes and knows when all of them are in place.
 //!
-//! Only open tags are accepted. Bytes for an unknown or closed tag, outside
-//! the region, or beyond what the tag expects are dropped (and counted), so
-//! a request that failed or was cancelled cannot be written into afterwards.
+//! Only open tags are accepted, and each tag only into the byte ranges it
+//! was opened for (its request's destination blocks). Bytes for an unknown
+//! or closed tag, outside the tag's ranges, or beyond what the tag expects
+//! are dropped (and counted), so a request that failed or was cancelled
+//! cannot be written into afterwards, nor one request into another's blocks.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::ffi::ucp::Registration;
@@ -58,12 +61,52 @@ pub(crate) enum Reject {
     Rendezvous,
 }
 
+/// Sorted, disjoint byte ranges of the region.
+pub(crate) type Ranges = Box<[Range<u64>]>;
+
+/// An open tag: its progress and the byte ranges it may fill, sorted and
+/// disjoint (see [`into_ranges`]).
+#[derive(Debug)]
+struct Open {
+    arrival: Arrival,
+    into: Ranges,
+}
+
+impl Open {
+    /// Whether `[offset, offset + len)` lies inside one of the ranges.
+    fn admits(&self, offset: u64, len: u64) -> bool {
+        let i = self.into.partition_point(|r| r.end <= offset);
+        self.into.get(i).is_some_and(|r| r.start <= offset && offset.checked_add(len).is_some_and(|end| end <= r.end))
+    }
+}
+
+/// Sorts `ranges`, checks they are non-empty and disjoint, and joins the
+/// ones that touch (a chunk may span two adjacent blocks); returns them with
+/// their total length. Runs on the caller's thread, not the progress thread.
+pub(crate) fn into_ranges(mut ranges: Vec<Range<u64>>) -> Result<(Ranges, u64), String> {
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut total = 0u64;
+    let mut joined: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        if r.start >= r.end {
+            return Err(format!("delivery range {r:?} is empty"));
+        }
+        total = total.checked_add(r.end - r.start).ok_or("delivery ranges overflow")?;
+        match joined.last_mut() {
+            Some(prev) if prev.end > r.start => return Err(format!("delivery ranges {prev:?} and {r:?} overlap")),
+            Some(prev) if prev.end == r.start => prev.end = r.end,
+            _ => joined.push(r),
+        }
+    }
+    Ok((joined.into_boxed_slice(), total))
+}
+
 /// The receiving side's tags and counters. Lives on the progress thread
 /// (the handler runs inside `ucp_worker_progress`).
 #[derive(Debug)]
 pub(crate) struct Inbox {
     region: Arc<Registration>,
-    open: RefCell<HashMap<u64, Arrival>>,
+    open: RefCell<HashMap<u64, Open>>,
     rejected: Cell<u64>,
 }
 
@@ -72,23 +115,25 @@ impl Inbox {
         Inbox { region, open: RefCell::new(HashMap::new()), rejected: Cell::new(0) }
     }
 
-    /// Starts accepting `expected` bytes for `tag`. False if it is open.
-    pub(crate) fn open(&self, tag: u64, expected: u64) -> bool {
+    /// Starts accepting bytes for `tag` into `into` (from [`into_ranges`],
+    /// whose total is `expected`), until `expected` bytes arrived. False if
+    /// the tag is open.
+    pub(crate) fn open(&self, tag: u64, into: Ranges, expected: u64) -> bool {
         let mut open = self.open.borrow_mut();
         if open.contains_key(&tag) {
             return false;
         }
-        open.insert(tag, Arrival { expected, arrived: 0, messages: 0 });
+        open.insert(tag, Open { arrival: Arrival { expected, arrived: 0, messages: 0 }, into });
         true
     }
 
     /// Stops accepting bytes for `tag`; returns how far it got.
     pub(crate) fn close(&self, tag: u64) -> Option<Arrival> {
-        self.open.borrow_mut().remove(&tag)
+        self.open.borrow_mut().remove(&tag).map(|o| o.arrival)
     }
 
     pub(crate) fn arrival(&self, tag: u64) -> Option<Arrival> {
-        self.open.borrow().get(&tag).copied()
+        self.open.borrow().get(&tag).map(|o| o.arrival)
     }
 
     /// Deliveries dropped so far.
@@ -103,7 +148,8 @@ impl Inbox {
     }
 
     /// Copies one chunk into the region if its tag is open, it lies inside
-    /// the region and the tag still expects that many bytes.
+    /// one of the tag's ranges (and the region) and the tag still expects
+    /// that many bytes.
     pub(crate) fn deliver(&self, header: &[u8], data: &[u8]) -> Result<(), Reject> {
         let r = self.try_deliver(header, data);
         if let Err(why) = r {
@@ -115,8 +161,12 @@ impl Inbox {
     fn try_deliver(&self, header: &[u8], data: &[u8]) -> Result<(), Reject> {
         let (tag, offset) = parse(header).ok_or(Reject::Header)?;
         let mut open = self.open.borrow_mut();
-        let a = open.get_mut(&tag).ok_or(Reject::Tag)?;
+        let o = open.get_mut(&tag).ok_or(Reject::Tag)?;
         let len = data.len() as u64;
+        if !o.admits(offset, len) {
+            return Err(Reject::Range);
+        }
+        let a = &mut o.arrival;
         if a.arrived.checked_add(len).is_none_or(|n| n > a.expected) {
             return Err(Reject::Excess);
         }
@@ -143,24 +193,41 @@ mod tests {
         b
     }
 
+    fn open(i: &Inbox, tag: u64, into: &[(u64, u64)]) -> bool {
+        let (into, total) = into_ranges(into.iter().map(|&(a, b)| a..b).collect()).expect("valid ranges");
+        i.open(tag, into, total)
+    }
+
     #[test]
-    fn accepts_only_open_tags_in_range_up_to_the_expected_bytes() {
+    fn accepts_only_open_tags_inside_their_ranges_up_to_the_expected_bytes() {
         let i = inbox();
-        assert_eq!(i.deliver(&header(7, 0), &[1; 8]), Err(Reject::Tag), "nothing is open yet");
-        assert!(i.open(7, 16));
-        assert!(!i.open(7, 16), "a tag opens once");
+        assert_eq!(i.deliver(&header(7, 4096), &[1; 8]), Err(Reject::Tag), "nothing is open yet");
+        assert!(open(&i, 7, &[(8192, 8200), (4096, 4104)]));
+        assert!(!open(&i, 7, &[(0, 8)]), "a tag opens once");
         assert_eq!(i.deliver(&header(7, 4096), &[2; 8]), Ok(()));
-        assert_eq!(i.deliver(&header(7, (1 << 20) - 4), &[3; 8]), Err(Reject::Range));
+        assert_eq!(i.deliver(&header(7, 0), &[3; 8]), Err(Reject::Range), "not one of the tag's ranges");
+        assert_eq!(i.deliver(&header(7, 8196), &[3; 8]), Err(Reject::Range), "runs past the range's end");
+        assert_eq!(i.deliver(&header(7, u64::MAX - 2), &[3; 8]), Err(Reject::Range), "offset + len overflows");
         assert_eq!(i.deliver(&header(7, 0)[..15], &[3; 8]), Err(Reject::Header));
-        assert_eq!(i.deliver(&header(7, 0), &[4; 9]), Err(Reject::Excess), "9 more would exceed 16");
         assert_eq!(i.deliver(&header(7, 8192), &[5; 8]), Ok(()));
+        assert_eq!(i.deliver(&header(7, 4096), &[4; 8]), Err(Reject::Excess), "16 of 16 bytes are in");
         assert_eq!(i.arrival(7), Some(Arrival { expected: 16, arrived: 16, messages: 2 }));
         assert_eq!(read(&i, 4096, 8), vec![2; 8]);
         assert_eq!(read(&i, 8192, 8), vec![5; 8]);
         assert_eq!(read(&i, 0, 8), vec![0; 8], "rejected bytes were not written");
         assert_eq!(i.close(7).map(|a| a.arrived), Some(16));
-        assert_eq!(i.deliver(&header(7, 0), &[6; 8]), Err(Reject::Tag), "closed tags take nothing");
-        assert_eq!(read(&i, 0, 8), vec![0; 8]);
-        assert_eq!(i.rejected(), 5);
+        assert_eq!(i.deliver(&header(7, 4096), &[6; 8]), Err(Reject::Tag), "closed tags take nothing");
+        assert_eq!(read(&i, 4096, 8), vec![2; 8]);
+        assert!(open(&i, 8, &[((1 << 20) - 4, (1 << 20) + 4)]));
+        assert_eq!(i.deliver(&header(8, (1 << 20) - 4), &[7; 8]), Err(Reject::Range), "past the region");
+        assert_eq!(i.rejected(), 8);
+    }
+
+    #[test]
+    fn ranges_are_sorted_and_joined_and_must_be_disjoint_and_non_empty() {
+        let (r, total) = into_ranges(vec![64..96, 16..32, 0..16]).unwrap();
+        assert_eq!((&*r, total), (&[0..32, 64..96][..], 64), "sorted, touching ranges joined");
+        assert!(into_ranges(vec![0..16, 8..24]).unwrap_err().contains("overlap"));
+        assert!(into_ranges(vec![0..16, 16..16]).unwrap_err().contains("empty"));
     }
 }

@@ -75,7 +75,9 @@ impl RawSide {
     /// Target role: progress the worker (busy, as ucx_perftest does) until
     /// `stop` is set, accepting deliveries under [`RAW_TAG`].
     pub fn serve(&self, stop: &AtomicBool) {
-        self.worker.inbox().open(RAW_TAG, u64::MAX);
+        // The raw loop counts nothing: the whole region, without end.
+        let whole = std::iter::once(0..self.worker.region().len() as u64).collect();
+        self.worker.inbox().open(RAW_TAG, whole, u64::MAX);
         while !stop.load(Ordering::Relaxed) {
             if self.worker.progress() == 0 {
                 std::hint::spin_loop();

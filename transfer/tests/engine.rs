@@ -106,9 +106,12 @@ async fn tcp_deliveries_land_only_while_their_tag_is_open() {
     let ops = |src: &[u32], dst: &[u32]| TransferPlan::build(&layout, src, &layout, dst, 0).unwrap().into_ops();
     let rejected = || b.counters().deliveries_rejected.load(Relaxed);
 
+    let into = |dst: &[u32]| dst.iter().map(|&d| d as u64 * BLOCK..(d as u64 + 1) * BLOCK).collect::<Vec<_>>();
+
     // An open tag: every block lands, then the tag closes by itself.
-    let mut exp = b.expect(9, 4 * BLOCK).await.unwrap();
-    assert!(b.expect(9, BLOCK).await.is_err(), "a tag opens once");
+    let mut exp = b.expect(9, into(&[40, 30, 20, 10])).await.unwrap();
+    assert!(b.expect(9, into(&[1])).await.is_err(), "a tag opens once");
+    assert!(b.expect(13, into(&[1, 1])).await.is_err(), "a tag's blocks are disjoint");
     let done = a.transfer(b_on_a, Direction::Deliver { tag: 9 }, ops(&[0, 1, 2, 3], &[40, 30, 20, 10])).await.expect("deliver");
     assert_eq!(done.bytes, 4 * BLOCK);
     let got = exp.arrived(Duration::from_secs(10)).await.unwrap_or_else(|e| panic!("{e}; rejected {}", rejected()));
@@ -118,19 +121,22 @@ async fn tcp_deliveries_land_only_while_their_tag_is_open() {
     }
     assert_eq!(rejected(), 0);
 
-    // More than expected: the excess is dropped, not written.
-    let mut exp = b.expect(10, BLOCK).await.unwrap();
+    // Blocks the tag was not opened for (here another open tag's) are
+    // dropped, not written; the tag's own block still lands.
+    let mut exp = b.expect(10, into(&[50])).await.unwrap();
+    let other = b.expect(14, into(&[51])).await.unwrap();
     a.transfer(b_on_a, Direction::Deliver { tag: 10 }, ops(&[4, 5], &[50, 51])).await.expect("deliver");
     assert_eq!(exp.arrived(Duration::from_secs(10)).await.expect("one block arrived").bytes, BLOCK);
+    other.close().await;
     // Unknown and closed tags take nothing.
-    b.expect(11, BLOCK).await.unwrap().close().await;
+    b.expect(11, into(&[60])).await.unwrap().close().await;
     a.transfer(b_on_a, Direction::Deliver { tag: 11 }, ops(&[6], &[60])).await.expect("sent");
     a.transfer(b_on_a, Direction::Deliver { tag: 12 }, ops(&[7], &[61])).await.expect("sent");
     let t0 = std::time::Instant::now();
     while rejected() < 3 && t0.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(rejected() >= 3, "excess, closed and unknown deliveries must be counted as dropped: {}", rejected());
+    assert!(rejected() >= 3, "misdirected, closed and unknown deliveries must be counted as dropped: {}", rejected());
     assert_eq!(block_of(&b, 50), vec![0x44; BLOCK as usize]);
     for d in [51, 60, 61] {
         assert_eq!(block_of(&b, d), vec![0; BLOCK as usize], "block {d} was written by a rejected delivery");

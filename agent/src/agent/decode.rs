@@ -246,32 +246,33 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
     let session = session_for(agent, &req.peer)?;
     // Where UCX emulates RMA in software (tcp), the target of an emulated
     // get is the prefill agent, and it can be aborted inside UCX if this
-    // agent dies mid-read. A pull there is served as a delivery this agent
-    // asks for: the prefill agent sends, this agent never answers in UCX.
-    // (The blocks are validated the same way; only no read plan is built.)
+    // agent dies mid-read. There both modes are deliveries: the prefill
+    // agent sends, this agent never answers in UCX, and accepts the bytes
+    // only into this request's destination blocks (the byte ranges a read
+    // plan would fill).
     let deliver = agent.cfg.transport.writes_as_messages();
-    let plan_mode = if deliver { pb::TransferMode::Write } else { mode };
+    let plan_mode = if deliver { pb::TransferMode::Read } else { mode };
     let ops = validate::submit_blocks(&req, plan_mode, &session.peer_layout, &agent.layout)?;
+    let (pull, into) =
+        if deliver { (None, ops.map(|ops| ops.iter().map(|o| o.dst_offset..o.dst_offset + o.len).collect())) } else { (ops, None) };
     let tx = agent.requests.insert(&req.request_id)?;
     let started = Instant::now();
     let id = req.request_id.clone();
-    match ops {
+    match pull {
         None => {
-            // Where puts are emulated in software, the blocks come as active
-            // messages this engine accepts only while their tag is open.
-            let delivery = if deliver {
-                let tag = agent.delivery_tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                let bytes = req.src_blocks.len() as u64 * agent.layout.bytes_per_block();
-                match agent.engine.expect(tag, bytes).await {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        let s = convert::status_of(&e);
-                        agent.requests.finish(&id, &tx, failed(started, s.code() as i32, s.message().to_string()));
-                        return Err(s);
+            let delivery = match into {
+                Some(into) => {
+                    let tag = agent.delivery_tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    match agent.engine.expect(tag, into).await {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            let s = convert::status_of(&e);
+                            agent.requests.finish(&id, &tx, failed(started, s.code() as i32, s.message().to_string()));
+                            return Err(s);
+                        }
                     }
                 }
-            } else {
-                None
+                None => None,
             };
             let (done_tx, done_rx) = oneshot::channel();
             session.pending.lock().expect("lock").insert(id.clone(), done_tx);

@@ -4,7 +4,8 @@
 //! - kvrail: a decode and a prefill agent (two processes) moving
 //!   `--total-bytes` of scattered blocks, every block verified afterwards;
 //! - the raw-UCX loop (`kvrail raw-ucx`, two processes): the same UCX calls
-//!   over the same region size, transport and block pattern, nothing else;
+//!   over the same region size, transport and block pattern, grouped into
+//!   the same requests (each planned on its own), nothing else;
 //! - the streaming memcpy limit (scattered block copies between two
 //!   region-sized buffers in this process);
 //! - `ucx_perftest` for reference (one reused buffer: cache-hot).
@@ -262,6 +263,7 @@ async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow:
         let mut v = vec!["--log-level".into(), "warn".into(), "raw-ucx".into(), "--role".into(), role.into()];
         v.extend(geometry_args(a, t, block));
         v.extend(["--total-bytes".into(), a.total_bytes.to_string(), "--mode".into(), mode.name().into()]);
+        v.extend(["--request-bytes".into(), a.request_bytes.to_string()]);
         v.extend(["--seed".into(), a.out.seed.to_string()]);
         v
     };

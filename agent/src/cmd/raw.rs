@@ -2,7 +2,8 @@
 //! `kvrail bench` runs beside kvrail. The target registers its region,
 //! prints its address and rkey, and progresses until its stdin closes; the
 //! initiator reads that line, puts (or gets) the same scattered block
-//! pattern the bench uses, and prints the time it took.
+//! pattern the bench uses, in the same requests (each planned on its own),
+//! and prints the time it took.
 
 use std::io::BufRead;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +58,7 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
             };
             let layout = BlockLayout::fit_region(a.region_bytes, a.block_bytes, 1)?;
             let total = (a.total_bytes / a.block_bytes) as usize;
+            let request_blocks = (a.request_bytes / a.block_bytes).max(1) as usize;
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
             // As the agents do: over tcp both modes are deliveries.
             let dir = match a.mode {
@@ -70,7 +72,12 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
             while done < total {
                 let n = (total - done).min(layout.num_blocks() as usize);
                 let (src, dst) = scattered(&mut rng, layout.num_blocks(), n);
-                let ops = TransferPlan::build(&layout, &src, &layout, &dst, 0)?.into_ops();
+                // The agents' requests, planned one by one, then issued
+                // back to back through one window.
+                let mut ops = Vec::new();
+                for (s, d) in src.chunks(request_blocks).zip(dst.chunks(request_blocks)) {
+                    ops.extend_from_slice(TransferPlan::build(&layout, s, &layout, d, 0)?.ops());
+                }
                 secs += side.run(&peer, &ops, a.window)?.as_secs_f64();
                 done += n;
             }
