@@ -106,9 +106,14 @@ pub struct AgentArgs {
     /// memory is served by the target's CPU over active messages).
     #[arg(long)]
     pub mmap_region: bool,
-    /// Outstanding RMA operations per transfer.
+    /// Outstanding RMA operations (shared by the transfers in flight, oldest
+    /// first).
     #[arg(long, default_value_t = 64)]
     pub window: usize,
+    /// Bind the UCX progress thread to this CPU (e.g. one next to the NIC;
+    /// the region is first touched from there). Default: not bound.
+    #[arg(long)]
+    pub progress_cpu: Option<usize>,
     /// Accept FillPattern/PoisonBlocks (writes test patterns into the region).
     #[arg(long)]
     pub test_patterns: bool,
@@ -323,6 +328,12 @@ pub struct BenchArgs {
     /// Skip the ucx_perftest reference.
     #[arg(long)]
     pub no_perftest: bool,
+    /// Leave the UCX threads unbound. By default, with two or more CPUs, the
+    /// decode agent's progress thread and the raw target go to the first
+    /// allowed CPU and the prefill agent's and the raw initiator to the
+    /// second, so the two busy threads of a point never share a core.
+    #[arg(long)]
+    pub no_pin: bool,
     #[command(flatten)]
     pub out: DriverOpts,
 }
@@ -356,6 +367,9 @@ pub struct RawArgs {
     pub window: usize,
     #[arg(long, default_value_t = 11)]
     pub seed: u64,
+    /// Bind this process's UCX thread to this CPU (as `serve --progress-cpu`).
+    #[arg(long)]
+    pub progress_cpu: Option<usize>,
     /// Endpoints without UCX's peer-failure reporting (the engine asks for
     /// it; this measures what it costs).
     #[arg(long)]

@@ -75,6 +75,9 @@ pub struct EngineConfig {
     /// Largest active message a delivery ([`Direction::Deliver`]) sends;
     /// longer operations are split.
     pub am_chunk: u64,
+    /// Bind the progress thread (and so the region's first touch) to this
+    /// CPU; `None` leaves placement to the scheduler.
+    pub progress_cpu: Option<usize>,
 }
 
 /// Default of [`EngineConfig::am_chunk`]: on tcp here 32 KiB messages beat
@@ -93,6 +96,7 @@ impl Default for EngineConfig {
             allow_hooks: false,
             stall_timeout: Duration::from_secs(5),
             am_chunk: DEFAULT_AM_CHUNK,
+            progress_cpu: None,
         }
     }
 }
@@ -199,13 +203,15 @@ impl Engine {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = {
             let (wake, counters, cfg, stop) = (wake.clone(), counters.clone(), cfg.clone(), stopping.clone());
-            std::thread::Builder::new().name("kvrail-ucx".into()).spawn(move || match Progress::new(&cfg, region_len, wake, counters) {
-                Ok((progress, info, region)) => {
-                    let _ = ready_tx.send(Ok((info, region)));
-                    progress.run(rx, &stop);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+            std::thread::Builder::new().name("kvrail-ucx".into()).spawn(move || {
+                match pin(cfg.progress_cpu).and_then(|()| Progress::new(&cfg, region_len, wake, counters)) {
+                    Ok((progress, info, region)) => {
+                        let _ = ready_tx.send(Ok((info, region)));
+                        progress.run(rx, &stop);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
             })?
         };
@@ -470,6 +476,14 @@ fn chunked(ops: Vec<RmaOp>, chunk: u64) -> Vec<RmaOp> {
         }
     }
     out
+}
+
+/// Binds the calling thread to `cpu`, if one is given.
+pub(crate) fn pin(cpu: Option<usize>) -> Result<(), TransferError> {
+    match cpu {
+        Some(cpu) => crate::ffi::sys::pin_this_thread(cpu).map_err(|source| TransferError::Pin { cpu, source }),
+        None => Ok(()),
+    }
 }
 
 /// An endpoint to the worker at `address`, with UCX's peer-failure reporting
@@ -758,6 +772,27 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_a_thread_to_an_allowed_cpu_and_refuses_others() {
+        let cpus = crate::ffi::sys::allowed_cpus().expect("sched_getaffinity");
+        assert!(!cpus.is_empty());
+        // In a thread of its own, so the test thread keeps its placement.
+        std::thread::spawn(move || {
+            pin(Some(cpus[0])).expect("an allowed CPU");
+            assert_eq!(crate::ffi::sys::allowed_cpus().unwrap(), vec![cpus[0]]);
+            let not_allowed = cpus.iter().max().unwrap() + 1;
+            let e = pin(Some(not_allowed)).unwrap_err();
+            assert!(matches!(e, TransferError::Pin { cpu, .. } if cpu == not_allowed), "{e}");
+            assert!(matches!(pin(Some(1 << 20)), Err(TransferError::Pin { .. })), "beyond CPU_SETSIZE");
+            assert_eq!(crate::ffi::sys::allowed_cpus().unwrap(), vec![cpus[0]], "a refused pin changes nothing");
+        })
+        .join()
+        .unwrap();
+        assert!(pin(None).is_ok());
+        let e = Engine::start(EngineConfig { progress_cpu: Some(1 << 20), ..EngineConfig::default() }).unwrap_err();
+        assert!(e.to_string().contains("cannot bind the progress thread to CPU"), "{e}");
+    }
 
     #[test]
     fn deliveries_split_long_operations_in_order_with_one_header_each() {

@@ -29,6 +29,8 @@ pub enum TransferError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    #[error("cannot bind the progress thread to CPU {cpu}: {source}")]
+    Pin { cpu: usize, source: std::io::Error },
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }

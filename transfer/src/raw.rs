@@ -53,8 +53,10 @@ pub struct RawSide {
 
 impl RawSide {
     /// Creates the context, registers one region and creates a worker, in
-    /// the calling thread (which then owns the worker).
-    pub fn new(transport: Transport, region_bytes: u64, alloc: RegionAlloc) -> Result<RawSide, TransferError> {
+    /// the calling thread (which then owns the worker), first bound to
+    /// `cpu` if one is given (as the engine binds its progress thread).
+    pub fn new(transport: Transport, region_bytes: u64, alloc: RegionAlloc, cpu: Option<usize>) -> Result<RawSide, TransferError> {
+        crate::engine::pin(cpu)?;
         let report = crate::hooks::verify();
         if !report.is_off() {
             return Err(TransferError::HooksOn(report.summary()));

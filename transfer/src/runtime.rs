@@ -22,6 +22,11 @@ pub struct UcxRuntime {
     pub supported: bool,
 }
 
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    ffi::sys::allowed_cpus()
+}
+
 /// Version and path of the loaded libucp.
 pub fn ucx_runtime() -> UcxRuntime {
     let version = ffi::ucp::loaded_version();

@@ -93,7 +93,7 @@ pub fn status_of(e: &TransferError) -> Status {
         TransferError::PeerFailed(_) | TransferError::EngineStopped => Code::Unavailable,
         TransferError::Cancelled => Code::Cancelled,
         TransferError::Stalled(_) => Code::DeadlineExceeded,
-        TransferError::HooksOn(_) => Code::FailedPrecondition,
+        TransferError::HooksOn(_) | TransferError::Pin { .. } => Code::FailedPrecondition,
         TransferError::Ucx { .. } | TransferError::Region(_) | TransferError::Io(_) => Code::Internal,
     };
     Status::new(code, e.to_string())

@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub layers: u32,
     pub region_alloc: RegionAlloc,
     pub window: usize,
+    /// Bind the UCX progress thread to this CPU.
+    pub progress_cpu: Option<usize>,
     /// Accept FillPattern/PoisonBlocks (demo, bench, soak drivers).
     pub test_patterns: bool,
     /// How long a request may wait for its completion.
@@ -122,6 +124,7 @@ impl Agent {
             region_bytes: layout.region_bytes(),
             region_alloc: cfg.region_alloc,
             window: cfg.window,
+            progress_cpu: cfg.progress_cpu,
             allow_hooks: cfg.allow_hooks,
             stall_timeout: cfg.stall_timeout,
             ..EngineConfig::default()

@@ -44,6 +44,10 @@ pub struct Point {
     pub cpu_s_per_gb_prefill: f64,
     pub verified: bool,
     pub ucx_version: String,
+    /// Every kvrail run and every raw-UCX run of the point, in run order
+    /// (the medians above come from these).
+    pub gbps_runs: Vec<f64>,
+    pub raw_ucx_gbps_runs: Vec<f64>,
 }
 
 /// The median of `v` (the mean of the middle two for an even count; NaN
@@ -149,14 +153,14 @@ impl Progress {
 
 async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64, stage: impl Fn(&str)) -> anyhow::Result<Point> {
     let n = a.repeat.max(1);
-    let (mut outcome, mut cpu, mut ucx_version) = (Outcome::default(), (0.0, 0.0), String::new());
+    let (mut outcome, mut ucx_version) = (Outcome::default(), String::new());
     let (mut runs, mut raws, mut handshakes) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=n {
         stage(&format!("kvrail agents, run {i}/{n}"));
-        let (o, hs, c, v) = kvrail_run(a, t, block, mode).await?;
+        let (o, hs, v) = kvrail_run(a, t, block, mode).await?;
         runs.push(if o.seconds > 0.0 { (o.blocks * block) as f64 / o.seconds / 1e9 } else { 0.0 });
         handshakes.push(hs);
-        (cpu.0, cpu.1, ucx_version) = (cpu.0 + c.0, cpu.1 + c.1, v);
+        ucx_version = v;
         outcome.absorb(o);
         stage(&format!("raw-UCX loop, run {i}/{n}"));
         raws.push(raw_run(a, t, block, mode).await?);
@@ -165,6 +169,7 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
         stage("ucx_perftest");
     }
     let perftest = if a.no_perftest { None } else { perftest(t, block, mode).await.ok() };
+    let (gbps_runs, raw_ucx_gbps_runs) = (runs.clone(), raws.clone());
     let (gbps, raw, handshake_ms) = (median(&mut runs), median(&mut raws), median(&mut handshakes));
     let gb = (outcome.blocks * block) as f64 / 1e9;
     Ok(Point {
@@ -180,28 +185,20 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
         p50_us: outcome.latency_ms(0.5) * 1e3,
         p99_us: outcome.latency_ms(0.99) * 1e3,
         handshake_ms,
-        cpu_s_per_gb_decode: cpu.0 / gb,
-        cpu_s_per_gb_prefill: cpu.1 / gb,
+        cpu_s_per_gb_decode: outcome.cpu_secs[0] / gb,
+        cpu_s_per_gb_prefill: outcome.cpu_secs[1] / gb,
         verified: outcome.verified(),
         ucx_version,
+        gbps_runs,
+        raw_ucx_gbps_runs,
     })
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_secs(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<(Outcome, f64, (f64, f64), String)> {
+async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<(Outcome, f64, String)> {
     let common = |role: &str| -> Vec<String> {
         let mut v = vec![role.to_string(), "--agent-id".into(), format!("bench-{role}"), "--test-patterns".into()];
         v.extend(geometry_args(a, t, block));
+        v.extend(pin_args(a, usize::from(role == "prefill")));
         v
     };
     let limit = Duration::from_secs(120);
@@ -219,8 +216,8 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
             mode: mode.to_pb(),
             request_blocks: (a.request_bytes / block).max(1) as usize,
             concurrency: a.concurrency.max(1),
+            cpu_of: decode.child.id().zip(prefill.child.id()).map(|(d, p)| [d, p]),
         };
-        let (d0, p0) = (cpu_secs(decode.child.id()), cpu_secs(prefill.child.id()));
         let mut rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
         let total = (a.total_bytes / block) as usize;
         let mut out = Outcome::default();
@@ -230,16 +227,12 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
             out.absorb(work.pass(&mut decode.control, num_blocks, n, &format!("bench-{i}"), &mut rng).await?);
             i += 1;
         }
-        // Verification time is excluded from `seconds` but not from CPU; the
-        // CPU figure is taken before it would matter much (decode verifies).
-        let cpu = (cpu_secs(decode.child.id()) - d0, cpu_secs(prefill.child.id()) - p0);
-        anyhow::Ok((out, cpu))
+        anyhow::Ok(out)
     }
     .await;
     decode.stop().await;
     prefill.stop().await;
-    let (out, cpu) = result?;
-    Ok((out, handshake_ms, cpu, ucx_version))
+    Ok((result?, handshake_ms, ucx_version))
 }
 
 /// The flags kvrail's agents and the raw loop share: same transport, region,
@@ -256,6 +249,17 @@ fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
     .collect()
 }
 
+/// `--progress-cpu` for the receiving side (0: decode agent, raw target) or
+/// the initiating side (1: prefill agent, raw initiator): the first and
+/// second CPU this process may use, when there are two and pinning is on.
+fn pin_args(a: &BenchArgs, side: usize) -> Vec<String> {
+    let cpus = if a.no_pin { Vec::new() } else { kvrail_transfer::runtime::allowed_cpus().unwrap_or_default() };
+    match cpus.get(side) {
+        Some(cpu) if cpus.len() >= 2 => vec!["--progress-cpu".into(), cpu.to_string()],
+        _ => Vec::new(),
+    }
+}
+
 /// Runs the two raw-UCX processes and returns their GB/s.
 async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
@@ -264,6 +268,7 @@ async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow:
         v.extend(geometry_args(a, t, block));
         v.extend(["--total-bytes".into(), a.total_bytes.to_string(), "--mode".into(), mode.name().into()]);
         v.extend(["--request-bytes".into(), a.request_bytes.to_string()]);
+        v.extend(pin_args(a, usize::from(role == "initiator")));
         v.extend(["--seed".into(), a.out.seed.to_string()]);
         v
     };
@@ -439,6 +444,8 @@ mod tests {
             cpu_s_per_gb_prefill: 0.2,
             verified: true,
             ucx_version: "1.13.1".into(),
+            gbps_runs: vec![0.9, 1.0, 1.1],
+            raw_ucx_gbps_runs: vec![2.0, 1.9, 2.1],
         };
         let v = serde_json::to_value(&p).unwrap();
         for k in [
@@ -455,6 +462,8 @@ mod tests {
             "handshake_ms",
             "verified",
             "ucx_version",
+            "gbps_runs",
+            "raw_ucx_gbps_runs",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }

@@ -117,8 +117,13 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
 
     let total_blocks = (args.bytes / args.block_bytes) as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.out.seed);
-    let work =
-        Workload { seed: args.out.seed, mode: args.mode.to_pb(), request_blocks: args.request_blocks, concurrency: args.concurrency };
+    let work = Workload {
+        seed: args.out.seed,
+        mode: args.mode.to_pb(),
+        request_blocks: args.request_blocks,
+        concurrency: args.concurrency,
+        cpu_of: None,
+    };
     let mut total = Outcome::default();
     let mut pass = 0u64;
     while (total.blocks as usize) < total_blocks {

@@ -26,7 +26,7 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
-    let side = RawSide::new(a.transport, a.region_bytes, RegionAlloc::Ucx)?;
+    let side = RawSide::new(a.transport, a.region_bytes, RegionAlloc::Ucx, a.progress_cpu)?;
     match a.role {
         RawRole::Target => {
             let l = side.local_info();

@@ -49,6 +49,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         layers: args.layers,
         region_alloc: if args.mmap_region { RegionAlloc::Mapped { populate: true } } else { RegionAlloc::Ucx },
         window: args.window,
+        progress_cpu: args.progress_cpu,
         test_patterns: args.test_patterns,
         request_timeout: Duration::from_secs_f64(args.request_timeout_secs.max(0.001)),
         allow_hooks: std::env::var_os(crate::guard::ALLOW_HOOKS_VAR).is_some(),

@@ -152,8 +152,13 @@ async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> any
     let info = decode.info(pb::InfoRequest {}).await?.into_inner();
     let num_blocks = info.agent.and_then(|x| x.layout).map(|l| l.num_blocks).context("decode agent reported no layout")?;
     prefill.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
-    let work =
-        Workload { seed: a.out.seed, mode: a.mode.to_pb(), request_blocks: a.request_blocks.max(1), concurrency: a.concurrency.max(1) };
+    let work = Workload {
+        seed: a.out.seed,
+        mode: a.mode.to_pb(),
+        request_blocks: a.request_blocks.max(1),
+        concurrency: a.concurrency.max(1),
+        cpu_of: None,
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
     let start = Instant::now();
     let mut total = Outcome::default();

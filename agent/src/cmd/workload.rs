@@ -19,6 +19,19 @@ pub struct Workload {
     pub mode: pb::TransferMode,
     pub request_blocks: usize,
     pub concurrency: usize,
+    /// Process ids (decode, prefill) whose CPU time the timed part of each
+    /// pass is charged (poisoning and verifying are not).
+    pub cpu_of: Option<[u32; 2]>,
+}
+
+/// CPU seconds (user + system) process `pid` has used so far; 0 if unknown.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// What one or more passes did.
@@ -32,6 +45,9 @@ pub struct Outcome {
     pub bad_blocks: u64,
     pub first_error: String,
     pub latencies_us: Vec<u64>,
+    /// CPU seconds of (decode, prefill) while requests ran (see
+    /// [`Workload::cpu_of`]).
+    pub cpu_secs: [f64; 2],
 }
 
 impl Outcome {
@@ -46,6 +62,7 @@ impl Outcome {
             self.first_error = o.first_error;
         }
         self.latencies_us.extend(o.latencies_us);
+        self.cpu_secs = [self.cpu_secs[0] + o.cpu_secs[0], self.cpu_secs[1] + o.cpu_secs[1]];
     }
 
     /// Every block verified and no request failed.
@@ -105,6 +122,8 @@ impl Workload {
         let mut out = Outcome { blocks: n as u64, ..Default::default() };
         let (src, dst) = scattered(rng, num_blocks, n);
         decode.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
+        let cpu = || self.cpu_of.map_or([0.0; 2], |p| p.map(cpu_secs));
+        let cpu0 = cpu();
         let t0 = Instant::now();
         let mut set = JoinSet::new();
         let mut chunks = src.chunks(self.request_blocks).zip(dst.chunks(self.request_blocks)).enumerate();
@@ -136,6 +155,8 @@ impl Workload {
             }
         }
         out.seconds = t0.elapsed().as_secs_f64();
+        let cpu1 = cpu();
+        out.cpu_secs = [cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]];
         for (s, d) in src.chunks(1 << 16).zip(dst.chunks(1 << 16)) {
             let v = decode
                 .verify_pattern(pb::VerifyPatternRequest { seed: self.seed, src_blocks: s.to_vec(), dst_blocks: d.to_vec() })

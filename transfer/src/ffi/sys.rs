@@ -242,6 +242,40 @@ pub(crate) fn own_memory_call_addresses() -> [usize; 4] {
 /// libc entry points UCM hooks (by relocation or by patching code).
 pub(crate) const MEMORY_CALLS: [&str; 4] = ["mmap", "munmap", "mremap", "madvise"];
 
+/// Binds the calling thread to CPU `cpu` (`sched_setaffinity(2)` on the
+/// thread itself).
+pub(crate) fn pin_this_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} is beyond CPU_SETSIZE")));
+    }
+    // SAFETY: cpu_set_t is plain bits, all-zero is the empty set; CPU_SET
+    // writes one bit inside it (cpu < CPU_SETSIZE checked above); pid 0 is
+    // the calling thread, and the set outlives the call. The result is checked.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The CPUs the calling thread may run on (`sched_getaffinity(2)`).
+pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: all-zero cpu_set_t is the empty set; the kernel fills the live
+    // local set of the size we pass; CPU_ISSET reads bits below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+    }
+}
+
 /// `umask(2)`: sets the file-mode creation mask, returns the previous one.
 pub(crate) fn set_umask(mask: u32) -> u32 {
     // SAFETY: umask only swaps a per-process integer; it cannot fail.
