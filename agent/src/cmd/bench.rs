@@ -249,9 +249,10 @@ fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
     .collect()
 }
 
-/// `--progress-cpu` for the receiving side (0: decode agent, raw target) or
-/// the initiating side (1: prefill agent, raw initiator): the first and
-/// second CPU this process may use, when there are two and pinning is on.
+/// `--progress-cpu` for the side blocks flow into (0: the decode agent, the
+/// raw process in its place) or out of (1: the prefill agent, or its raw
+/// stand-in): the first and second CPU this process may use, when there are
+/// two and pinning is on.
 fn pin_args(a: &BenchArgs, side: usize) -> Vec<String> {
     let cpus = if a.no_pin { Vec::new() } else { kvrail_transfer::runtime::allowed_cpus().unwrap_or_default() };
     match cpus.get(side) {
@@ -268,7 +269,12 @@ async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow:
         v.extend(geometry_args(a, t, block));
         v.extend(["--total-bytes".into(), a.total_bytes.to_string(), "--mode".into(), mode.name().into()]);
         v.extend(["--request-bytes".into(), a.request_bytes.to_string()]);
-        v.extend(pin_args(a, usize::from(role == "initiator")));
+        // Blocks flow into the target on writes and deliveries (tcp, both
+        // modes) and into the initiator on reads; the receiving side takes
+        // the decode agent's CPU.
+        let into_target = matches!(mode, Mode::Write) || t.writes_as_messages();
+        let receives = (role == "target") == into_target;
+        v.extend(pin_args(a, usize::from(!receives)));
         v.extend(["--seed".into(), a.out.seed.to_string()]);
         v
     };
