@@ -329,9 +329,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_perftest: bool,
     /// Leave the UCX threads unbound. By default, with two or more CPUs, the
-    /// decode agent's progress thread and the raw target go to the first
-    /// allowed CPU and the prefill agent's and the raw initiator to the
-    /// second, so the two busy threads of a point never share a core.
+    /// UCX thread of the side blocks flow into (the decode agent, or the raw
+    /// process in its place) goes to the first allowed CPU and the other
+    /// side's to the second, so the two busy threads never share a core.
     #[arg(long)]
     pub no_pin: bool,
     #[command(flatten)]
