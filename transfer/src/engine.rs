@@ -166,6 +166,7 @@ enum Command {
     Expect { tag: u64, into: inbox::Ranges, bytes: u64, opened: Reply<()>, reply: Reply<TransferDone> },
     Close(u64, Option<oneshot::Sender<()>>),
     Connect(PeerSpec, Reply<PeerId>),
+    Prefault(PeerId, Reply<bool>),
     Disconnect(PeerId, Reply<()>),
     Transfer { peer: PeerId, dir: Direction, ops: Vec<RmaOp>, cancel: Option<Arc<AtomicBool>>, reply: Reply<TransferDone> },
 }
@@ -264,6 +265,18 @@ impl Engine {
     /// Creates an endpoint to the peer and unpacks its rkey.
     pub async fn connect(&self, spec: PeerSpec) -> Result<PeerId, TransferError> {
         self.call(|r| Command::Connect(spec, r)).await
+    }
+
+    /// Starts pre-faulting, in the background, this process's mapping of
+    /// the peer's region where the transport reaches it through shared
+    /// memory (`sm`): without it, the first touch of every 4 KiB page of it
+    /// faults (~0.35 s per GiB here). Returns whether it started (`false`
+    /// on other transports, or when already started). Call it once the
+    /// handshake is over: faulting a GiB-sized mapping while the handshake
+    /// still runs slows the handshake (sm, 1 GiB regions: 1.5-3.8 ms
+    /// without, up to 14 ms with). Transfers may run meanwhile.
+    pub async fn prefault(&self, peer: PeerId) -> Result<bool, TransferError> {
+        self.call(|r| Command::Prefault(peer, r)).await
     }
 
     /// Releases the peer's rkey and endpoint. Transfers still running on it fail.
@@ -656,6 +669,9 @@ impl Progress {
             }
             Command::Connect(spec, reply) => {
                 let _ = reply.send(self.connect(spec));
+            }
+            Command::Prefault(id, reply) => {
+                let _ = reply.send(self.peers.get(&id).map(|p| p.remote.prefault()).ok_or(TransferError::UnknownPeer(id.0)));
             }
             Command::Disconnect(id, reply) => {
                 if self.peers.remove(&id).is_some() {

@@ -94,7 +94,8 @@ impl RawSide {
     /// throughput on some transports, e.g. tcp in 1.18).
     pub fn connect(&self, peer: &PeerSpec, dir: Direction, warmup: Option<&RmaOp>, peer_errors: bool) -> Result<RawPeer, TransferError> {
         let ep = Rc::new(crate::engine::connect_endpoint(&self.worker, &peer.worker_address, peer_errors)?);
-        let mut remote = RemoteRegion::unpack(&ep, &peer.rkey, peer.region_base, peer.region_len)?;
+        let remote = RemoteRegion::unpack(&ep, &peer.rkey, peer.region_base, peer.region_len)?;
+        remote.prefault();
         remote.wait_populated();
         let rma = match dir {
             Direction::Write => Rma::Put,

@@ -39,6 +39,15 @@ async fn roundtrip(transport: Transport, alloc: RegionAlloc) {
     let layout = BlockLayout::contiguous(BLOCK, (REGION / BLOCK) as u32).unwrap();
     let b_on_a = a.connect(spec(&b)).await.expect("connect a->b");
     let a_on_b = b.connect(spec(&a)).await.expect("connect b->a");
+    // Pre-faulting the peer mapping happens where UCX maps the peer's region
+    // into this process (sm, UCX-allocated region), never on tcp, and once.
+    let started = a.prefault(b_on_a).await.expect("prefault");
+    match (transport, alloc) {
+        (Transport::Sm, RegionAlloc::Ucx) => assert!(started, "sm peer region not mapped into this process"),
+        (Transport::Tcp, _) => assert!(!started, "nothing to pre-fault over tcp"),
+        _ => {}
+    }
+    assert!(!a.prefault(b_on_a).await.expect("prefault"), "pre-faulting starts once per peer");
     for blk in 0..8u32 {
         fill(&a, blk, 0x10 + blk as u8);
     }
@@ -64,6 +73,7 @@ async fn roundtrip(transport: Transport, alloc: RegionAlloc) {
     assert_eq!(a.counters().transfers_ok.load(std::sync::atomic::Ordering::Relaxed), 1);
     a.disconnect(b_on_a).await.unwrap();
     assert!(matches!(a.transfer(b_on_a, Direction::Write, vec![]).await, Err(TransferError::UnknownPeer(_))));
+    assert!(matches!(a.prefault(b_on_a).await, Err(TransferError::UnknownPeer(_))));
 }
 
 #[tokio::test]

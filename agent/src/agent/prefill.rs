@@ -92,6 +92,8 @@ async fn session_once(
     let spec = convert::peer_spec(&decode, &layout)?;
     let engine_peer = agent.engine.connect(spec).await?;
     let handshake_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // Handshake over: now fault in our view of the decode region (sm).
+    agent.engine.prefault(engine_peer).await?;
     let (up_tx, up_rx) = mpsc::channel(4096);
     up_tx.send(pb::SessionUp { msg: Some(pb::session_up::Msg::Open(pb::SessionOpen { session_id: resp.session_id.clone() })) }).await?;
     let mut down = client.session(ReceiverStream::new(up_rx)).await?.into_inner();

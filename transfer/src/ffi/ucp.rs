@@ -601,7 +601,7 @@ pub(crate) struct RemoteRegion {
     base: u64,
     len: u64,
     ep: Rc<Endpoint>,
-    populator: Option<Populator>,
+    populator: std::cell::RefCell<Option<Populator>>,
 }
 
 /// Pre-faults this process's mapping of a peer's shared-memory segment on a
@@ -677,17 +677,28 @@ impl RemoteRegion {
         // SAFETY: live endpoint on its worker's thread; the packed bytes are
         // only read during the call and UCX validates them.
         check("ucp_ep_rkey_unpack", unsafe { decls::ucp_ep_rkey_unpack(ep.h, packed.as_ptr().cast(), &mut rkey) })?;
-        let mut region = RemoteRegion { rkey, base, len, ep: ep.clone(), populator: None };
-        if let Some(addr) = region.local_view() {
-            region.populator = Populator::start(addr, len as usize);
+        Ok(RemoteRegion { rkey, base, len, ep: ep.clone(), populator: Default::default() })
+    }
+
+    /// Starts pre-faulting this process's mapping of the peer's region on a
+    /// background thread, where the transport reaches it through shared
+    /// memory; returns whether it did (once per region: later calls return
+    /// `false`). Not part of `unpack`: the faulting competes with whatever
+    /// runs next for the CPUs and this process's memory map, so it belongs
+    /// after the handshake, not inside it.
+    pub(crate) fn prefault(&self) -> bool {
+        let mut slot = self.populator.borrow_mut();
+        if slot.is_some() {
+            return false;
         }
-        Ok(region)
+        *slot = self.local_view().and_then(|addr| Populator::start(addr, self.len as usize));
+        slot.is_some()
     }
 
     /// Blocks until the background pre-faulting of the peer mapping (if any)
     /// has finished.
-    pub(crate) fn wait_populated(&mut self) {
-        if let Some(p) = self.populator.as_mut() {
+    pub(crate) fn wait_populated(&self) {
+        if let Some(p) = self.populator.borrow_mut().as_mut() {
             p.join();
         }
     }
@@ -778,7 +789,7 @@ impl RemoteRegion {
 impl Drop for RemoteRegion {
     fn drop(&mut self) {
         // The populating thread works on the mapping the rkey keeps alive.
-        drop(self.populator.take());
+        drop(self.populator.get_mut().take());
         // SAFETY: rkey from ucp_ep_rkey_unpack, destroyed once, before its
         // endpoint (we hold the Rc until after this).
         unsafe { sys_ucx::ucp_rkey_destroy(self.rkey) };
