@@ -40,6 +40,17 @@ pub enum Command {
     RawUcx(RawArgs),
 }
 
+impl Command {
+    /// The agent flags, for `decode` and `prefill`.
+    pub fn agent_args(&self) -> Option<&AgentArgs> {
+        match self {
+            Command::Decode(a) => Some(a),
+            Command::Prefill(p) => Some(&p.agent),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct InfoArgs {
     /// One JSON object on stdout.
@@ -114,6 +125,12 @@ pub struct AgentArgs {
     /// the region is first touched from there). Default: not bound.
     #[arg(long)]
     pub progress_cpu: Option<usize>,
+    /// Bind the agent's other threads (gRPC, the async runtime) to these
+    /// CPUs (comma list), e.g. to keep them off the progress thread's CPU;
+    /// threads the progress thread starts (UCX's own, pre-faulting) share
+    /// its CPU. Default: not bound.
+    #[arg(long, value_delimiter = ',')]
+    pub runtime_cpus: Vec<usize>,
     /// Accept FillPattern/PoisonBlocks (writes test patterns into the region).
     #[arg(long)]
     pub test_patterns: bool,

@@ -18,6 +18,14 @@ fn main() -> ExitCode {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Before the runtime starts: its threads (and the engine's, until the
+    // progress thread binds itself) inherit this thread's CPUs.
+    if let Some(a) = cli.cmd.agent_args().filter(|a| !a.runtime_cpus.is_empty()) {
+        if let Err(e) = kvrail_transfer::runtime::bind_this_thread(&a.runtime_cpus) {
+            eprintln!("kvrail: cannot bind the agent's threads to CPUs {:?} (--runtime-cpus): {e}", a.runtime_cpus);
+            return ExitCode::from(2);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

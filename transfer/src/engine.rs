@@ -494,7 +494,7 @@ fn chunked(ops: Vec<RmaOp>, chunk: u64) -> Vec<RmaOp> {
 /// Binds the calling thread to `cpu`, if one is given.
 pub(crate) fn pin(cpu: Option<usize>) -> Result<(), TransferError> {
     match cpu {
-        Some(cpu) => crate::ffi::sys::pin_this_thread(cpu).map_err(|source| TransferError::Pin { cpu, source }),
+        Some(cpu) => crate::ffi::sys::bind_this_thread(&[cpu]).map_err(|source| TransferError::Pin { cpu, source }),
         None => Ok(()),
     }
 }

@@ -199,6 +199,7 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
         let mut v = vec![role.to_string(), "--agent-id".into(), format!("bench-{role}"), "--test-patterns".into()];
         v.extend(geometry_args(a, t, block));
         v.extend(pin_args(a, usize::from(role == "prefill")));
+        v.extend(runtime_args(a, t, mode));
         v
     };
     let limit = Duration::from_secs(120);
@@ -257,6 +258,22 @@ fn pin_args(a: &BenchArgs, side: usize) -> Vec<String> {
     let cpus = if a.no_pin { Vec::new() } else { kvrail_transfer::runtime::allowed_cpus().unwrap_or_default() };
     match cpus.get(side) {
         Some(cpu) if cpus.len() >= 2 => vec!["--progress-cpu".into(), cpu.to_string()],
+        _ => Vec::new(),
+    }
+}
+
+/// On `sm` one progress thread does all the copying (prefill's on writes,
+/// decode's on reads) on its own CPU; the agents' other threads (gRPC, the
+/// async runtime) go to the other CPU so they do not preempt it. The raw
+/// loop has no such threads. On tcp both progress threads are busy: the
+/// runtimes are not bound.
+fn runtime_args(a: &BenchArgs, t: Transport, mode: Mode) -> Vec<String> {
+    let cpus = if a.no_pin || t.writes_as_messages() { Vec::new() } else { kvrail_transfer::runtime::allowed_cpus().unwrap_or_default() };
+    // The copying side has the second CPU on writes (prefill), the first on
+    // reads (decode): see `pin_args`.
+    let control = usize::from(matches!(mode, Mode::Read));
+    match cpus.get(control) {
+        Some(cpu) if cpus.len() >= 2 => vec!["--runtime-cpus".into(), cpu.to_string()],
         _ => Vec::new(),
     }
 }

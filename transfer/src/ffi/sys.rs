@@ -242,18 +242,24 @@ pub(crate) fn own_memory_call_addresses() -> [usize; 4] {
 /// libc entry points UCM hooks (by relocation or by patching code).
 pub(crate) const MEMORY_CALLS: [&str; 4] = ["mmap", "munmap", "mremap", "madvise"];
 
-/// Binds the calling thread to CPU `cpu` (`sched_setaffinity(2)` on the
-/// thread itself).
-pub(crate) fn pin_this_thread(cpu: usize) -> io::Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
+/// Binds the calling thread to the CPUs in `cpus` (`sched_setaffinity(2)`
+/// on the thread itself); threads it starts afterwards inherit the set.
+pub(crate) fn bind_this_thread(cpus: &[usize]) -> io::Result<()> {
+    if cpus.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no CPU given"));
+    }
+    if let Some(cpu) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} is beyond CPU_SETSIZE")));
     }
     // SAFETY: cpu_set_t is plain bits, all-zero is the empty set; CPU_SET
-    // writes one bit inside it (cpu < CPU_SETSIZE checked above); pid 0 is
-    // the calling thread, and the set outlives the call. The result is checked.
+    // writes one bit inside it (every cpu < CPU_SETSIZE, checked above);
+    // pid 0 is the calling thread, and the set outlives the call. The
+    // result is checked.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc == 0 {
