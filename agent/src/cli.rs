@@ -339,16 +339,19 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub window: usize,
     /// Runs of kvrail and of the raw loop per point, interleaved; the
-    /// medians are reported (a 2-core machine is noisy).
-    #[arg(long, default_value_t = 3)]
+    /// medians are reported (a 2-core machine is noisy: single runs swing
+    /// by 10-40%, and a median of three did not settle it).
+    #[arg(long, default_value_t = 5)]
     pub repeat: usize,
     /// Skip the ucx_perftest reference.
     #[arg(long)]
     pub no_perftest: bool,
-    /// Leave the UCX threads unbound. By default, with two or more CPUs, the
+    /// Leave every thread unbound. By default, with two or more CPUs, the
     /// UCX thread of the side blocks flow into (the decode agent, or the raw
     /// process in its place) goes to the first allowed CPU and the other
-    /// side's to the second, so the two busy threads never share a core.
+    /// side's to the second, so the two busy threads never share a core; on
+    /// sm, where one of them does all the copying, the agents' runtimes and
+    /// the bench's client go to the other CPU.
     #[arg(long)]
     pub no_pin: bool,
     #[command(flatten)]

@@ -72,6 +72,8 @@ pub fn ratio(kvrail: f64, raw: f64) -> f64 {
 
 pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(!a.transport.is_empty() && !a.block_bytes.is_empty() && !a.mode.is_empty(), "nothing to measure");
+    // Read the CPUs while this process may still use all of them.
+    bench_cpus(a);
     let mut points = Vec::new();
     let mut memcpy = std::collections::HashMap::new();
     let progress = Progress::new((a.transport.len() * a.block_bytes.len() * a.mode.len()) as u64);
@@ -157,7 +159,10 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
     let (mut runs, mut raws, mut handshakes) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=n {
         stage(&format!("kvrail agents, run {i}/{n}"));
-        let (o, hs, v) = kvrail_run(a, t, block, mode).await?;
+        let (o, hs, v) = match control_cpu(a, t, mode) {
+            Some(cpu) => tokio::task::block_in_place(|| on_cpu(cpu, || kvrail_run(a, t, block, mode)))?,
+            None => kvrail_run(a, t, block, mode).await?,
+        };
         runs.push(if o.seconds > 0.0 { (o.blocks * block) as f64 / o.seconds / 1e9 } else { 0.0 });
         handshakes.push(hs);
         ucx_version = v;
@@ -194,12 +199,26 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
     })
 }
 
+/// Runs a future to completion on a thread of its own bound to `cpu`, with
+/// a single-threaded runtime of its own (processes it starts inherit the
+/// binding until they bind their threads themselves).
+fn on_cpu<F: std::future::Future<Output = anyhow::Result<T>>, T: Send>(cpu: usize, f: impl FnOnce() -> F + Send) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            kvrail_transfer::runtime::bind_this_thread(&[cpu]).with_context(|| format!("binding the bench client to CPU {cpu}"))?;
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bench client thread panicked"))?
+    })
+}
+
 async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<(Outcome, f64, String)> {
     let common = |role: &str| -> Vec<String> {
         let mut v = vec![role.to_string(), "--agent-id".into(), format!("bench-{role}"), "--test-patterns".into()];
         v.extend(geometry_args(a, t, block));
         v.extend(pin_args(a, usize::from(role == "prefill")));
-        v.extend(runtime_args(a, t, mode));
+        v.extend(control_cpu(a, t, mode).map(|cpu| ["--runtime-cpus".to_string(), cpu.to_string()]).into_iter().flatten());
         v
     };
     let limit = Duration::from_secs(120);
@@ -250,32 +269,44 @@ fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
     .collect()
 }
 
-/// `--progress-cpu` for the side blocks flow into (0: the decode agent, the
-/// raw process in its place) or out of (1: the prefill agent, or its raw
-/// stand-in): the first and second CPU this process may use, when there are
-/// two and pinning is on.
-fn pin_args(a: &BenchArgs, side: usize) -> Vec<String> {
-    let cpus = if a.no_pin { Vec::new() } else { kvrail_transfer::runtime::allowed_cpus().unwrap_or_default() };
-    match cpus.get(side) {
-        Some(cpu) if cpus.len() >= 2 => vec!["--progress-cpu".into(), cpu.to_string()],
-        _ => Vec::new(),
+/// The first two CPUs this process may use, read once (the bench's client
+/// later runs bound to one of them), or none when pinning is off or there
+/// are fewer than two.
+fn bench_cpus(a: &BenchArgs) -> &'static [usize] {
+    static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    let cpus = CPUS.get_or_init(|| {
+        let c = kvrail_transfer::runtime::allowed_cpus().unwrap_or_default();
+        if c.len() >= 2 {
+            c[..2].to_vec()
+        } else {
+            Vec::new()
+        }
+    });
+    if a.no_pin {
+        &[]
+    } else {
+        cpus
     }
 }
 
+/// `--progress-cpu` for the side blocks flow into (0: the decode agent, the
+/// raw process in its place) or out of (1: the prefill agent, or its raw
+/// stand-in): the first and second of [`bench_cpus`].
+fn pin_args(a: &BenchArgs, side: usize) -> Vec<String> {
+    bench_cpus(a).get(side).map(|cpu| vec!["--progress-cpu".into(), cpu.to_string()]).unwrap_or_default()
+}
+
 /// On `sm` one progress thread does all the copying (prefill's on writes,
-/// decode's on reads) on its own CPU; the agents' other threads (gRPC, the
-/// async runtime) go to the other CPU so they do not preempt it. The raw
-/// loop has no such threads. On tcp both progress threads are busy: the
-/// runtimes are not bound.
-fn runtime_args(a: &BenchArgs, t: Transport, mode: Mode) -> Vec<String> {
-    let cpus = if a.no_pin || t.writes_as_messages() { Vec::new() } else { kvrail_transfer::runtime::allowed_cpus().unwrap_or_default() };
+/// decode's on reads) on its own CPU; everything else of a kvrail run (the
+/// agents' gRPC and async runtimes, and this process's client driving
+/// them) goes to the other CPU so it does not preempt the copy. The raw
+/// loop has no such threads. On tcp both progress threads are busy: nothing
+/// else is bound.
+fn control_cpu(a: &BenchArgs, t: Transport, mode: Mode) -> Option<usize> {
     // The copying side has the second CPU on writes (prefill), the first on
     // reads (decode): see `pin_args`.
-    let control = usize::from(matches!(mode, Mode::Read));
-    match cpus.get(control) {
-        Some(cpu) if cpus.len() >= 2 => vec!["--runtime-cpus".into(), cpu.to_string()],
-        _ => Vec::new(),
-    }
+    let idle = usize::from(matches!(mode, Mode::Read));
+    bench_cpus(a).get(idle).copied().filter(|_| !t.writes_as_messages())
 }
 
 /// Runs the two raw-UCX processes and returns their GB/s.
