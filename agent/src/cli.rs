@@ -125,8 +125,9 @@ pub struct AgentArgs {
     /// the region is first touched from there). Default: not bound.
     #[arg(long)]
     pub progress_cpu: Option<usize>,
-    /// Bind the agent's other threads (gRPC, the async runtime) to these
-    /// CPUs (comma list), e.g. to keep them off the progress thread's CPU;
+    /// Bind the agent's other threads (gRPC, the async runtime; the
+    /// progress thread too unless `--progress-cpu` places it) to these CPUs
+    /// (comma list), e.g. to keep them off the progress thread's CPU;
     /// threads the progress thread starts (UCX's own, pre-faulting) share
     /// its CPU. Default: not bound.
     #[arg(long, value_delimiter = ',')]

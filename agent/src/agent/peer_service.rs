@@ -48,11 +48,11 @@ impl pb::peer_server::Peer for PeerService {
             .get(&open.session_id)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no session {:?}; handshake first", open.session_id)))?;
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        session.attach(tx);
         // The prefill agent opens its session once its handshake is over:
         // the time to fault in our view of its region (sm).
         self.agent.engine.prefault(session.engine_peer).await.map_err(|e| super::convert::status_of(&e))?;
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        session.attach(tx);
         let agent = self.agent.clone();
         let lease = agent.cfg.lease;
         let beat = {
