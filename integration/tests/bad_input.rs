@@ -199,6 +199,53 @@ async fn peers_without_the_cluster_secret_get_nothing() {
     prefill.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_without_its_session_stream_is_not_a_peer_yet() {
+    // A prefill agent is admitted at handshake and takes orders once it has
+    // opened its session stream. In between it is neither listed nor
+    // picked: a request naming it is UNAVAILABLE (retry) and changes nothing.
+    let (mut decode, mut prefill) = agent_pair("tcp", "16MiB", "64KiB").await;
+    let mut info = prefill.control.info(pb::InfoRequest {}).await.unwrap().into_inner().agent.unwrap();
+    info.agent_id = "half-open".into();
+    let secret = ClusterSecret::new(driver_secret().into_bytes()).unwrap();
+    let mut peer = PeerClient::connect(format!("http://{}", decode.listen)).await.unwrap();
+    let hs = handshake(&mut peer, kvrail_proto::PROTOCOL_VERSION, info, Some(&secret)).await.unwrap();
+    assert!(!hs.session_id.is_empty());
+    let listed = decode.control.info(pb::InfoRequest {}).await.unwrap().into_inner().peers;
+    assert_eq!(listed, vec!["it-prefill".to_string()], "a handshaked prefill agent without its session stream is listed");
+    let endpoints = |s: pb::StatsResponse| s.peers;
+    assert_eq!(endpoints(decode.control.stats(pb::StatsRequest {}).await.unwrap().into_inner()), 2, "one UCX endpoint per admitted agent");
+    let named = |id: &str| pb::SubmitRequest {
+        request_id: id.into(),
+        peer: "half-open".into(),
+        mode: pb::TransferMode::Write as i32,
+        src_blocks: vec![1],
+        dst_blocks: vec![1],
+    };
+    let err = decode.control.submit(named("to-half-open")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("session stream"), "{}", err.message());
+    let w = decode.control.wait(pb::WaitRequest { request_id: "to-half-open".into(), timeout_ms: 0 }).await.unwrap_err();
+    assert_eq!(w.code(), Code::NotFound, "a refused request leaves no trace: {w:?}");
+    // Requests that name no peer go to the one whose stream is open.
+    still_serving(&mut decode, &mut prefill, "beside-half-open").await;
+    // One lease (5 s) later the half-open session is gone, endpoint and all.
+    let start = std::time::Instant::now();
+    loop {
+        let err = decode.control.submit(named("to-half-open")).await.unwrap_err();
+        if err.code() == Code::NotFound {
+            break;
+        }
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(start.elapsed() < Duration::from_secs(20), "the half-open session outlived its lease: {err:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(endpoints(decode.control.stats(pb::StatsRequest {}).await.unwrap().into_inner()), 1);
+    still_serving(&mut decode, &mut prefill, "after-half-open").await;
+    decode.stop().await;
+    prefill.stop().await;
+}
+
 #[test]
 fn an_agent_without_a_secret_refuses_to_start() {
     let out = std::process::Command::new(kvrail_bin())

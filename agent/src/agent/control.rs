@@ -35,7 +35,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
-        let peers = self.agent.sessions.lock().expect("lock").values().map(|s| s.peer_agent.clone()).collect();
+        // Peers that can take orders: handshaked and with their session stream open.
+        let peers = self.agent.sessions.lock().expect("lock").values().filter(|s| s.is_open()).map(|s| s.peer_agent.clone()).collect();
         Ok(Response::new(pb::InfoResponse {
             agent: Some(self.agent.info()),
             ucx_library: self.agent.ucx.library.clone(),

@@ -45,6 +45,12 @@ impl Session {
         }
     }
 
+    /// Whether the prefill agent has opened its session stream: only then
+    /// can it take orders, so only then is it a peer (`Info`, `Submit`).
+    pub fn is_open(&self) -> bool {
+        self.down.lock().expect("lock").is_some()
+    }
+
     /// Attaches the stream orders go down.
     pub fn attach(&self, tx: mpsc::Sender<Result<pb::SessionDown, Status>>) {
         *self.down.lock().expect("lock") = Some(tx);
@@ -212,28 +218,48 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
         down: Mutex::new(None),
         pending: Mutex::new(HashMap::new()),
     });
-    agent.sessions.lock().expect("lock").insert(id.clone(), session);
+    agent.sessions.lock().expect("lock").insert(id.clone(), session.clone());
+    // A prefill agent that never opens its session stream (it died right
+    // after its handshake) is dropped after one lease, endpoint and all.
+    let (a, lease) = (agent.clone(), agent.cfg.lease);
+    tokio::spawn(async move {
+        tokio::time::sleep(lease).await;
+        let unopened = {
+            let mut s = a.sessions.lock().expect("lock");
+            let stale = s.get(&session.id).is_some_and(|x| !x.is_open());
+            stale.then(|| s.remove(&session.id)).flatten()
+        };
+        if let Some(x) = unopened {
+            tracing::warn!(peer = %x.peer_agent, session = %x.id, "prefill agent never opened its session stream within its lease; dropped");
+            let _ = a.engine.disconnect(x.engine_peer).await;
+        }
+    });
     tracing::info!(peer = %peer.agent_id, session = %id, peer_ucx = %peer.ucx_version, peer_hooks = %convert::hook_mode_name(peer.hook_mode), "prefill agent admitted");
     let info = agent.info();
     let auth_proof = agent.cfg.secret.as_ref().map(|s| s.prove("decode", &req.nonce, &info)).unwrap_or_default();
     Ok(pb::HandshakeResponse { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(info), session_id: id, auth_proof })
 }
 
-/// Picks the session a request names (or the only one).
+/// Picks the session a request names (or the only one). A prefill agent
+/// that has handshaked but not yet opened its session stream cannot take
+/// orders: it is not picked, and naming it is `Unavailable` (retry).
 fn session_for(agent: &Agent, peer: &str) -> Result<Arc<Session>, Status> {
     let s = agent.sessions.lock().expect("lock");
     if peer.is_empty() {
-        let mut it = s.values();
-        return match (it.next(), it.next()) {
+        let mut open = s.values().filter(|x| x.is_open());
+        return match (open.next(), open.next()) {
             (Some(one), None) => Ok(one.clone()),
-            (None, _) => Err(Status::failed_precondition("no prefill agent is connected")),
+            (None, _) if s.is_empty() => Err(Status::failed_precondition("no prefill agent is connected")),
+            (None, _) => Err(Status::unavailable("a prefill agent has handshaked but not yet opened its session stream; retry")),
             _ => Err(Status::invalid_argument("several prefill agents are connected; name one in `peer`")),
         };
     }
-    s.values()
-        .find(|x| x.peer_agent == peer)
-        .cloned()
-        .ok_or_else(|| Status::not_found(format!("no connected prefill agent is named {peer:?}")))
+    let named = s.values().find(|x| x.peer_agent == peer).cloned();
+    match named {
+        Some(x) if x.is_open() => Ok(x),
+        Some(_) => Err(Status::unavailable(format!("prefill agent {peer:?} has handshaked but not yet opened its session stream; retry"))),
+        None => Err(Status::not_found(format!("no connected prefill agent is named {peer:?}"))),
+    }
 }
 
 /// Validates and starts a transfer. Nothing is written before every field

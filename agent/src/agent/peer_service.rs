@@ -53,6 +53,11 @@ impl pb::peer_server::Peer for PeerService {
         self.agent.engine.prefault(session.engine_peer).await.map_err(|e| super::convert::status_of(&e))?;
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         session.attach(tx);
+        if !self.agent.sessions.lock().expect("lock").contains_key(&session.id) {
+            // Dropped meanwhile (its lease ran out before the stream opened).
+            session.close("session dropped before its stream opened");
+            return Err(Status::not_found(format!("session {:?} was dropped before its stream opened; handshake again", open.session_id)));
+        }
         let agent = self.agent.clone();
         let lease = agent.cfg.lease;
         let beat = {
