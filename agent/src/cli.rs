@@ -339,7 +339,8 @@ pub struct BenchArgs {
     /// Outstanding RMA operations (kvrail per transfer, and the raw loop).
     #[arg(long, default_value_t = 64)]
     pub window: usize,
-    /// Runs of kvrail and of the raw loop per point, interleaved; the
+    /// Runs of kvrail and of the raw loop per point, interleaved (which
+    /// runs first alternates: kvrail, raw, raw, kvrail, ...); the
     /// medians are reported (a 2-core machine is noisy: single runs swing
     /// by 10-40%, and a median of three did not settle it).
     #[arg(long, default_value_t = 5)]

@@ -158,17 +158,25 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
     let (mut outcome, mut ucx_version) = (Outcome::default(), String::new());
     let (mut runs, mut raws, mut handshakes) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=n {
-        stage(&format!("kvrail agents, run {i}/{n}"));
-        let (o, hs, v) = match control_cpu(a, t, mode) {
-            Some(cpu) => tokio::task::block_in_place(|| on_cpu(cpu, || kvrail_run(a, t, block, mode)))?,
-            None => kvrail_run(a, t, block, mode).await?,
-        };
-        runs.push(if o.seconds > 0.0 { (o.blocks * block) as f64 / o.seconds / 1e9 } else { 0.0 });
-        handshakes.push(hs);
-        ucx_version = v;
-        outcome.absorb(o);
-        stage(&format!("raw-UCX loop, run {i}/{n}"));
-        raws.push(raw_run(a, t, block, mode).await?);
+        // Which side runs first alternates (kvrail, raw, raw, kvrail, ...):
+        // neither always follows the other's exit, and a slow drift of the
+        // machine falls on both alike.
+        for kvrail_now in [i % 2 == 1, i % 2 == 0] {
+            if !kvrail_now {
+                stage(&format!("raw-UCX loop, run {i}/{n}"));
+                raws.push(raw_run(a, t, block, mode).await?);
+                continue;
+            }
+            stage(&format!("kvrail agents, run {i}/{n}"));
+            let (o, hs, v) = match control_cpu(a, t, mode) {
+                Some(cpu) => tokio::task::block_in_place(|| on_cpu(cpu, || kvrail_run(a, t, block, mode)))?,
+                None => kvrail_run(a, t, block, mode).await?,
+            };
+            runs.push(if o.seconds > 0.0 { (o.blocks * block) as f64 / o.seconds / 1e9 } else { 0.0 });
+            handshakes.push(hs);
+            ucx_version = v;
+            outcome.absorb(o);
+        }
     }
     if !a.no_perftest {
         stage("ucx_perftest");
