@@ -95,7 +95,7 @@ impl RawSide {
     pub fn connect(&self, peer: &PeerSpec, dir: Direction, warmup: Option<&RmaOp>, peer_errors: bool) -> Result<RawPeer, TransferError> {
         let ep = Rc::new(crate::engine::connect_endpoint(&self.worker, &peer.worker_address, peer_errors)?);
         let remote = RemoteRegion::unpack(&ep, &peer.rkey, peer.region_base, peer.region_len)?;
-        remote.prefault();
+        remote.prefault(&Default::default());
         remote.wait_populated();
         let rma = match dir {
             Direction::Write => Rma::Put,

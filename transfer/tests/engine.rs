@@ -48,6 +48,12 @@ async fn roundtrip(transport: Transport, alloc: RegionAlloc) {
         _ => {}
     }
     assert!(!a.prefault(b_on_a).await.expect("prefault"), "pre-faulting starts once per peer");
+    // The gauge of running populators returns to 0 once the mapping is done.
+    let t0 = std::time::Instant::now();
+    while a.counters().prefaulting.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "pre-faulting never reported done");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     for blk in 0..8u32 {
         fill(&a, blk, 0x10 + blk as u8);
     }

@@ -190,6 +190,7 @@ impl Agent {
             transfers_ok: c.transfers_ok.load(Relaxed),
             transfers_failed: c.transfers_failed.load(Relaxed),
             deliveries_rejected: c.deliveries_rejected.load(Relaxed),
+            prefaulting: c.prefaulting.load(Relaxed),
             peers: c.peers.load(Relaxed),
             memory: Some(self.memory()),
             uptime_ms: self.started.elapsed().as_millis() as u64,

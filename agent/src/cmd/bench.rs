@@ -238,6 +238,10 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
     let ucx_version = prefill.ready["ucx_version"].as_str().unwrap_or("").to_string();
     let result = async {
         prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
+        // The raw loop times nothing before its peer mapping is pre-faulted.
+        for agent in [&mut decode, &mut prefill] {
+            agent.prefaulted(Duration::from_secs(60)).await?;
+        }
         let num_blocks = (a.region_bytes / block) as u32;
         let work = Workload {
             seed: a.out.seed,

@@ -94,6 +94,26 @@ impl AgentProcess {
         Ok(AgentProcess { child, ready, listen, control })
     }
 
+    /// Waits until the agent has pre-faulted its view of every peer region
+    /// (`Stats.prefaulting` is 0), so a measurement that follows sees the
+    /// steady state, as the raw-UCX loop does (it waits for the same work).
+    pub async fn prefaulted(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let s = self.control.stats(pb::StatsRequest {}).await?.into_inner();
+            if s.prefaulting == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "agent {} still pre-faulting {} peer mapping(s) after {limit:?}",
+                s.agent_id,
+                s.prefaulting
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Stops the agent (SIGTERM, then SIGKILL after a grace period).
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {

@@ -114,6 +114,9 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
     let info = decode.control.info(pb::InfoRequest {}).await?.into_inner();
     let num_blocks = info.agent.and_then(|a| a.layout).map(|l| l.num_blocks).context("decode agent reported no layout")? as usize;
     prefill.control.fill_pattern(pb::FillPatternRequest { seed: args.out.seed }).await?;
+    for agent in [&mut *decode, &mut *prefill] {
+        agent.prefaulted(Duration::from_secs(60)).await?;
+    }
 
     let total_blocks = (args.bytes / args.block_bytes) as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.out.seed);

@@ -614,17 +614,36 @@ struct Populator {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Counts one running populator in a shared gauge while it lives.
+struct Running(Arc<std::sync::atomic::AtomicU64>);
+
+impl Running {
+    fn new(gauge: &Arc<std::sync::atomic::AtomicU64>) -> Running {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Running(gauge.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Populator {
     /// Chunk between checks of the stop flag (~1.5 ms of work here).
     const CHUNK: usize = 8 << 20;
 
-    fn start(addr: usize, len: usize) -> Option<Populator> {
+    /// `running` counts populators still at work (the engine's gauge).
+    fn start(addr: usize, len: usize, running: &Arc<std::sync::atomic::AtomicU64>) -> Option<Populator> {
         use std::sync::atomic::Ordering;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let counted = Running::new(running);
         let thread = std::thread::Builder::new()
             .name("kvrail-populate".into())
             .spawn(move || {
+                let _counted = counted;
                 let t0 = Instant::now();
                 let mut done = 0;
                 while done < len && !flag.load(Ordering::Relaxed) {
@@ -685,13 +704,14 @@ impl RemoteRegion {
     /// memory; returns whether it did (once per region: later calls return
     /// `false`). Not part of `unpack`: the faulting competes with whatever
     /// runs next for the CPUs and this process's memory map, so it belongs
-    /// after the handshake, not inside it.
-    pub(crate) fn prefault(&self) -> bool {
+    /// after the handshake, not inside it. `running` counts populators
+    /// still at work until each finishes (or is stopped).
+    pub(crate) fn prefault(&self, running: &Arc<std::sync::atomic::AtomicU64>) -> bool {
         let mut slot = self.populator.borrow_mut();
         if slot.is_some() {
             return false;
         }
-        *slot = self.local_view().and_then(|addr| Populator::start(addr, self.len as usize));
+        *slot = self.local_view().and_then(|addr| Populator::start(addr, self.len as usize, running));
         slot.is_some()
     }
 
