@@ -71,6 +71,7 @@ pub fn render(s: &pb::StatsResponse) -> String {
         s.deliveries_rejected as f64,
     );
     metric("kvrail_peers", "gauge", "Connected peers.", s.peers as f64);
+    metric("kvrail_prefaulting", "gauge", "Peer mappings still being pre-faulted in the background.", s.prefaulting as f64);
     metric("kvrail_rss_bytes", "gauge", "VmRSS.", m.vm_rss as f64);
     metric("kvrail_rss_anon_bytes", "gauge", "RssAnon.", m.rss_anon as f64);
     metric("kvrail_rss_file_bytes", "gauge", "RssFile.", m.rss_file as f64);

@@ -30,6 +30,7 @@ async fn metrics_endpoint_serves_memory_and_hook_mode() {
         "mmap_hook_mode=\"none\"",
         "agent_id=\"m-decode\"",
         "kvrail_ucx_intercepted_munmaps_total 0",
+        "kvrail_prefaulting 0",
     ] {
         assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
     }
