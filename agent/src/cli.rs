@@ -339,11 +339,13 @@ pub struct BenchArgs {
     /// Outstanding RMA operations (kvrail per transfer, and the raw loop).
     #[arg(long, default_value_t = 64)]
     pub window: usize,
-    /// Runs of kvrail and of the raw loop per point, interleaved (which
-    /// runs first alternates: kvrail, raw, raw, kvrail, ...); the
-    /// medians are reported (a 2-core machine is noisy: single runs swing
-    /// by 10-40%, and a median of three did not settle it).
-    #[arg(long, default_value_t = 5)]
+    /// Runs per point (best even). Each run starts fresh kvrail agents and
+    /// raw-UCX processes (which pair starts first alternates run by run)
+    /// and lets them take turns pass by pass (which goes first alternates:
+    /// kvrail, raw, raw, kvrail, ...); each run gives a ratio, runs pair up
+    /// to cancel the start order, and the median over pairs is the ratio
+    /// (throughputs: medians over runs).
+    #[arg(long, default_value_t = 6)]
     pub repeat: usize,
     /// Skip the ucx_perftest reference.
     #[arg(long)]
@@ -377,8 +379,6 @@ pub struct RawArgs {
     pub region_bytes: u64,
     #[arg(long, default_value = "64KiB", value_parser = bytes)]
     pub block_bytes: u64,
-    #[arg(long, default_value = "2GiB", value_parser = bytes)]
-    pub total_bytes: u64,
     /// Blocks are grouped into requests of this size and each is planned
     /// on its own, as the agents plan theirs; the requests run back to back.
     #[arg(long, default_value = "16MiB", value_parser = bytes)]

@@ -24,17 +24,32 @@ fn small_bench_point_is_measured_and_verified() {
     for k in ["gbps", "raw_ucx_gbps", "ratio", "memcpy_gbps", "ucx_perftest_gbps", "handshake_ms", "p50_us", "p99_us"] {
         assert!(p[k].as_f64().is_some_and(|v| v > 0.0), "{k} missing or not positive: {p:#}");
     }
-    // Every run is reported (five by default), and the headline figures
-    // are their medians.
-    for (runs, median) in [("gbps_runs", "gbps"), ("raw_ucx_gbps_runs", "raw_ucx_gbps")] {
-        let mut v: Vec<f64> =
-            p[runs].as_array().unwrap_or_else(|| panic!("{runs} missing: {p:#}")).iter().filter_map(|x| x.as_f64()).collect();
-        assert_eq!(v.len(), 5, "{runs}: {p:#}");
-        assert!(v.iter().all(|&x| x > 0.0), "{runs}: {p:#}");
+    // Every run is reported (six by default), the throughputs are their
+    // medians, each run's ratio pairs its own kvrail and raw runs, and the
+    // point's ratio is the median over run pairs of their geometric means.
+    let runs = |k: &str| -> Vec<f64> {
+        let v: Vec<f64> = p[k].as_array().unwrap_or_else(|| panic!("{k} missing: {p:#}")).iter().filter_map(|x| x.as_f64()).collect();
+        assert_eq!(v.len(), 6, "{k}: {p:#}");
+        assert!(v.iter().all(|&x| x > 0.0), "{k}: {p:#}");
+        v
+    };
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        assert_eq!(v[2], p[median].as_f64().unwrap(), "{median} is the median of {runs}");
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let (kvrail, raw, ratios) = (runs("gbps_runs"), runs("raw_ucx_gbps_runs"), runs("ratio_runs"));
+    for i in 0..6 {
+        assert!((ratios[i] - kvrail[i] / raw[i]).abs() < 1e-9, "run {i}: {p:#}");
     }
-    let r = p["ratio"].as_f64().unwrap();
-    assert!((r - p["gbps"].as_f64().unwrap() / p["raw_ucx_gbps"].as_f64().unwrap()).abs() < 1e-9);
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.abs().max(1.0);
+    assert!(close(median(kvrail), p["gbps"].as_f64().unwrap()), "gbps is the median of gbps_runs: {p:#}");
+    assert!(close(median(raw), p["raw_ucx_gbps"].as_f64().unwrap()), "raw_ucx_gbps is the median of raw_ucx_gbps_runs: {p:#}");
+    let pairs = ratios.chunks(2).map(|c| (c[0] * c[1]).sqrt()).collect();
+    assert!(close(median(pairs), p["ratio"].as_f64().unwrap()), "ratio is the median of the run pairs: {p:#}");
     assert!(!p["ucx_version"].as_str().unwrap().is_empty());
 }

@@ -74,13 +74,14 @@ impl RawSide {
         &self.region
     }
 
-    /// Target role: progress the worker (busy, as ucx_perftest does) until
-    /// `stop` is set, accepting deliveries under [`RAW_TAG`].
-    pub fn serve(&self, stop: &AtomicBool) {
-        // The raw loop counts nothing: the whole region, without end.
+    /// Target role: progress the worker (busy, as ucx_perftest does) while
+    /// `serving` is set, accepting deliveries under [`RAW_TAG`].
+    pub fn serve(&self, serving: &AtomicBool) {
+        // The raw loop counts nothing: the whole region, without end (the
+        // tag opens on the first call; later calls find it open).
         let whole = std::iter::once(0..self.worker.region().len() as u64).collect();
         self.worker.inbox().open(RAW_TAG, whole, u64::MAX);
-        while !stop.load(Ordering::Relaxed) {
+        while serving.load(Ordering::Relaxed) {
             if self.worker.progress() == 0 {
                 std::hint::spin_loop();
             }

@@ -1,11 +1,16 @@
 //! `kvrail bench`: kvrail's throughput as a ratio to the raw-UCX ceiling,
 //! measured side by side in the same run. For every transport, block size
-//! and mode it runs, back to back:
+//! and mode it runs `--repeat` times, each time with fresh processes:
 //! - kvrail: a decode and a prefill agent (two processes) moving
-//!   `--total-bytes` of scattered blocks, every block verified afterwards;
+//!   `--total-bytes` of scattered blocks, every block verified after its
+//!   pass;
 //! - the raw-UCX loop (`kvrail raw-ucx`, two processes): the same UCX calls
 //!   over the same region size, transport and block pattern, grouped into
 //!   the same requests (each planned on its own), nothing else;
+//!
+//! the two alive side by side and taking turns pass by pass (one region's
+//! worth of blocks; which goes first alternates), so a drift of the machine
+//! falls on both alike and each run gives a paired ratio. Besides them:
 //! - the streaming memcpy limit (scattered block copies between two
 //!   region-sized buffers in this process);
 //! - `ucx_perftest` for reference (one reused buffer: cache-hot).
@@ -34,6 +39,7 @@ pub struct Point {
     pub bytes: u64,
     pub gbps: f64,
     pub raw_ucx_gbps: f64,
+    /// [`paired_ratio`] of `ratio_runs`.
     pub ratio: f64,
     pub memcpy_gbps: f64,
     pub ucx_perftest_gbps: Option<f64>,
@@ -45,9 +51,10 @@ pub struct Point {
     pub verified: bool,
     pub ucx_version: String,
     /// Every kvrail run and every raw-UCX run of the point, in run order
-    /// (the medians above come from these).
+    /// (the medians above come from these), and each run's kvrail / raw.
     pub gbps_runs: Vec<f64>,
     pub raw_ucx_gbps_runs: Vec<f64>,
+    pub ratio_runs: Vec<f64>,
 }
 
 /// The median of `v` (the mean of the middle two for an even count; NaN
@@ -59,6 +66,32 @@ pub fn median(v: &mut [f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// GB/s (1e9 bytes per second), 0 when nothing was timed.
+pub fn gbps(bytes: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes as f64 / secs / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// The passes of one run: `total` blocks, at most `per_pass` (a region's
+/// worth) at a time.
+pub fn passes(total: usize, per_pass: usize) -> Vec<usize> {
+    let per_pass = per_pass.max(1);
+    (0..total.div_ceil(per_pass)).map(|i| (total - i * per_pass).min(per_pass)).collect()
+}
+
+/// The point's ratio from its runs' ratios (in run order): runs pair up
+/// (1-2, 3-4, ...; one pair with kvrail's processes started first, one
+/// with the raw loop's), each pair gives the geometric mean of its two,
+/// which cancels what the start order does to both, and the median of the
+/// pairs is the ratio. A last run without a partner stands alone.
+pub fn paired_ratio(runs: &[f64]) -> f64 {
+    let mut pairs: Vec<f64> = runs.chunks(2).map(|c| c.iter().product::<f64>().powf(1.0 / c.len() as f64)).collect();
+    median(&mut pairs)
 }
 
 /// kvrail / raw, 0 when the baseline is missing.
@@ -155,55 +188,49 @@ impl Progress {
 
 async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64, stage: impl Fn(&str)) -> anyhow::Result<Point> {
     let n = a.repeat.max(1);
-    let (mut outcome, mut ucx_version) = (Outcome::default(), String::new());
-    let (mut runs, mut raws, mut handshakes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut outcome, mut ucx_version, mut warmups_verified) = (Outcome::default(), String::new(), true);
+    let (mut runs, mut raws, mut ratios, mut handshakes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 1..=n {
-        // Which side runs first alternates (kvrail, raw, raw, kvrail, ...):
-        // neither always follows the other's exit, and a slow drift of the
-        // machine falls on both alike.
-        for kvrail_now in [i % 2 == 1, i % 2 == 0] {
-            if !kvrail_now {
-                stage(&format!("raw-UCX loop, run {i}/{n}"));
-                raws.push(raw_run(a, t, block, mode).await?);
-                continue;
-            }
-            stage(&format!("kvrail agents, run {i}/{n}"));
-            let (o, hs, v) = match control_cpu(a, t, mode) {
-                Some(cpu) => tokio::task::block_in_place(|| on_cpu(cpu, || kvrail_run(a, t, block, mode)))?,
-                None => kvrail_run(a, t, block, mode).await?,
-            };
-            runs.push(if o.seconds > 0.0 { (o.blocks * block) as f64 / o.seconds / 1e9 } else { 0.0 });
-            handshakes.push(hs);
-            ucx_version = v;
-            outcome.absorb(o);
-        }
+        stage(&format!("run {i}/{n}: kvrail and the raw-UCX loop, pass by pass"));
+        let r = match control_cpu(a, t, mode) {
+            Some(cpu) => tokio::task::block_in_place(|| on_cpu(cpu, || one_run(a, t, block, mode, i)))?,
+            None => one_run(a, t, block, mode, i).await?,
+        };
+        let (kvrail, raw) = (gbps(r.kvrail.blocks * block, r.kvrail.seconds), gbps(r.raw_bytes, r.raw_secs));
+        runs.push(kvrail);
+        raws.push(raw);
+        ratios.push(ratio(kvrail, raw));
+        handshakes.push(r.handshake_ms);
+        ucx_version = r.ucx_version;
+        warmups_verified &= r.warmup_verified;
+        outcome.absorb(r.kvrail);
     }
     if !a.no_perftest {
         stage("ucx_perftest");
     }
     let perftest = if a.no_perftest { None } else { perftest(t, block, mode).await.ok() };
     let (gbps_runs, raw_ucx_gbps_runs) = (runs.clone(), raws.clone());
-    let (gbps, raw, handshake_ms) = (median(&mut runs), median(&mut raws), median(&mut handshakes));
     let gb = (outcome.blocks * block) as f64 / 1e9;
     Ok(Point {
         transport: t.to_string(),
         mode: mode.name().into(),
         block_bytes: block,
         bytes: outcome.blocks * block,
-        gbps,
-        raw_ucx_gbps: raw,
-        ratio: ratio(gbps, raw),
+        gbps: median(&mut runs),
+        raw_ucx_gbps: median(&mut raws),
+        ratio: paired_ratio(&ratios),
         memcpy_gbps: memcpy,
         ucx_perftest_gbps: perftest,
         p50_us: outcome.latency_ms(0.5) * 1e3,
         p99_us: outcome.latency_ms(0.99) * 1e3,
-        handshake_ms,
+        handshake_ms: median(&mut handshakes),
         cpu_s_per_gb_decode: outcome.cpu_secs[0] / gb,
         cpu_s_per_gb_prefill: outcome.cpu_secs[1] / gb,
-        verified: outcome.verified(),
+        verified: outcome.verified() && warmups_verified,
         ucx_version,
         gbps_runs,
         raw_ucx_gbps_runs,
+        ratio_runs: ratios,
     })
 }
 
@@ -221,28 +248,103 @@ fn on_cpu<F: std::future::Future<Output = anyhow::Result<T>>, T: Send>(cpu: usiz
     })
 }
 
-async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<(Outcome, f64, String)> {
-    let common = |role: &str| -> Vec<String> {
-        let mut v = vec![role.to_string(), "--agent-id".into(), format!("bench-{role}"), "--test-patterns".into()];
-        v.extend(geometry_args(a, t, block));
-        v.extend(pin_args(a, usize::from(role == "prefill")));
-        v.extend(control_cpu(a, t, mode).map(|cpu| ["--runtime-cpus".to_string(), cpu.to_string()]).into_iter().flatten());
-        v
+/// What one run measured.
+struct Run {
+    /// The timed passes (the warm-up pass only counts as verified or not).
+    kvrail: Outcome,
+    warmup_verified: bool,
+    handshake_ms: f64,
+    ucx_version: String,
+    raw_bytes: u64,
+    raw_secs: f64,
+}
+
+/// One run (`i` counts from 1): fresh kvrail agents and raw-UCX processes,
+/// both set up (connected, pattern filled, peer mappings pre-faulted)
+/// before anything is timed, then taking turns pass by pass.
+async fn one_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode, i: usize) -> anyhow::Result<Run> {
+    // Which pair starts (and so allocates its regions) first alternates
+    // run by run: here the pair that allocates first copies 7-15% slower
+    // on sm, whichever it is (likely the pages the last run freed, which
+    // this VM hands back to its host); `paired_ratio` cancels it.
+    let (mut kvrail, mut raw) = if i % 2 == 1 {
+        let kvrail = Agents::start(a, t, block, mode).await?;
+        (kvrail, RawLoop::start(a, t, block, mode).await?)
+    } else {
+        let raw = RawLoop::start(a, t, block, mode).await?;
+        (Agents::start(a, t, block, mode).await?, raw)
     };
-    let limit = Duration::from_secs(120);
-    let mut decode = AgentProcess::spawn(&common("decode"), a.out.verbose, limit).await?;
-    let mut p = common("prefill");
-    p.extend(["--peer".into(), decode.listen.clone()]);
-    let mut prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
-    let handshake_ms = prefill.ready["handshake_ms"].as_f64().unwrap_or(f64::NAN);
-    let ucx_version = prefill.ready["ucx_version"].as_str().unwrap_or("").to_string();
-    let result = async {
+    let passes = passes((a.total_bytes / block) as usize, kvrail.num_blocks as usize);
+    // One untimed pass each first: the first pass after the processes'
+    // set-up runs up to twice as slow, for either side, and a long-running
+    // agent is past it. kvrail's is verified like the rest.
+    let &first = passes.first().with_context(|| format!("--total-bytes {} is less than one block", a.total_bytes))?;
+    let warmup = kvrail.pass(first, usize::MAX).await?;
+    raw.pass(first).await?;
+    let mut run = Run {
+        kvrail: Outcome::default(),
+        warmup_verified: warmup.verified(),
+        handshake_ms: kvrail.handshake_ms,
+        ucx_version: kvrail.ucx_version.clone(),
+        raw_bytes: 0,
+        raw_secs: 0.0,
+    };
+    for (p, &n) in passes.iter().enumerate() {
+        // Which side goes first alternates (kvrail, raw, raw, kvrail, ...,
+        // shifted by one every run): neither always follows the other.
+        let kvrail_first = (i + p) % 2 == 1;
+        for kvrail_now in [kvrail_first, !kvrail_first] {
+            let bytes = n as u64 * block;
+            if kvrail_now {
+                let o = kvrail.pass(n, p).await?;
+                tracing::debug!(run = i, pass = p, gbps = gbps(bytes, o.seconds), "kvrail pass");
+                run.kvrail.absorb(o);
+            } else {
+                let secs = raw.pass(n).await?;
+                tracing::debug!(run = i, pass = p, gbps = gbps(bytes, secs), "raw-UCX pass");
+                run.raw_secs += secs;
+                run.raw_bytes += bytes;
+            }
+        }
+    }
+    kvrail.stop().await;
+    raw.stop().await;
+    Ok(run)
+}
+
+/// A decode and a prefill agent, handshaked, the prefill region filled with
+/// the test pattern and both peer mappings pre-faulted.
+struct Agents {
+    decode: AgentProcess,
+    prefill: AgentProcess,
+    work: Workload,
+    rng: rand::rngs::StdRng,
+    num_blocks: u32,
+    handshake_ms: f64,
+    ucx_version: String,
+}
+
+impl Agents {
+    async fn start(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<Agents> {
+        let common = |role: &str| -> Vec<String> {
+            let mut v = vec![role.to_string(), "--agent-id".into(), format!("bench-{role}"), "--test-patterns".into()];
+            v.extend(geometry_args(a, t, block));
+            v.extend(pin_args(a, usize::from(role == "prefill")));
+            v.extend(control_cpu(a, t, mode).map(|cpu| ["--runtime-cpus".to_string(), cpu.to_string()]).into_iter().flatten());
+            v
+        };
+        let limit = Duration::from_secs(120);
+        let mut decode = AgentProcess::spawn(&common("decode"), a.out.verbose, limit).await?;
+        let mut p = common("prefill");
+        p.extend(["--peer".into(), decode.listen.clone()]);
+        let mut prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
+        let handshake_ms = prefill.ready["handshake_ms"].as_f64().unwrap_or(f64::NAN);
+        let ucx_version = prefill.ready["ucx_version"].as_str().unwrap_or("").to_string();
         prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
         // The raw loop times nothing before its peer mapping is pre-faulted.
         for agent in [&mut decode, &mut prefill] {
             agent.prefaulted(Duration::from_secs(60)).await?;
         }
-        let num_blocks = (a.region_bytes / block) as u32;
         let work = Workload {
             seed: a.out.seed,
             mode: mode.to_pb(),
@@ -250,21 +352,20 @@ async fn kvrail_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyh
             concurrency: a.concurrency.max(1),
             cpu_of: decode.child.id().zip(prefill.child.id()).map(|(d, p)| [d, p]),
         };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
-        let total = (a.total_bytes / block) as usize;
-        let mut out = Outcome::default();
-        let mut i = 0;
-        while (out.blocks as usize) < total {
-            let n = (total - out.blocks as usize).min(num_blocks as usize);
-            out.absorb(work.pass(&mut decode.control, num_blocks, n, &format!("bench-{i}"), &mut rng).await?);
-            i += 1;
-        }
-        anyhow::Ok(out)
+        let rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
+        Ok(Agents { decode, prefill, work, rng, num_blocks: (a.region_bytes / block) as u32, handshake_ms, ucx_version })
     }
-    .await;
-    decode.stop().await;
-    prefill.stop().await;
-    Ok((result?, handshake_ms, ucx_version))
+
+    /// Pass `p` of `n` blocks (`p` names its requests): poisoned, moved
+    /// (timed), verified.
+    async fn pass(&mut self, n: usize, p: usize) -> anyhow::Result<Outcome> {
+        self.work.pass(&mut self.decode.control, self.num_blocks, n, &format!("bench-{p}"), &mut self.rng).await
+    }
+
+    async fn stop(self) {
+        self.decode.stop().await;
+        self.prefill.stop().await;
+    }
 }
 
 /// The flags kvrail's agents and the raw loop share: same transport, region,
@@ -321,50 +422,101 @@ fn control_cpu(a: &BenchArgs, t: Transport, mode: Mode) -> Option<usize> {
     bench_cpus(a).get(idle).copied().filter(|_| !t.writes_as_messages())
 }
 
-/// Runs the two raw-UCX processes and returns their GB/s.
-async fn raw_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<f64> {
-    let exe = std::env::current_exe()?;
-    let args = |role: &str| -> Vec<String> {
-        let mut v = vec!["--log-level".into(), "warn".into(), "raw-ucx".into(), "--role".into(), role.into()];
-        v.extend(geometry_args(a, t, block));
-        v.extend(["--total-bytes".into(), a.total_bytes.to_string(), "--mode".into(), mode.name().into()]);
-        v.extend(["--request-bytes".into(), a.request_bytes.to_string()]);
-        // Blocks flow into the target on writes and deliveries (tcp, both
-        // modes) and into the initiator on reads; the receiving side takes
-        // the decode agent's CPU.
-        let into_target = matches!(mode, Mode::Write) || t.writes_as_messages();
-        let receives = (role == "target") == into_target;
-        v.extend(pin_args(a, usize::from(!receives)));
-        v.extend(["--seed".into(), a.out.seed.to_string()]);
-        v
-    };
-    let mut target =
-        tokio::process::Command::new(&exe).args(args("target")).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
-    let mut lines = BufReader::new(target.stdout.take().context("target stdout")?).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??.context("raw target exited")?;
-    let mut init = tokio::process::Command::new(&exe)
-        .args(args("initiator"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = init.stdin.take().context("initiator stdin")?;
-    stdin.write_all(format!("{ready}\n").as_bytes()).await?;
-    drop(stdin);
-    let out = tokio::time::timeout(Duration::from_secs(600), init.wait_with_output()).await??;
-    drop(target.stdin.take());
-    let _ = tokio::time::timeout(Duration::from_secs(10), target.wait()).await;
-    anyhow::ensure!(out.status.success(), "raw-UCX initiator failed ({})", out.status);
-    raw_gbps(&String::from_utf8_lossy(&out.stdout))
+/// The two raw-UCX processes, connected (the initiator's view of the
+/// target's region pre-faulted), the target resting between passes.
+struct RawLoop {
+    target: tokio::process::Child,
+    target_in: tokio::process::ChildStdin,
+    /// Whether the target progresses during a pass: only where it takes
+    /// part (tcp deliveries). A one-sided put or get on `sm` needs nothing
+    /// of it, and kvrail's passive agent sleeps through one too; a busy
+    /// target would only keep its CPU out of idle, which on this kind of VM
+    /// speeds the copy on the other CPU up by ~10% (see the README).
+    serves: bool,
+    init: tokio::process::Child,
+    init_in: tokio::process::ChildStdin,
+    init_out: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
-/// The `gbps` of the raw initiator's JSON line; UCX may log to stdout too.
-fn raw_gbps(stdout: &str) -> anyhow::Result<f64> {
-    stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v["gbps"].as_f64())
-        .with_context(|| format!("raw-UCX initiator printed no gbps: {stdout:?}"))
+impl RawLoop {
+    async fn start(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<RawLoop> {
+        let exe = std::env::current_exe()?;
+        let spawn = |role: &str| -> anyhow::Result<(tokio::process::Child, tokio::process::ChildStdin, _)> {
+            let mut v = vec!["--log-level".into(), "warn".into(), "raw-ucx".into(), "--role".into(), role.into()];
+            v.extend(geometry_args(a, t, block));
+            v.extend(["--mode".into(), mode.name().into(), "--request-bytes".into(), a.request_bytes.to_string()]);
+            // Blocks flow into the target on writes and deliveries (tcp,
+            // both modes) and into the initiator on reads; the receiving
+            // side takes the decode agent's CPU.
+            let into_target = matches!(mode, Mode::Write) || t.writes_as_messages();
+            let receives = (role == "target") == into_target;
+            v.extend(pin_args(a, usize::from(!receives)));
+            v.extend(["--seed".into(), a.out.seed.to_string()]);
+            let mut child =
+                tokio::process::Command::new(&exe).args(v).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
+            let stdin = child.stdin.take().context("raw-UCX stdin")?;
+            let lines = BufReader::new(child.stdout.take().context("raw-UCX stdout")?).lines();
+            Ok((child, stdin, lines))
+        };
+        let limit = Duration::from_secs(60);
+        let (target, mut target_in, mut target_out) = spawn("target")?;
+        let ready = read_json(&mut target_out, "rkey", limit).await.context("raw-UCX target")?;
+        // Keep draining its stdout (UCX may log there) so it never blocks.
+        tokio::spawn(async move { while let Ok(Some(_)) = target_out.next_line().await {} });
+        let (init, mut init_in, mut init_out) = spawn("initiator")?;
+        // Connecting (wire-up, warm-up operation) needs the target's
+        // progress.
+        target_in.write_all(b"serve\n").await?;
+        init_in.write_all(format!("{ready}\n").as_bytes()).await?;
+        read_json(&mut init_out, "event", limit).await.context("raw-UCX initiator")?;
+        target_in.write_all(b"rest\n").await?;
+        Ok(RawLoop { target, target_in, serves: t.writes_as_messages(), init, init_in, init_out })
+    }
+
+    /// One pass of `n` blocks; returns its seconds.
+    async fn pass(&mut self, n: usize) -> anyhow::Result<f64> {
+        if self.serves {
+            self.target_in.write_all(b"serve\n").await?;
+        }
+        self.init_in.write_all(format!("{n}\n").as_bytes()).await?;
+        let done = read_json(&mut self.init_out, "seconds", Duration::from_secs(600)).await.context("raw-UCX pass")?;
+        if self.serves {
+            self.target_in.write_all(b"rest\n").await?;
+        }
+        done["seconds"].as_f64().context("raw-UCX pass without seconds")
+    }
+
+    async fn stop(self) {
+        let RawLoop { mut target, target_in, mut init, init_in, .. } = self;
+        drop((init_in, target_in));
+        for child in [&mut init, &mut target] {
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+    }
+}
+
+/// The next JSON object with `key` on `lines`, within `limit`; other lines
+/// (UCX may log to stdout too) are skipped.
+async fn read_json(
+    lines: &mut tokio::io::Lines<BufReader<impl tokio::io::AsyncRead + Unpin>>,
+    key: &str,
+    limit: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    tokio::time::timeout(limit, async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(v) = json_with(&line, key) {
+                return Ok(v);
+            }
+        }
+        anyhow::bail!("exited without a line holding `{key}`")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no line holding `{key}` within {limit:?}"))?
+}
+
+/// `line` as a JSON object if it is one and has `key`.
+fn json_with(line: &str, key: &str) -> Option<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(line).ok().filter(|v| v.get(key).is_some())
 }
 
 /// Scattered block copies between two region-sized buffers: the streaming
@@ -463,11 +615,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn raw_gbps_skips_ucx_log_lines() {
-        let out =
-            "[1795460185.286911] [vm:1:0] select.c:549 UCX ERROR no active messages transport\n{\"bytes\":1,\"gbps\":2.5,\"seconds\":1}\n";
-        assert_eq!(raw_gbps(out).unwrap(), 2.5);
-        assert!(raw_gbps("nothing here").unwrap_err().to_string().contains("no gbps"));
+    fn json_lines_skip_ucx_log_lines() {
+        let log = "[1795460185.286911] [vm:1:0] select.c:549 UCX ERROR no active messages transport";
+        assert_eq!(json_with(log, "seconds"), None);
+        assert_eq!(json_with(r#"{"event":"ready"}"#, "seconds"), None, "a JSON line without the key");
+        assert_eq!(json_with(r#"{"bytes":1,"seconds":0.5}"#, "seconds").unwrap()["seconds"], 0.5);
+    }
+
+    #[tokio::test]
+    async fn read_json_skips_to_the_key_and_reports_an_early_exit() {
+        let text: &[u8] = b"UCX WARN something\n{\"event\":\"ready\"}\n{\"seconds\":2}\n";
+        let mut lines = BufReader::new(text).lines();
+        assert_eq!(read_json(&mut lines, "event", Duration::from_secs(1)).await.unwrap()["event"], "ready");
+        assert_eq!(read_json(&mut lines, "seconds", Duration::from_secs(1)).await.unwrap()["seconds"], 2);
+        let e = read_json(&mut lines, "seconds", Duration::from_secs(1)).await.unwrap_err();
+        assert!(e.to_string().contains("exited without a line holding `seconds`"), "{e}");
+    }
+
+    #[test]
+    fn a_run_is_whole_regions_then_the_rest() {
+        assert_eq!(passes(10, 4), [4, 4, 2]);
+        assert_eq!(passes(8, 4), [4, 4]);
+        assert_eq!(passes(3, 4), [3]);
+        assert!(passes(0, 4).is_empty());
+        assert_eq!(passes(2, 0), [1, 1], "a pass moves at least one block");
+    }
+
+    #[test]
+    fn gbps_is_bytes_over_seconds() {
+        assert_eq!(gbps(3_000_000_000, 1.5), 2.0);
+        assert_eq!(gbps(1, 0.0), 0.0);
     }
 
     #[test]
@@ -475,6 +652,20 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn paired_ratio_cancels_the_start_order_and_drops_an_odd_pair() {
+        // A true ratio of 0.95, the start order worth x1.1 one way and
+        // x1/1.1 the other: every pair gives 0.95.
+        let runs = [0.95 * 1.1, 0.95 / 1.1, 0.95 * 1.1, 0.95 / 1.1, 0.95 * 1.1, 0.95 / 1.1];
+        assert!((paired_ratio(&runs) - 0.95).abs() < 1e-12);
+        // One disturbed pair out of three does not move it.
+        let r = paired_ratio(&[1.0, 0.9, 0.5, 0.6, 1.0, 1.0]);
+        assert!((r - 0.9f64.sqrt()).abs() < 1e-12, "{r}");
+        assert_eq!(paired_ratio(&[0.8]), 0.8, "a lone run stands alone");
+        assert_eq!(paired_ratio(&[0.5, 2.0, 0.9]), 0.95, "two pairs: the mean of 1.0 and 0.9");
+        assert!(paired_ratio(&[]).is_nan());
     }
 
     #[test]
@@ -512,6 +703,7 @@ mod tests {
             ucx_version: "1.13.1".into(),
             gbps_runs: vec![0.9, 1.0, 1.1],
             raw_ucx_gbps_runs: vec![2.0, 1.9, 2.1],
+            ratio_runs: vec![0.45, 0.53, 0.52],
         };
         let v = serde_json::to_value(&p).unwrap();
         for k in [
@@ -530,6 +722,7 @@ mod tests {
             "ucx_version",
             "gbps_runs",
             "raw_ucx_gbps_runs",
+            "ratio_runs",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }

@@ -1,14 +1,18 @@
 //! `kvrail raw-ucx` (hidden): the two processes of the raw-UCX baseline that
-//! `kvrail bench` runs beside kvrail. The target registers its region,
-//! prints its address and rkey, and progresses until its stdin closes; the
-//! initiator reads that line, puts (or gets) the same scattered block
-//! pattern the bench uses, in the same requests (each planned on its own),
-//! and prints the time it took.
+//! `kvrail bench` runs beside kvrail, pass by pass. The target registers its
+//! region, prints its address and rkey, then progresses its worker while
+//! told to (`serve` ... `rest` on stdin; it spins, so it rests while kvrail
+//! runs) until its stdin closes. The initiator reads that line, connects,
+//! prints `ready`, and then for every line of stdin holding a block count
+//! puts (or gets) that many blocks in the scattered pattern the bench uses,
+//! in the same requests (each planned on its own), and prints the time it
+//! took as one JSON line.
 
 use std::io::BufRead;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use kvrail_transfer::raw::{RawSide, RAW_TAG};
 use kvrail_transfer::{BlockLayout, Direction, PeerSpec, RegionAlloc, RmaOp, TransferPlan};
 use rand::SeedableRng;
@@ -34,21 +38,32 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                 "{}",
                 serde_json::json!({"event": "ready", "worker_address": hex(&l.worker_address), "base": l.region_base, "len": l.region_len, "rkey": hex(&l.rkey)})
             );
-            let stop = Arc::new(AtomicBool::new(false));
-            let s2 = stop.clone();
+            let serving = Arc::new(AtomicBool::new(false));
+            let (wake, woken) = std::sync::mpsc::channel();
+            let s2 = serving.clone();
             std::thread::spawn(move || {
-                let mut sink = String::new();
-                while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                    sink.clear();
+                for line in std::io::stdin().lines() {
+                    let Ok(line) = line else { break };
+                    match line.trim() {
+                        "serve" => {
+                            s2.store(true, Ordering::Relaxed);
+                            let _ = wake.send(());
+                        }
+                        "rest" => s2.store(false, Ordering::Relaxed),
+                        _ => {}
+                    }
                 }
-                s2.store(true, Ordering::Relaxed);
+                s2.store(false, Ordering::Relaxed);
             });
-            side.serve(&stop);
+            // Blocked while resting; ends when stdin closes.
+            while woken.recv().is_ok() {
+                side.serve(&serving);
+            }
             Ok(0)
         }
         RawRole::Initiator => {
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line)?;
+            let mut lines = std::io::stdin().lock().lines();
+            let line = lines.next().context("no target line on stdin")??;
             let v: serde_json::Value = serde_json::from_str(&line)?;
             let peer = PeerSpec {
                 worker_address: unhex(v["worker_address"].as_str().unwrap_or_default())?,
@@ -57,7 +72,6 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                 rkey: unhex(v["rkey"].as_str().unwrap_or_default())?,
             };
             let layout = BlockLayout::fit_region(a.region_bytes, a.block_bytes, 1)?;
-            let total = (a.total_bytes / a.block_bytes) as usize;
             let request_blocks = (a.request_bytes / a.block_bytes).max(1) as usize;
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
             // As the agents do: over tcp both modes are deliveries.
@@ -66,11 +80,16 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                 Mode::Write => Direction::Write,
                 Mode::Read => Direction::Read,
             };
-            let (mut done, mut secs) = (0usize, 0.0f64);
             let warmup = RmaOp { src_offset: 0, dst_offset: 0, len: a.block_bytes };
             let peer = side.connect(&peer, dir, Some(&warmup), !a.no_peer_errors)?;
-            while done < total {
-                let n = (total - done).min(layout.num_blocks() as usize);
+            println!("{}", serde_json::json!({"event": "ready"}));
+            for line in lines {
+                let n: usize = line?.trim().parse().context("a pass is a block count")?;
+                anyhow::ensure!(
+                    n <= layout.num_blocks() as usize,
+                    "a pass of {n} blocks is more than the region's {}",
+                    layout.num_blocks()
+                );
                 let (src, dst) = scattered(&mut rng, layout.num_blocks(), n);
                 // The agents' requests, planned one by one, then issued
                 // back to back through one window.
@@ -78,11 +97,10 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                 for (s, d) in src.chunks(request_blocks).zip(dst.chunks(request_blocks)) {
                     ops.extend_from_slice(TransferPlan::build(&layout, s, &layout, d, 0)?.ops());
                 }
-                secs += side.run(&peer, &ops, a.window)?.as_secs_f64();
-                done += n;
+                let secs = side.run(&peer, &ops, a.window)?.as_secs_f64();
+                let bytes = n as u64 * a.block_bytes;
+                println!("{}", serde_json::json!({"bytes": bytes, "seconds": secs, "gbps": bytes as f64 / secs / 1e9}));
             }
-            let bytes = total as u64 * a.block_bytes;
-            println!("{}", serde_json::json!({"bytes": bytes, "seconds": secs, "gbps": bytes as f64 / secs / 1e9}));
             Ok(0)
         }
     }
