@@ -218,16 +218,17 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
         down: Mutex::new(None),
         pending: Mutex::new(HashMap::new()),
     });
-    agent.sessions.lock().expect("lock").insert(id.clone(), session.clone());
+    agent.sessions.lock().expect("lock").insert(id.clone(), session);
     // A prefill agent that never opens its session stream (it died right
     // after its handshake) is dropped after one lease, endpoint and all.
-    let (a, lease) = (agent.clone(), agent.cfg.lease);
+    // The timer holds the session's id only, not the session.
+    let (a, lease, sid) = (agent.clone(), agent.cfg.lease, id.clone());
     tokio::spawn(async move {
         tokio::time::sleep(lease).await;
         let unopened = {
             let mut s = a.sessions.lock().expect("lock");
-            let stale = s.get(&session.id).is_some_and(|x| !x.is_open());
-            stale.then(|| s.remove(&session.id)).flatten()
+            let stale = s.get(&sid).is_some_and(|x| !x.is_open());
+            stale.then(|| s.remove(&sid)).flatten()
         };
         if let Some(x) = unopened {
             tracing::warn!(peer = %x.peer_agent, session = %x.id, "prefill agent never opened its session stream within its lease; dropped");
