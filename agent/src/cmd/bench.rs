@@ -25,7 +25,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::children::AgentProcess;
+use super::children::{drain, next_json, AgentProcess};
 use super::workload::{scattered, Outcome, Workload};
 use crate::cli::{BenchArgs, Mode};
 use crate::units::format_bytes;
@@ -429,9 +429,8 @@ struct RawLoop {
     target_in: tokio::process::ChildStdin,
     /// Whether the target progresses during a pass: only where it takes
     /// part (tcp deliveries). A one-sided put or get on `sm` needs nothing
-    /// of it, and kvrail's passive agent sleeps through one too; a busy
-    /// target would only keep its CPU out of idle, which on this kind of VM
-    /// speeds the copy on the other CPU up by ~10% (see the README).
+    /// of it, and kvrail's passive agent sleeps through one too, so the
+    /// two sides differ only in the engine (see the README).
     serves: bool,
     init: tokio::process::Child,
     init_in: tokio::process::ChildStdin,
@@ -461,8 +460,8 @@ impl RawLoop {
         let limit = Duration::from_secs(60);
         let (target, mut target_in, mut target_out) = spawn("target")?;
         let ready = read_json(&mut target_out, "rkey", limit).await.context("raw-UCX target")?;
-        // Keep draining its stdout (UCX may log there) so it never blocks.
-        tokio::spawn(async move { while let Ok(Some(_)) = target_out.next_line().await {} });
+        // UCX may log to its stdout.
+        drain(target_out);
         let (init, mut init_in, mut init_out) = spawn("initiator")?;
         // Connecting (wire-up, warm-up operation) needs the target's
         // progress.
@@ -502,21 +501,10 @@ async fn read_json(
     key: &str,
     limit: Duration,
 ) -> anyhow::Result<serde_json::Value> {
-    tokio::time::timeout(limit, async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(v) = json_with(&line, key) {
-                return Ok(v);
-            }
-        }
-        anyhow::bail!("exited without a line holding `{key}`")
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no line holding `{key}` within {limit:?}"))?
-}
-
-/// `line` as a JSON object if it is one and has `key`.
-fn json_with(line: &str, key: &str) -> Option<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(line).ok().filter(|v| v.get(key).is_some())
+    tokio::time::timeout(limit, next_json(lines, |v| v.get(key).is_some()))
+        .await
+        .map_err(|_| anyhow::anyhow!("no line holding `{key}` within {limit:?}"))??
+        .with_context(|| format!("exited without a line holding `{key}`"))
 }
 
 /// Scattered block copies between two region-sized buffers: the streaming
@@ -614,22 +602,18 @@ fn print_table(points: &[Point]) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn json_lines_skip_ucx_log_lines() {
-        let log = "[1795460185.286911] [vm:1:0] select.c:549 UCX ERROR no active messages transport";
-        assert_eq!(json_with(log, "seconds"), None);
-        assert_eq!(json_with(r#"{"event":"ready"}"#, "seconds"), None, "a JSON line without the key");
-        assert_eq!(json_with(r#"{"bytes":1,"seconds":0.5}"#, "seconds").unwrap()["seconds"], 0.5);
-    }
-
     #[tokio::test]
     async fn read_json_skips_to_the_key_and_reports_an_early_exit() {
-        let text: &[u8] = b"UCX WARN something\n{\"event\":\"ready\"}\n{\"seconds\":2}\n";
-        let mut lines = BufReader::new(text).lines();
-        assert_eq!(read_json(&mut lines, "event", Duration::from_secs(1)).await.unwrap()["event"], "ready");
+        let log = "[1795460185.286911] [vm:1:0] select.c:549 UCX ERROR no active messages transport";
+        let text = format!("{log}\n{{\"event\":\"ready\"}}\n{{\"bytes\":1,\"seconds\":0.5}}\n{{\"seconds\":2}}\n");
+        let mut lines = BufReader::new(text.as_bytes()).lines();
+        // A UCX log line and a JSON line without the key are skipped.
+        assert_eq!(read_json(&mut lines, "seconds", Duration::from_secs(1)).await.unwrap()["seconds"], 0.5);
         assert_eq!(read_json(&mut lines, "seconds", Duration::from_secs(1)).await.unwrap()["seconds"], 2);
         let e = read_json(&mut lines, "seconds", Duration::from_secs(1)).await.unwrap_err();
         assert!(e.to_string().contains("exited without a line holding `seconds`"), "{e}");
+        let mut lines = BufReader::new(text.as_bytes()).lines();
+        assert_eq!(read_json(&mut lines, "event", Duration::from_secs(1)).await.unwrap()["event"], "ready");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kvrail_proto::v1 as pb;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
@@ -22,6 +22,27 @@ pub async fn unix_channel(path: std::path::PathBuf) -> anyhow::Result<Channel> {
         }))
         .await?;
     Ok(ch)
+}
+
+/// The next line on `lines` that is a JSON object `wanted` accepts; other
+/// lines (logs: UCX may write to stdout too) are skipped. `None` when the
+/// stream ends first.
+pub async fn next_json<R: AsyncRead + Unpin>(
+    lines: &mut Lines<BufReader<R>>,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> std::io::Result<Option<serde_json::Value>> {
+    while let Some(line) = lines.next_line().await? {
+        if let Some(v) = serde_json::from_str::<serde_json::Value>(&line).ok().filter(&wanted) {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// Keeps reading a child's stdout in the background so the child never
+/// blocks on a full pipe.
+pub fn drain<R: AsyncRead + Unpin + Send + 'static>(mut lines: Lines<BufReader<R>>) {
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 }
 
 /// A running agent process.
@@ -68,20 +89,11 @@ impl AgentProcess {
         let mut child = cmd.spawn().context("spawning an agent process")?;
         let stdout = child.stdout.take().context("agent stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(timeout, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["event"] == "ready" {
-                        return Ok(v);
-                    }
-                }
-            }
-            anyhow::bail!("agent `kvrail {}` exited before it was ready", args.join(" "))
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("agent `kvrail {}` not ready within {timeout:?}", args.join(" ")))??;
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ready = tokio::time::timeout(timeout, next_json(&mut lines, |v| v["event"] == "ready"))
+            .await
+            .map_err(|_| anyhow::anyhow!("agent `kvrail {}` not ready within {timeout:?}", args.join(" ")))??
+            .with_context(|| format!("agent `kvrail {}` exited before it was ready", args.join(" ")))?;
+        drain(lines);
         let listen = ready["listen"].as_str().context("ready line without listen")?.to_string();
         let channel = match ready["local_socket"].as_str() {
             // The local API is the way in when the agent's TCP address is
