@@ -23,6 +23,24 @@ pub fn kvrail_bin() -> PathBuf {
     bin
 }
 
+/// Whether `ucx_info -b` says its UCX was built with assertions
+/// (`ENABLE_ASSERT 1`): the build's own account, to hold kvrail's reading of
+/// the library against. `bin_dir`: a UCX release's `bin` folder with its
+/// libraries in `../lib`; `None` is the `ucx_info` on `PATH`.
+pub fn ucx_info_says_assertions(bin_dir: Option<&std::path::Path>) -> bool {
+    let mut cmd = match bin_dir {
+        Some(dir) => {
+            let mut c = std::process::Command::new(dir.join("ucx_info"));
+            c.env("LD_LIBRARY_PATH", dir.join("../lib"));
+            c
+        }
+        None => std::process::Command::new("ucx_info"),
+    };
+    let out = cmd.arg("-b").output().expect("run ucx_info -b");
+    assert!(out.status.success(), "ucx_info -b: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["#define", "ENABLE_ASSERT", "1"])
+}
+
 /// Runs `kvrail <args>` to completion, with a time limit (its output is
 /// drained while it runs, so large reports cannot block it).
 pub fn run_kvrail(args: &[&str], limit: Duration) -> Output {

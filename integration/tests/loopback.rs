@@ -78,5 +78,7 @@ fn info_reports_hooks_off_and_the_loaded_library() {
     assert_eq!(v["hooks_off"], true);
     assert_eq!(v["hooks"]["patched"].as_array().map(Vec::len), Some(0));
     assert!(v["ucx_library"].as_str().unwrap().contains("libucp"));
+    // kvrail reads this from the loaded library; ucx_info from the build.
+    assert_eq!(v["ucx_assertions"], kvrail_integration::ucx_info_says_assertions(None), "{v:#}");
     assert!(v["transports"].as_array().unwrap().iter().any(|t| t.as_str().unwrap().starts_with("tcp/")));
 }

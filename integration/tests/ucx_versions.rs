@@ -45,6 +45,7 @@ fn runs_and_verifies_on_each_wheel_ucx() {
         assert_eq!(info["ucx_version"], v.as_str());
         assert!(info["ucx_library"].as_str().unwrap().starts_with(dir.to_str().unwrap()), "{v}: {info:#}");
         assert_eq!(info["mmap_hook_mode"], "none");
+        assert_eq!(info["ucx_assertions"], kvrail_integration::ucx_info_says_assertions(Some(&dir.join("../bin"))), "{v}: {info:#}");
         for t in ["tcp", "sm"] {
             let (code, d, err) = kvrail(
                 &dir,

@@ -530,8 +530,7 @@ pub(crate) fn open_worker(
     region_len: usize,
     alloc: RegionAlloc,
 ) -> Result<(Rc<Worker>, Arc<Registration>, LocalInfo), TransferError> {
-    let settings: Vec<(&str, &str)> = transport.ucx_tls().map(|t| ("TLS", t)).into_iter().collect();
-    let ctx = Context::new(&settings)?;
+    let ctx = Context::new(&transport.ucx_settings(crate::runtime::uct_has_assertions()))?;
     let reg = match alloc {
         RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
         RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),

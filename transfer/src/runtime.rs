@@ -20,6 +20,10 @@ pub struct UcxRuntime {
     pub library: String,
     /// Whether kvrail supports this version.
     pub supported: bool,
+    /// Whether the loaded libuct was built with assertions (Debian's and
+    /// Ubuntu's packages are; release builds such as PyPI's are not). See
+    /// [`uct_has_assertions`].
+    pub assertions: bool,
 }
 
 /// The CPUs this process may run on, in order.
@@ -39,7 +43,49 @@ pub fn bind_this_thread(cpus: &[usize]) -> std::io::Result<()> {
 pub fn ucx_runtime() -> UcxRuntime {
     let version = ffi::ucp::loaded_version();
     let supported = parse_version(&version).is_some_and(is_supported);
-    UcxRuntime { version, library: ffi::ucp::loaded_library().unwrap_or_else(|| "unknown".into()), supported }
+    UcxRuntime {
+        version,
+        library: ffi::ucp::loaded_library().unwrap_or_else(|| "unknown".into()),
+        supported,
+        assertions: uct_has_assertions(),
+    }
+}
+
+/// The text of the check UCX runs before invoking a send completion. A
+/// libuct built with assertions carries it; one built without has no trace
+/// of it.
+const COMPLETION_ASSERTION: &[u8] = b"comp->count > 0";
+
+/// Whether the libuct loaded in this process was built with assertions,
+/// read once from the object file `/proc/self/maps` names.
+///
+/// It decides how tcp sends its data. When a tcp peer dies while a
+/// zero-copy send to it is half written, UCX (1.13 up to at least 1.22,
+/// `uct_tcp_ep_sendv`) completes that send twice: once while purging the
+/// failed endpoint, once more on the way out. A build without assertions
+/// lets the second completion pass; one with assertions aborts the whole
+/// process on it (`Assertion 'comp->count > 0' failed`), so a prefill agent
+/// would die with the decode agent it was sending to.
+pub fn uct_has_assertions() -> bool {
+    static ASSERTIONS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ASSERTIONS.get_or_init(|| {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        loaded_object(&maps, "libuct.so")
+            .and_then(|path| std::fs::read(path).ok())
+            .is_some_and(|text| contains(&text, COMPLETION_ASSERTION))
+    })
+}
+
+/// The path of the first mapped object whose file name starts with `prefix`,
+/// from `/proc/<pid>/maps` text.
+fn loaded_object<'a>(maps: &'a str, prefix: &str) -> Option<&'a str> {
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|path| path.rsplit('/').next().is_some_and(|name| name.starts_with(prefix)))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// `"1.13.1"` -> `(1, 13)`.
@@ -138,5 +184,16 @@ mod tests {
         assert!(is_supported((1, 18)));
         assert!(!is_supported((2, 0)));
         assert!(!is_supported((1, 9)));
+    }
+
+    #[test]
+    fn finds_the_loaded_libuct_and_its_assertion_text() {
+        let maps = "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libucp.so.0.0.0\n\
+                    7f02-7f03 r--p 00000000 08:01 2 /opt/ucx/lib/libuct.so.0\n\
+                    7f04-7f05 rw-p 00000000 00:00 0 \n";
+        assert_eq!(loaded_object(maps, "libuct.so"), Some("/opt/ucx/lib/libuct.so.0"));
+        assert_eq!(loaded_object(maps, "libucs.so"), None);
+        assert!(contains(b"..Assertion `comp->count > 0' failed..", COMPLETION_ASSERTION));
+        assert!(!contains(b"comp->count >= 0", COMPLETION_ASSERTION));
     }
 }

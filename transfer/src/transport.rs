@@ -29,6 +29,22 @@ impl Transport {
         }
     }
 
+    /// The UCX configuration for this transport (names without `UCX_`),
+    /// applied on top of the environment. `uct_assertions`: the loaded
+    /// libuct was built with assertions ([`crate::runtime::uct_has_assertions`]).
+    /// Such a build aborts a tcp sender whose peer dies in the middle of a
+    /// zero-copy send, so there tcp sends by copy: every message goes out of
+    /// one 64 KiB send buffer (a delivery chunk fits in one), never from the
+    /// region itself. It costs a copy per byte sent; it keeps the prefill
+    /// agent alive when a decode agent dies.
+    pub fn ucx_settings(self, uct_assertions: bool) -> Vec<(&'static str, &'static str)> {
+        let mut settings: Vec<_> = self.ucx_tls().map(|t| ("TLS", t)).into_iter().collect();
+        if self == Transport::Tcp && uct_assertions {
+            settings.extend([("ZCOPY_THRESH", "inf"), ("TCP_TX_SEG_SIZE", "64kb")]);
+        }
+        settings
+    }
+
     /// Whether writes to a peer go as active messages instead of RMA puts.
     /// Over tcp UCX emulates puts in software, and the target of an emulated
     /// put whose writer dies can be aborted inside UCX; active messages
@@ -75,6 +91,10 @@ mod tests {
         assert_eq!("SM".parse::<Transport>().unwrap().ucx_tls(), Some("posix,sysv,self"));
         assert_eq!("tcp".parse::<Transport>().unwrap().ucx_tls(), Some("tcp"));
         assert_eq!("auto".parse::<Transport>().unwrap().ucx_tls(), None);
+        assert_eq!(Transport::Tcp.ucx_settings(false), [("TLS", "tcp")]);
+        assert_eq!(Transport::Tcp.ucx_settings(true), [("TLS", "tcp"), ("ZCOPY_THRESH", "inf"), ("TCP_TX_SEG_SIZE", "64kb")]);
+        assert_eq!(Transport::Sm.ucx_settings(true), [("TLS", "posix,sysv,self")]);
+        assert!(Transport::Auto.ucx_settings(true).is_empty());
         assert!("rdma".parse::<Transport>().unwrap_err().contains("auto, sm or tcp"));
     }
 }

@@ -50,6 +50,9 @@ pub struct Point {
     pub cpu_s_per_gb_prefill: f64,
     pub verified: bool,
     pub ucx_version: String,
+    /// The loaded libuct was built with assertions: tcp then sends by copy,
+    /// kvrail and the raw loop alike ([`Transport::ucx_settings`]).
+    pub ucx_assertions: bool,
     /// Every kvrail run and every raw-UCX run of the point, in run order
     /// (the medians above come from these), and each run's kvrail / raw.
     pub gbps_runs: Vec<f64>,
@@ -228,6 +231,7 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
         cpu_s_per_gb_prefill: outcome.cpu_secs[1] / gb,
         verified: outcome.verified() && warmups_verified,
         ucx_version,
+        ucx_assertions: kvrail_transfer::runtime::uct_has_assertions(),
         gbps_runs,
         raw_ucx_gbps_runs,
         ratio_runs: ratios,
@@ -596,6 +600,9 @@ fn print_table(points: &[Point]) {
         );
     }
     println!("(GB/s = 1e9 bytes/s; ratio = kvrail / raw UCX, same transport, block size, region and pattern)");
+    if points.iter().any(|p| p.transport == "tcp" && p.ucx_assertions) {
+        println!("(this UCX was built with assertions: tcp sends by copy, kvrail and raw UCX alike; see README, Benchmarks)");
+    }
 }
 
 #[cfg(test)]
@@ -685,6 +692,7 @@ mod tests {
             cpu_s_per_gb_prefill: 0.2,
             verified: true,
             ucx_version: "1.13.1".into(),
+            ucx_assertions: true,
             gbps_runs: vec![0.9, 1.0, 1.1],
             raw_ucx_gbps_runs: vec![2.0, 1.9, 2.1],
             ratio_runs: vec![0.45, 0.53, 0.52],
@@ -704,6 +712,7 @@ mod tests {
             "handshake_ms",
             "verified",
             "ucx_version",
+            "ucx_assertions",
             "gbps_runs",
             "raw_ucx_gbps_runs",
             "ratio_runs",

@@ -11,6 +11,8 @@ struct Info {
     ucx_version: String,
     ucx_library: String,
     ucx_supported: bool,
+    /// The loaded libuct was built with assertions (tcp then sends by copy).
+    ucx_assertions: bool,
     ucx_headers: &'static str,
     transports: Vec<String>,
     mmap_hook_mode: String,
@@ -28,6 +30,7 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<i32> {
         ucx_version: ucx.version.clone(),
         ucx_library: ucx.library.clone(),
         ucx_supported: ucx.supported,
+        ucx_assertions: ucx.assertions,
         ucx_headers: kvrail_transfer::runtime::UCX_HEADERS_VERSION,
         transports: kvrail_transfer::runtime::transports(),
         mmap_hook_mode: hooks.mode.to_string(),
@@ -41,6 +44,7 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<i32> {
         println!("kvrail {} (protocol v{})", info.kvrail_version, info.protocol_version);
         println!("UCX version    {}{}", info.ucx_version, if info.ucx_supported { "" } else { "  (NOT SUPPORTED)" });
         println!("UCX library    {}", info.ucx_library);
+        println!("UCX assertions {}", if info.ucx_assertions { "on (tcp sends by copy)" } else { "off" });
         println!("transports     {}", info.transports.join(" "));
         println!("mmap hooks     {}", info.hooks.summary());
     }
