@@ -819,6 +819,33 @@ mod tests {
     }
 
     #[test]
+    fn tcp_by_copy_sends_a_delivery_as_one_message_and_never_zero_copy() {
+        // UCX's description of a tcp endpoint: where each eager protocol
+        // starts, e.g. "am_send: 0..<egr/short>..8185..<egr/zcopy>..8192..<rndv>..(inf)".
+        let am_send = |by_copy: bool| {
+            let ctx = Context::new(&Transport::Tcp.ucx_settings(by_copy)).expect("UCX context");
+            let region = Arc::new(Registration::map_anonymous(&ctx, 1 << 20, false).expect("region"));
+            let (a, b) = (Worker::new(&ctx, region.clone()).expect("worker"), Worker::new(&ctx, region).expect("worker"));
+            let text = Endpoint::connect(&a, &b.address().expect("address"), false).expect("endpoint").describe();
+            text.lines()
+                .find(|l| l.trim_start_matches(|c: char| c == '#' || c == ' ').starts_with("am_send:"))
+                .unwrap_or_else(|| panic!("no am_send in:\n{text}"))
+                .to_string()
+        };
+        let zero_copy = am_send(false);
+        assert!(zero_copy.contains("<egr/zcopy>"), "{zero_copy}");
+        let by_copy = am_send(true);
+        assert!(!by_copy.contains("zcopy"), "{by_copy}");
+        let short_up_to: u64 = by_copy
+            .split("<egr/short>..")
+            .nth(1)
+            .and_then(|rest| rest.split("..").next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no short range in {by_copy}"));
+        assert!(short_up_to >= DEFAULT_AM_CHUNK + inbox::HEADER_LEN as u64, "a delivery chunk must fit one send buffer: {by_copy}");
+    }
+
+    #[test]
     fn deliveries_split_long_operations_in_order_with_one_header_each() {
         let ops = vec![RmaOp { src_offset: 0, dst_offset: 1000, len: 70 }, RmaOp { src_offset: 500, dst_offset: 0, len: 30 }];
         let (split, counter) = delivery(ops, 7, 32);

@@ -34,13 +34,13 @@ impl Transport {
     /// libuct was built with assertions ([`crate::runtime::uct_has_assertions`]).
     /// Such a build aborts a tcp sender whose peer dies in the middle of a
     /// zero-copy send, so there tcp sends by copy: every message goes out of
-    /// one 64 KiB send buffer (a delivery chunk fits in one), never from the
-    /// region itself. It costs a copy per byte sent; it keeps the prefill
+    /// one 64 KiB send buffer (tcp's `TX_SEG_SIZE`; a delivery chunk fits in
+    /// one), never from the region itself. It costs a copy per byte sent; it keeps the prefill
     /// agent alive when a decode agent dies.
     pub fn ucx_settings(self, uct_assertions: bool) -> Vec<(&'static str, &'static str)> {
         let mut settings: Vec<_> = self.ucx_tls().map(|t| ("TLS", t)).into_iter().collect();
         if self == Transport::Tcp && uct_assertions {
-            settings.extend([("ZCOPY_THRESH", "inf"), ("TCP_TX_SEG_SIZE", "64kb")]);
+            settings.extend([("ZCOPY_THRESH", "inf"), ("TX_SEG_SIZE", "64kb")]);
         }
         settings
     }
@@ -92,7 +92,7 @@ mod tests {
         assert_eq!("tcp".parse::<Transport>().unwrap().ucx_tls(), Some("tcp"));
         assert_eq!("auto".parse::<Transport>().unwrap().ucx_tls(), None);
         assert_eq!(Transport::Tcp.ucx_settings(false), [("TLS", "tcp")]);
-        assert_eq!(Transport::Tcp.ucx_settings(true), [("TLS", "tcp"), ("ZCOPY_THRESH", "inf"), ("TCP_TX_SEG_SIZE", "64kb")]);
+        assert_eq!(Transport::Tcp.ucx_settings(true), [("TLS", "tcp"), ("ZCOPY_THRESH", "inf"), ("TX_SEG_SIZE", "64kb")]);
         assert_eq!(Transport::Sm.ucx_settings(true), [("TLS", "posix,sysv,self")]);
         assert!(Transport::Auto.ucx_settings(true).is_empty());
         assert!("rdma".parse::<Transport>().unwrap_err().contains("auto, sm or tcp"));

@@ -106,30 +106,35 @@ impl Context {
 impl Context {
     /// UCX's own description of the context (`ucp_context_print_info`).
     pub(crate) fn describe(&self) -> String {
-        // SAFETY: tmpfile returns a fresh FILE* or NULL (checked).
-        let f = unsafe { libc::tmpfile() };
-        if f.is_null() {
-            return String::new();
-        }
-        // SAFETY: live context and FILE*; UCX only writes text to it.
-        unsafe { sys_ucx::ucp_context_print_info(self.h, f.cast()) };
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        // SAFETY: rewind then read into a live buffer of the length passed;
-        // the FILE* is closed exactly once afterwards.
-        unsafe {
-            libc::rewind(f);
-            loop {
-                let n = libc::fread(buf.as_mut_ptr().cast(), 1, buf.len(), f);
-                if n == 0 {
-                    break;
-                }
-                out.extend_from_slice(&buf[..n]);
-            }
-            libc::fclose(f);
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        // SAFETY: live context and a live FILE*; UCX only writes text to it.
+        printed(|f| unsafe { sys_ucx::ucp_context_print_info(self.h, f.cast()) })
     }
+}
+
+/// The text UCX writes through `print` into a temporary file.
+fn printed(print: impl FnOnce(*mut libc::FILE)) -> String {
+    // SAFETY: tmpfile returns a fresh FILE* or NULL (checked).
+    let f = unsafe { libc::tmpfile() };
+    if f.is_null() {
+        return String::new();
+    }
+    print(f);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // SAFETY: rewind then read into a live buffer of the length passed;
+    // the FILE* is closed exactly once afterwards.
+    unsafe {
+        libc::rewind(f);
+        loop {
+            let n = libc::fread(buf.as_mut_ptr().cast(), 1, buf.len(), f);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        libc::fclose(f);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Drop for Context {
@@ -550,6 +555,15 @@ impl Endpoint {
         // are only read during the call.
         check("ucp_ep_create", unsafe { decls::ucp_ep_create(worker.h, &p, &mut h) })?;
         Ok(Endpoint { h, error, worker: worker.clone() })
+    }
+
+    /// UCX's own description of the endpoint (`ucp_ep_print_info`): its
+    /// lanes and, per protocol, which message sizes go short, by copy,
+    /// zero-copy or by rendezvous.
+    pub(crate) fn describe(&self) -> String {
+        // SAFETY: live endpoint on its worker's thread and a live FILE*; UCX
+        // only writes text to it.
+        printed(|f| unsafe { sys_ucx::ucp_ep_print_info(self.h, f.cast()) })
     }
 
     /// The status the error callback reported, if the peer failed.
