@@ -510,16 +510,19 @@ pub(crate) fn pin(cpu: Option<usize>) -> Result<(), TransferError> {
 /// when asked for and the transport supports it. Some transports (UCX 1.13's
 /// shared memory) cannot report peer failures; the endpoint is then created
 /// without, and failures surface through the control plane's deadlines and
-/// leases.
+/// leases. UCX's description of the endpoint (its lanes, and which message sizes go
+/// short, by copy, zero-copy or by rendezvous) is logged at debug level.
 pub(crate) fn connect_endpoint(worker: &Rc<Worker>, address: &[u8], peer_errors: bool) -> Result<Endpoint, TransferError> {
-    match Endpoint::connect(worker, address, peer_errors) {
-        Ok(ep) => Ok(ep),
+    let ep = match Endpoint::connect(worker, address, peer_errors) {
+        Ok(ep) => ep,
         Err(e) if peer_errors && e.status == Status::ERR_UNREACHABLE => {
             tracing::info!("transport has no peer-failure reporting; endpoint created without it");
-            Ok(Endpoint::connect(worker, address, false)?)
+            Endpoint::connect(worker, address, false)?
         }
-        Err(e) => Err(e.into()),
-    }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::debug!(description = %ep.describe(), "UCX endpoint");
+    Ok(ep)
 }
 
 /// Creates a UCP context for `transport`, registers one region of
@@ -828,7 +831,7 @@ mod tests {
             let (a, b) = (Worker::new(&ctx, region.clone()).expect("worker"), Worker::new(&ctx, region).expect("worker"));
             let text = Endpoint::connect(&a, &b.address().expect("address"), false).expect("endpoint").describe();
             text.lines()
-                .find(|l| l.trim_start_matches(|c: char| c == '#' || c == ' ').starts_with("am_send:"))
+                .find(|l| l.trim_start_matches(['#', ' ']).starts_with("am_send:"))
                 .unwrap_or_else(|| panic!("no am_send in:\n{text}"))
                 .to_string()
         };
