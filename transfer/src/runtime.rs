@@ -79,9 +79,37 @@ pub fn uct_has_assertions() -> bool {
 /// The path of the first mapped object whose file name starts with `prefix`,
 /// from `/proc/<pid>/maps` text.
 fn loaded_object<'a>(maps: &'a str, prefix: &str) -> Option<&'a str> {
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|path| path.rsplit('/').next().is_some_and(|name| name.starts_with(prefix)))
+    file_mappings(maps).map(|m| m.path).find(|path| path.rsplit('/').next().is_some_and(|name| name.starts_with(prefix)))
+}
+
+/// One file-backed line of `/proc/<pid>/maps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileMapping<'a> {
+    /// First and one-past-last address.
+    pub start: usize,
+    pub end: usize,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    /// Absolute path (spaces kept).
+    pub path: &'a str,
+}
+
+/// The file-backed mappings in `/proc/<pid>/maps` text; anonymous and
+/// special (`[heap]`, ...) lines and malformed ones are skipped.
+pub(crate) fn file_mappings(maps: &str) -> impl Iterator<Item = FileMapping<'_>> {
+    maps.lines().filter_map(|line| {
+        let mut fields = line.splitn(6, ' ');
+        let (range, _perms, offset, _dev, _inode) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+        let path = fields.next()?.trim_start();
+        let (start, end) = range.split_once('-')?;
+        Some(FileMapping {
+            start: usize::from_str_radix(start, 16).ok()?,
+            end: usize::from_str_radix(end, 16).ok()?,
+            offset: u64::from_str_radix(offset, 16).ok()?,
+            path,
+        })
+        .filter(|m| m.path.starts_with('/'))
+    })
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -193,6 +221,12 @@ mod tests {
                     7f04-7f05 rw-p 00000000 00:00 0 \n";
         assert_eq!(loaded_object(maps, "libuct.so"), Some("/opt/ucx/lib/libuct.so.0"));
         assert_eq!(loaded_object(maps, "libucs.so"), None);
+        let with_space =
+            "7f06-7f08 r--p 00001000 08:01 3                          /opt/my ucx/libuct.so.0\n7f09-7f0a rw-p 00000000 00:00 0    [heap]\n";
+        assert_eq!(
+            file_mappings(with_space).collect::<Vec<_>>(),
+            [FileMapping { start: 0x7f06, end: 0x7f08, offset: 0x1000, path: "/opt/my ucx/libuct.so.0" }]
+        );
         assert!(contains(b"..Assertion `comp->count > 0' failed..", COMPLETION_ASSERTION));
         assert!(!contains(b"comp->count >= 0", COMPLETION_ASSERTION));
     }

@@ -35,8 +35,8 @@ impl Transport {
     /// Such a build aborts a tcp sender whose peer dies in the middle of a
     /// zero-copy send, so there tcp sends by copy: every message goes out of
     /// one 64 KiB send buffer (tcp's `TX_SEG_SIZE`; a delivery chunk fits in
-    /// one), never from the region itself. It costs a copy per byte sent; it keeps the prefill
-    /// agent alive when a decode agent dies.
+    /// one), never from the region itself. It costs a copy per byte sent;
+    /// it keeps the prefill agent alive when a decode agent dies.
     pub fn ucx_settings(self, uct_assertions: bool) -> Vec<(&'static str, &'static str)> {
         let mut settings: Vec<_> = self.ucx_tls().map(|t| ("TLS", t)).into_iter().collect();
         if self == Transport::Tcp && uct_assertions {

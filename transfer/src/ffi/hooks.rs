@@ -55,24 +55,11 @@ pub(crate) fn patched_entry_points() -> Vec<String> {
 fn code_matches_file(addr: usize) -> Result<bool, String> {
     const N: usize = 16;
     let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
-    for line in maps.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(_inode)) = (it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
-            continue;
-        };
-        let path: String = it.collect::<Vec<_>>().join(" ");
-        let Some((lo, hi)) = range.split_once('-') else { continue };
-        let (Ok(lo), Ok(hi), Ok(off)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16), u64::from_str_radix(off, 16)) else {
-            continue;
-        };
-        if addr < lo || addr + N > hi || !path.starts_with('/') {
-            continue;
-        }
-        let file_off = off + (addr - lo) as u64;
+    if let Some(m) = crate::runtime::file_mappings(&maps).find(|m| m.start <= addr && addr + N <= m.end) {
+        let file_off = m.offset + (addr - m.start) as u64;
         let mut disk = [0u8; N];
         use std::os::unix::fs::FileExt;
-        std::fs::File::open(&path).and_then(|f| f.read_exact_at(&mut disk, file_off)).map_err(|e| format!("{path}: {e}"))?;
+        std::fs::File::open(m.path).and_then(|f| f.read_exact_at(&mut disk, file_off)).map_err(|e| format!("{}: {e}", m.path))?;
         return Ok(sys::read_code(addr, N) == disk);
     }
     Err(format!("address {addr:#x} is in no file-backed mapping"))
