@@ -158,3 +158,23 @@ async fn tcp_deliveries_land_only_while_their_tag_is_open() {
         assert_eq!(block_of(&b, d), vec![0; BLOCK as usize], "block {d} was written by a rejected delivery");
     }
 }
+
+/// The progress thread sleeps once idle (on UCX's event fd and its own wake
+/// fd, for at most a second) and every command must end that sleep: a lost
+/// wake-up shows as a command waiting out the sleep. Each command here is
+/// sent after the thread has had 20 ms to fall asleep.
+#[tokio::test]
+async fn an_idle_progress_thread_wakes_for_every_command() {
+    use std::time::{Duration, Instant};
+    let a = engine(Transport::Tcp, RegionAlloc::Mapped { populate: false });
+    let b = engine(Transport::Tcp, RegionAlloc::Mapped { populate: false });
+    let b_on_a = a.connect(spec(&b)).await.expect("connect a->b");
+    let op = vec![RmaOp { src_offset: 0, dst_offset: 0, len: 4096 }];
+    for i in 0..20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t0 = Instant::now();
+        a.transfer(b_on_a, Direction::Write, op.clone()).await.expect("write");
+        let took = t0.elapsed();
+        assert!(took < Duration::from_millis(500), "command {i} took {took:?}: the idle thread missed its wake-up");
+    }
+}
