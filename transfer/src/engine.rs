@@ -742,16 +742,10 @@ impl Progress {
     fn drive(&mut self) {
         let inbox = self.worker.inbox();
         self.counters.deliveries_rejected.store(inbox.rejected(), Ordering::Relaxed);
-        let mut i = 0;
-        while i < self.expects.len() {
-            let e = &self.expects[i];
-            // A dropped or closed Expected closes its tag by Command::Close.
-            let Some(a) = inbox.arrival(e.tag).filter(|a| a.arrived == a.expected) else {
-                i += 1;
-                continue;
-            };
+        // A dropped or closed Expected closes its tag by Command::Close.
+        while let Some((tag, a)) = inbox.pop_complete() {
+            let Some(i) = self.expects.iter().position(|e| e.tag == tag) else { continue };
             let e = self.expects.swap_remove(i);
-            inbox.close(e.tag);
             self.counters.bytes.fetch_add(a.arrived, Ordering::Relaxed);
             let _ = e.reply.send(Ok(TransferDone { bytes: a.arrived, ops: a.messages, elapsed: e.started.elapsed() }));
         }

@@ -17,7 +17,7 @@
 //! cannot be written into afterwards, nor one request into another's blocks.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -107,12 +107,16 @@ pub(crate) fn into_ranges(mut ranges: Vec<Range<u64>>) -> Result<(Ranges, u64), 
 pub(crate) struct Inbox {
     region: Arc<Registration>,
     open: RefCell<HashMap<u64, Open>>,
+    /// Tags whose last expected byte landed, oldest first, until the
+    /// engine takes them ([`Inbox::pop_complete`]): the engine learns of a
+    /// finished delivery without looking at every open tag on every turn.
+    complete: RefCell<VecDeque<u64>>,
     rejected: Cell<u64>,
 }
 
 impl Inbox {
     pub(crate) fn new(region: Arc<Registration>) -> Inbox {
-        Inbox { region, open: RefCell::new(HashMap::new()), rejected: Cell::new(0) }
+        Inbox { region, open: RefCell::new(HashMap::new()), complete: RefCell::new(VecDeque::new()), rejected: Cell::new(0) }
     }
 
     /// Starts accepting bytes for `tag` into `into` (from [`into_ranges`],
@@ -124,6 +128,9 @@ impl Inbox {
             return false;
         }
         open.insert(tag, Open { arrival: Arrival { expected, arrived: 0, messages: 0 }, into });
+        if expected == 0 {
+            self.complete.borrow_mut().push_back(tag);
+        }
         true
     }
 
@@ -134,6 +141,18 @@ impl Inbox {
 
     pub(crate) fn arrival(&self, tag: u64) -> Option<Arrival> {
         self.open.borrow().get(&tag).map(|o| o.arrival)
+    }
+
+    /// Closes the next tag that received every expected byte and returns
+    /// it with its arrival; tags closed before they were taken are skipped.
+    pub(crate) fn pop_complete(&self) -> Option<(u64, Arrival)> {
+        loop {
+            let tag = self.complete.borrow_mut().pop_front()?;
+            if let Some(a) = self.arrival(tag).filter(|a| a.arrived == a.expected) {
+                self.close(tag);
+                return Some((tag, a));
+            }
+        }
     }
 
     /// Deliveries dropped so far.
@@ -173,6 +192,9 @@ impl Inbox {
         self.region.write(offset, data).map_err(|_| Reject::Range)?;
         a.arrived += len;
         a.messages += 1;
+        if a.arrived == a.expected {
+            self.complete.borrow_mut().push_back(tag);
+        }
         Ok(())
     }
 }
@@ -221,6 +243,34 @@ mod tests {
         assert!(open(&i, 8, &[((1 << 20) - 4, (1 << 20) + 4)]));
         assert_eq!(i.deliver(&header(8, (1 << 20) - 4), &[7; 8]), Err(Reject::Range), "past the region");
         assert_eq!(i.rejected(), 8);
+    }
+
+    #[test]
+    fn a_tag_is_reported_complete_once_when_its_last_byte_lands_and_closed_then() {
+        let i = inbox();
+        assert!(open(&i, 7, &[(0, 8), (64, 72)]));
+        assert!(open(&i, 8, &[(128, 136)]));
+        assert_eq!(i.deliver(&header(7, 0), &[1; 8]), Ok(()));
+        assert_eq!(i.pop_complete(), None, "7 has 8 of 16 bytes");
+        assert_eq!(i.deliver(&header(8, 128), &[2; 8]), Ok(()));
+        assert_eq!(i.deliver(&header(7, 64), &[3; 8]), Ok(()));
+        assert_eq!(i.pop_complete(), Some((8, Arrival { expected: 8, arrived: 8, messages: 1 })), "in the order they completed");
+        assert_eq!(i.pop_complete(), Some((7, Arrival { expected: 16, arrived: 16, messages: 2 })));
+        assert_eq!(i.pop_complete(), None);
+        assert_eq!((i.arrival(7), i.arrival(8)), (None, None), "taken tags are closed");
+        assert!(i.open(9, Box::new([]), 0));
+        assert_eq!(i.pop_complete().map(|(t, a)| (t, a.arrived)), Some((9, 0)), "a tag expecting nothing is complete at once");
+        // Closed, or closed and opened again, before the engine took it:
+        // the completion is stale and skipped.
+        assert!(open(&i, 10, &[(0, 8)]));
+        assert!(open(&i, 11, &[(8, 16)]));
+        assert_eq!(i.deliver(&header(10, 0), &[4; 8]), Ok(()));
+        assert_eq!(i.deliver(&header(11, 8), &[5; 8]), Ok(()));
+        i.close(10);
+        i.close(11);
+        assert!(open(&i, 11, &[(8, 16)]));
+        assert_eq!(i.pop_complete(), None);
+        assert_eq!(i.arrival(11), Some(Arrival { expected: 8, arrived: 0, messages: 0 }), "the reopened tag stays open");
     }
 
     #[test]
