@@ -353,9 +353,10 @@ pub struct BenchArgs {
     /// Leave every thread unbound. By default, with two or more CPUs, the
     /// UCX thread of the side blocks flow into (the decode agent, or the raw
     /// process in its place) goes to the first allowed CPU and the other
-    /// side's to the second, so the two busy threads never share a core; on
-    /// sm, where one of them does all the copying, the agents' runtimes and
-    /// the bench's client go to the other CPU.
+    /// side's to the second, so the two busy threads never share a core; the
+    /// agents' runtimes and the bench's client go to the CPU of the thread
+    /// that is not the limit (on sm the one that does not copy, on tcp the
+    /// receiver's).
     #[arg(long)]
     pub no_pin: bool,
     #[command(flatten)]

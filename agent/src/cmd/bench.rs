@@ -413,17 +413,24 @@ fn pin_args(a: &BenchArgs, side: usize) -> Vec<String> {
     bench_cpus(a).get(side).map(|cpu| vec!["--progress-cpu".into(), cpu.to_string()]).unwrap_or_default()
 }
 
-/// On `sm` one progress thread does all the copying (prefill's on writes,
-/// decode's on reads) on its own CPU; everything else of a kvrail run (the
-/// agents' gRPC and async runtimes, and this process's client driving
-/// them) goes to the other CPU so it does not preempt the copy. The raw
-/// loop has no such threads. On tcp both progress threads are busy: nothing
-/// else is bound.
+/// The CPU for everything of a kvrail run besides the two progress threads
+/// (the agents' gRPC and async runtimes, and this process's client driving
+/// them): the one the limiting progress thread does not use, so the
+/// control plane does not preempt it. On `sm` one progress thread does all
+/// the copying (prefill's on writes, decode's on reads) and the other side
+/// sleeps. On tcp both are busy, and the sender's (prefill's in both modes:
+/// over tcp a read is delivered by the prefill agent too) is the limit,
+/// copying into socket buffers, while the receiver's (decode's) polls with
+/// time to spare; so the control plane goes with the decode agent. Measured on tcp 1 MiB writes
+/// (`/proc/<tid>/status` and `schedstat` during the passes): left unbound,
+/// the prefill's progress thread was preempted ~130 times a second and
+/// waited 1.7% of its time for its CPU; bound this way, ~30 and 1.25%, as
+/// the raw loop's sender (~45, 1.0-2.2%). The raw loop has no such threads.
 fn control_cpu(a: &BenchArgs, t: Transport, mode: Mode) -> Option<usize> {
-    // The copying side has the second CPU on writes (prefill), the first on
-    // reads (decode): see `pin_args`.
-    let idle = usize::from(matches!(mode, Mode::Read));
-    bench_cpus(a).get(idle).copied().filter(|_| !t.writes_as_messages())
+    // The decode agent's progress thread has the first CPU, the prefill's
+    // the second: see `pin_args`.
+    let decode_side = t.writes_as_messages() || matches!(mode, Mode::Write);
+    bench_cpus(a).get(usize::from(!decode_side)).copied()
 }
 
 /// The two raw-UCX processes, connected (the initiator's view of the
