@@ -421,11 +421,12 @@ fn pin_args(a: &BenchArgs, side: usize) -> Vec<String> {
 /// sleeps. On tcp both are busy, and the sender's (prefill's in both modes:
 /// over tcp a read is delivered by the prefill agent too) is the limit,
 /// copying into socket buffers, while the receiver's (decode's) polls with
-/// time to spare; so the control plane goes with the decode agent. Measured on tcp 1 MiB writes
-/// (`/proc/<tid>/status` and `schedstat` during the passes): left unbound,
-/// the prefill's progress thread was preempted ~130 times a second and
-/// waited 1.7% of its time for its CPU; bound this way, ~30 and 1.25%, as
-/// the raw loop's sender (~45, 1.0-2.2%). The raw loop has no such threads.
+/// time to spare; so the control plane goes with the decode agent.
+/// Measured on tcp 1 MiB writes (`/proc/<tid>/status` and `schedstat`
+/// during the passes): left unbound, the prefill's progress thread was
+/// preempted ~130 times a second and waited 1.7% of its time for its CPU;
+/// bound this way, ~30 times and 1.2%, like the raw loop's sender (45-52
+/// times, 1.0-2.7%). The raw loop has no such threads.
 fn control_cpu(a: &BenchArgs, t: Transport, mode: Mode) -> Option<usize> {
     // The decode agent's progress thread has the first CPU, the prefill's
     // the second: see `pin_args`.
