@@ -315,18 +315,24 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Transports, comma-separated.
-    #[arg(long, default_value = "sm,tcp", value_delimiter = ',', value_parser = transport)]
+    /// Transports, comma-separated [default: sm,tcp; with --peer: the
+    /// decode agent's].
+    #[arg(long, value_delimiter = ',', value_parser = transport)]
     pub transport: Vec<Transport>,
-    /// Block sizes, comma-separated.
-    #[arg(long, default_value = "16KiB,64KiB,256KiB,1MiB,4MiB", value_delimiter = ',', value_parser = bytes)]
+    /// Block sizes, comma-separated [default: 16KiB,64KiB,256KiB,1MiB,4MiB;
+    /// with --peer: the decode agent's].
+    #[arg(long, value_delimiter = ',', value_parser = bytes)]
     pub block_bytes: Vec<u64>,
-    /// Bytes moved per point.
-    #[arg(long, default_value = "2GiB", value_parser = bytes)]
+    /// Bytes each side moves per run, in passes of at most a region each
+    /// (kvrail's and the raw loop's passes alternate). Single passes of
+    /// either side swing by ~10% on a shared host; six passes per side make
+    /// a run's ratio steadier than two did at ~6 s more per run.
+    #[arg(long, default_value = "6GiB", value_parser = bytes)]
     pub total_bytes: u64,
-    /// Region size of every process.
-    #[arg(long, default_value = "1GiB", value_parser = bytes)]
-    pub region_bytes: u64,
+    /// Region size of every process [default: 1GiB; with --peer: the
+    /// decode agent's].
+    #[arg(long, value_parser = bytes)]
+    pub region_bytes: Option<u64>,
     /// write (push, RMA put) and/or read (pull, RMA get), comma-separated.
     #[arg(long, value_enum, default_value = "write", value_delimiter = ',')]
     pub mode: Vec<Mode>,
@@ -359,8 +365,54 @@ pub struct BenchArgs {
     /// receiver's).
     #[arg(long)]
     pub no_pin: bool,
+    /// Cluster mode: measure against the running decode agent at ADDR
+    /// (host:port, started with --test-patterns) from a prefill agent this
+    /// bench starts here, one per run; the transport, block size and region
+    /// are the decode agent's. Needs --raw-peer and the cluster's secret
+    /// (KVRAIL_CLUSTER_SECRET or --cluster-secret-file). No ucx_perftest,
+    /// no CPU binding, no decode CPU figures.
+    #[arg(long, requires = "raw_peer")]
+    pub peer: Option<String>,
+    /// Cluster mode: the raw-UCX baseline's target on the decode agent's
+    /// host, `kvrail raw-ucx --role target --listen ADDR` with the decode
+    /// agent's --transport, --region-bytes and --block-bytes.
+    #[arg(long, requires = "peer")]
+    pub raw_peer: Option<String>,
+    /// Cluster mode: the cluster secret for the prefill agents this bench
+    /// starts (or KVRAIL_CLUSTER_SECRET).
+    #[arg(long, requires = "peer")]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
+    /// Cluster mode: TLS to the decode agent and for the prefill agents
+    /// this bench starts (their --tls-* flags).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     #[command(flatten)]
     pub out: DriverOpts,
+}
+
+impl BenchArgs {
+    /// `--transport`, or its default.
+    pub fn transports(&self) -> Vec<Transport> {
+        if self.transport.is_empty() {
+            vec![Transport::Sm, Transport::Tcp]
+        } else {
+            self.transport.clone()
+        }
+    }
+
+    /// `--block-bytes`, or its default.
+    pub fn blocks(&self) -> Vec<u64> {
+        if self.block_bytes.is_empty() {
+            [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20].to_vec()
+        } else {
+            self.block_bytes.clone()
+        }
+    }
+
+    /// `--region-bytes`, or its default.
+    pub fn region(&self) -> u64 {
+        self.region_bytes.unwrap_or(1 << 30)
+    }
 }
 
 /// Role in the raw-UCX baseline.
@@ -397,4 +449,10 @@ pub struct RawArgs {
     /// it; this measures what it costs).
     #[arg(long)]
     pub no_peer_errors: bool,
+    /// Target only: serve the baseline to `kvrail bench --raw-peer` on
+    /// another host. Listens on ADDR (host:port) and gives each connection
+    /// in turn this target's worker address and rkey. Its region is a
+    /// scratch buffer: whoever reaches ADDR can write into it.
+    #[arg(long)]
+    pub listen: Option<String>,
 }

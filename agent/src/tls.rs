@@ -47,6 +47,15 @@ fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 impl TlsArgs {
+    /// The same flags for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let files = [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key), ("--tls-ca", &self.tls_ca)];
+        let mut v: Vec<String> =
+            files.iter().filter_map(|(k, f)| Some([k.to_string(), f.as_ref()?.display().to_string()])).flatten().collect();
+        v.extend(self.tls_server_name.iter().flat_map(|n| ["--tls-server-name".to_string(), n.clone()]));
+        v
+    }
+
     /// `None` when no `--tls-*` flag is given (plain HTTP/2).
     pub fn load(&self) -> anyhow::Result<Option<Tls>> {
         let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else {

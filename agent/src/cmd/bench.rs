@@ -14,6 +14,10 @@
 //! - the streaming memcpy limit (scattered block copies between two
 //!   region-sized buffers in this process);
 //! - `ucx_perftest` for reference (one reused buffer: cache-hot).
+//!
+//! With `--peer` (cluster mode) the decode agent and the raw loop's target
+//! run on another host, started by the operator; each run starts a prefill
+//! agent and a raw initiator here.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -25,8 +29,8 @@ use rand::SeedableRng;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::children::{drain, next_json, AgentProcess};
-use super::workload::{scattered, Outcome, Workload};
+use super::children::{control_at, drain, next_json, prefaulted, AgentProcess};
+use super::workload::{scattered, Control, Outcome, Workload};
 use crate::cli::{BenchArgs, Mode};
 use crate::units::format_bytes;
 
@@ -46,7 +50,8 @@ pub struct Point {
     pub p50_us: f64,
     pub p99_us: f64,
     pub handshake_ms: f64,
-    pub cpu_s_per_gb_decode: f64,
+    /// `None` with `--peer`: the decode agent runs on another host.
+    pub cpu_s_per_gb_decode: Option<f64>,
     pub cpu_s_per_gb_prefill: f64,
     pub verified: bool,
     pub ucx_version: String,
@@ -106,24 +111,95 @@ pub fn ratio(kvrail: f64, raw: f64) -> f64 {
     }
 }
 
+/// Cluster mode (`--peer`): the running decode agent and what it serves.
+struct Remote {
+    decode: Control,
+    info: pb::AgentInfo,
+}
+
+impl Remote {
+    async fn connect(a: &BenchArgs, addr: &str) -> anyhow::Result<Remote> {
+        anyhow::ensure!(
+            crate::agent::auth::ClusterSecret::load(a.cluster_secret_file.as_deref())?.is_some(),
+            "--peer: the prefill agents this bench starts need the cluster's secret: set {} or pass --cluster-secret-file",
+            crate::agent::auth::SECRET_VAR
+        );
+        let tls = a.tls.load()?;
+        let mut decode = control_at(addr, tls.as_ref()).await.with_context(|| format!("connecting to the decode agent at {addr}"))?;
+        let info =
+            decode.info(pb::InfoRequest {}).await?.into_inner().agent.with_context(|| format!("the agent at {addr} sent no AgentInfo"))?;
+        Ok(Remote { decode, info })
+    }
+}
+
+/// With `--peer`: the bench's arguments with the transport, block size and
+/// region of the decode agent (`info`) in place. The command line may name
+/// them, but nothing else.
+pub fn adopt_peer(a: &BenchArgs, info: &pb::AgentInfo) -> anyhow::Result<BenchArgs> {
+    let peer = a.peer.as_deref().unwrap_or_default();
+    anyhow::ensure!(
+        info.role == pb::Role::Decode as i32,
+        "the agent at {peer} is not a decode agent: --peer names the decode agent to measure against"
+    );
+    let layout = info.layout.as_ref().with_context(|| format!("the agent at {peer} reported no block layout"))?;
+    anyhow::ensure!(
+        layout.num_layers <= 1,
+        "the decode agent at {peer} has a layer-major layout ({} layers), and the bench compares whole blocks with the raw-UCX loop: measure against an agent started without --layers",
+        layout.num_layers
+    );
+    let t: Transport =
+        info.transport.parse().map_err(|e| anyhow::anyhow!("the decode agent at {peer} reports transport {:?}: {e}", info.transport))?;
+    let region = u64::from(layout.num_blocks) * layout.block_bytes;
+    agree("--transport", &a.transport, &t, peer)?;
+    agree("--block-bytes", &a.block_bytes, &layout.block_bytes, peer)?;
+    agree("--region-bytes", a.region_bytes.as_slice(), &region, peer)?;
+    Ok(BenchArgs { transport: vec![t], block_bytes: vec![layout.block_bytes], region_bytes: Some(region), ..a.clone() })
+}
+
+/// Every value `given` for `flag` is the decode agent's own.
+fn agree<T: PartialEq + std::fmt::Display>(flag: &str, given: &[T], theirs: &T, peer: &str) -> anyhow::Result<()> {
+    match given.iter().find(|g| *g != theirs) {
+        None => Ok(()),
+        Some(g) => Err(anyhow::anyhow!(
+            "{flag} {g} is not what the decode agent at {peer} serves ({theirs}): leave {flag} out to measure the agent's, or start the agent with {flag} {g}"
+        )),
+    }
+}
+
 pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
-    anyhow::ensure!(!a.transport.is_empty() && !a.block_bytes.is_empty() && !a.mode.is_empty(), "nothing to measure");
+    anyhow::ensure!(
+        a.peer.is_some() || a.tls.tls_cert.is_none(),
+        "--tls-* are for --peer: the agents a bench starts on its own talk over loopback"
+    );
+    let remote = match &a.peer {
+        Some(addr) => Some(Remote::connect(a, addr).await?),
+        None => None,
+    };
+    let adopted = match &remote {
+        Some(r) => adopt_peer(a, &r.info)?,
+        None => a.clone(),
+    };
+    let bench = Bench { a: adopted, remote };
+    let a = &bench.a;
+    anyhow::ensure!(!a.mode.is_empty(), "nothing to measure");
     // Read the CPUs while this process may still use all of them.
     bench_cpus(a);
     let mut points = Vec::new();
     let mut memcpy = std::collections::HashMap::new();
-    let progress = Progress::new((a.transport.len() * a.block_bytes.len() * a.mode.len()) as u64);
-    for &t in &a.transport {
-        for &b in &a.block_bytes {
+    let (transports, blocks) = (a.transports(), a.blocks());
+    let progress = Progress::new((transports.len() * blocks.len() * a.mode.len()) as u64);
+    for &t in &transports {
+        for &b in &blocks {
             for &m in &a.mode {
                 let name = format!("{t} {} {}", m.name(), format_bytes(b));
                 if let std::collections::hash_map::Entry::Vacant(e) = memcpy.entry(b) {
                     progress.stage(&name, "memcpy limit");
-                    let (region, total, seed) = (a.region_bytes, a.total_bytes, a.out.seed);
+                    let (region, total, seed) = (a.region(), a.total_bytes, a.out.seed);
                     e.insert(tokio::task::spawn_blocking(move || memcpy_gbps(region, b, total, seed)).await?);
                 }
-                let p =
-                    point(a, t, b, m, memcpy[&b], |stage| progress.stage(&name, stage)).await.with_context(|| format!("point {name}"))?;
+                let p = point(&bench, t, b, m, memcpy[&b], |stage| progress.stage(&name, stage))
+                    .await
+                    .with_context(|| format!("point {name}"))?;
                 if a.out.json {
                     println!("{}", serde_json::to_string(&p)?);
                 }
@@ -189,15 +265,23 @@ impl Progress {
     }
 }
 
-async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64, stage: impl Fn(&str)) -> anyhow::Result<Point> {
+/// The arguments (with `--peer`, the decode agent's geometry adopted) and
+/// the remote decode agent, if any.
+struct Bench {
+    a: BenchArgs,
+    remote: Option<Remote>,
+}
+
+async fn point(b: &Bench, t: Transport, block: u64, mode: Mode, memcpy: f64, stage: impl Fn(&str)) -> anyhow::Result<Point> {
+    let a = &b.a;
     let n = a.repeat.max(1);
     let (mut outcome, mut ucx_version, mut warmups_verified) = (Outcome::default(), String::new(), true);
     let (mut runs, mut raws, mut ratios, mut handshakes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 1..=n {
         stage(&format!("run {i}/{n}: kvrail and the raw-UCX loop, pass by pass"));
         let r = match control_cpu(a, t, mode) {
-            Some(cpu) => tokio::task::block_in_place(|| on_cpu(cpu, || one_run(a, t, block, mode, i)))?,
-            None => one_run(a, t, block, mode, i).await?,
+            Some(cpu) => tokio::task::block_in_place(|| on_cpu(cpu, || one_run(b, t, block, mode, i)))?,
+            None => one_run(b, t, block, mode, i).await?,
         };
         let (kvrail, raw) = (gbps(r.kvrail.blocks * block, r.kvrail.seconds), gbps(r.raw_bytes, r.raw_secs));
         runs.push(kvrail);
@@ -208,10 +292,13 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
         warmups_verified &= r.warmup_verified;
         outcome.absorb(r.kvrail);
     }
-    if !a.no_perftest {
+    // ucx_perftest runs both its sides here: not across hosts.
+    let perftest = if a.no_perftest || b.remote.is_some() {
+        None
+    } else {
         stage("ucx_perftest");
-    }
-    let perftest = if a.no_perftest { None } else { perftest(t, block, mode).await.ok() };
+        perftest(t, block, mode).await.ok()
+    };
     let (gbps_runs, raw_ucx_gbps_runs) = (runs.clone(), raws.clone());
     let gb = (outcome.blocks * block) as f64 / 1e9;
     Ok(Point {
@@ -227,7 +314,7 @@ async fn point(a: &BenchArgs, t: Transport, block: u64, mode: Mode, memcpy: f64,
         p50_us: outcome.latency_ms(0.5) * 1e3,
         p99_us: outcome.latency_ms(0.99) * 1e3,
         handshake_ms: median(&mut handshakes),
-        cpu_s_per_gb_decode: outcome.cpu_secs[0] / gb,
+        cpu_s_per_gb_decode: b.remote.is_none().then(|| outcome.cpu_secs[0] / gb),
         cpu_s_per_gb_prefill: outcome.cpu_secs[1] / gb,
         verified: outcome.verified() && warmups_verified,
         ucx_version,
@@ -266,17 +353,18 @@ struct Run {
 /// One run (`i` counts from 1): fresh kvrail agents and raw-UCX processes,
 /// both set up (connected, pattern filled, peer mappings pre-faulted)
 /// before anything is timed, then taking turns pass by pass.
-async fn one_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode, i: usize) -> anyhow::Result<Run> {
+async fn one_run(b: &Bench, t: Transport, block: u64, mode: Mode, i: usize) -> anyhow::Result<Run> {
+    let a = &b.a;
     // Which pair starts (and so allocates its regions) first alternates
     // run by run: here the pair that allocates first copies 7-15% slower
     // on sm, whichever it is (likely the pages the last run freed, which
     // this VM hands back to its host); `paired_ratio` cancels it.
     let (mut kvrail, mut raw) = if i % 2 == 1 {
-        let kvrail = Agents::start(a, t, block, mode).await?;
+        let kvrail = Agents::start(b, t, block, mode, i).await?;
         (kvrail, RawLoop::start(a, t, block, mode).await?)
     } else {
         let raw = RawLoop::start(a, t, block, mode).await?;
-        (Agents::start(a, t, block, mode).await?, raw)
+        (Agents::start(b, t, block, mode, i).await?, raw)
     };
     let passes = passes((a.total_bytes / block) as usize, kvrail.num_blocks as usize);
     // One untimed pass each first: the first pass after the processes'
@@ -319,8 +407,10 @@ async fn one_run(a: &BenchArgs, t: Transport, block: u64, mode: Mode, i: usize) 
 /// A decode and a prefill agent, handshaked, the prefill region filled with
 /// the test pattern and both peer mappings pre-faulted.
 struct Agents {
-    decode: AgentProcess,
-    prefill: AgentProcess,
+    decode: Control,
+    /// The agents this bench started (decode and prefill; with `--peer`,
+    /// prefill only).
+    procs: Vec<AgentProcess>,
     work: Workload,
     rng: rand::rngs::StdRng,
     num_blocks: u32,
@@ -329,47 +419,80 @@ struct Agents {
 }
 
 impl Agents {
-    async fn start(a: &BenchArgs, t: Transport, block: u64, mode: Mode) -> anyhow::Result<Agents> {
-        let common = |role: &str| -> Vec<String> {
-            let mut v = vec![role.to_string(), "--agent-id".into(), format!("bench-{role}"), "--test-patterns".into()];
+    async fn start(b: &Bench, t: Transport, block: u64, mode: Mode, run: usize) -> anyhow::Result<Agents> {
+        let a = &b.a;
+        let common = |role: &str, id: &str| -> Vec<String> {
+            let mut v = vec![role.to_string(), "--agent-id".into(), id.into(), "--test-patterns".into()];
             v.extend(geometry_args(a, t, block));
             v.extend(pin_args(a, usize::from(role == "prefill")));
             v.extend(control_cpu(a, t, mode).map(|cpu| ["--runtime-cpus".to_string(), cpu.to_string()]).into_iter().flatten());
             v
         };
         let limit = Duration::from_secs(120);
-        let mut decode = AgentProcess::spawn(&common("decode"), a.out.verbose, limit).await?;
-        let mut p = common("prefill");
-        p.extend(["--peer".into(), decode.listen.clone()]);
-        let mut prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
+        let (mut decode, mut procs, prefill_id) = match (&b.remote, &a.peer) {
+            (Some(r), Some(peer)) => {
+                // A running decode agent may still hold an earlier run's
+                // prefill agent for a lease: each run's has a name of its own.
+                let id = format!("bench-prefill-{}-{run}", std::process::id());
+                let mut p = common("prefill", &id);
+                p.extend(["--peer".into(), peer.clone()]);
+                p.extend(a.cluster_secret_file.iter().flat_map(|f| ["--cluster-secret-file".into(), f.display().to_string()]));
+                p.extend(a.tls.to_args());
+                let prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
+                let mut decode = r.decode.clone();
+                session_open(&mut decode, &id, peer, Duration::from_secs(30)).await?;
+                (decode, vec![prefill], id)
+            }
+            _ => {
+                let decode = AgentProcess::spawn(&common("decode", "bench-decode"), a.out.verbose, limit).await?;
+                let mut p = common("prefill", "bench-prefill");
+                p.extend(["--peer".into(), decode.listen.clone()]);
+                let prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
+                (decode.control.clone(), vec![decode, prefill], String::new())
+            }
+        };
+        let prefill = procs.last_mut().context("no prefill agent")?;
         let handshake_ms = prefill.ready["handshake_ms"].as_f64().unwrap_or(f64::NAN);
         let ucx_version = prefill.ready["ucx_version"].as_str().unwrap_or("").to_string();
         prefill.control.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
         // The raw loop times nothing before its peer mapping is pre-faulted.
-        for agent in [&mut decode, &mut prefill] {
-            agent.prefaulted(Duration::from_secs(60)).await?;
-        }
+        prefaulted(&mut decode, Duration::from_secs(60)).await?;
+        prefaulted(&mut prefill.control, Duration::from_secs(60)).await?;
+        let pid = |p: &AgentProcess| p.child.id();
         let work = Workload {
             seed: a.out.seed,
             mode: mode.to_pb(),
             request_blocks: (a.request_bytes / block).max(1) as usize,
             concurrency: a.concurrency.max(1),
-            cpu_of: decode.child.id().zip(prefill.child.id()).map(|(d, p)| [d, p]),
+            cpu_of: [(procs.len() == 2).then(|| pid(&procs[0])).flatten(), procs.last().and_then(pid)],
+            peer: prefill_id,
         };
         let rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
-        Ok(Agents { decode, prefill, work, rng, num_blocks: (a.region_bytes / block) as u32, handshake_ms, ucx_version })
+        Ok(Agents { decode, procs, work, rng, num_blocks: (a.region() / block) as u32, handshake_ms, ucx_version })
     }
 
     /// Pass `p` of `n` blocks (`p` names its requests): poisoned, moved
     /// (timed), verified.
     async fn pass(&mut self, n: usize, p: usize) -> anyhow::Result<Outcome> {
-        self.work.pass(&mut self.decode.control, self.num_blocks, n, &format!("bench-{p}"), &mut self.rng).await
+        self.work.pass(&mut self.decode, self.num_blocks, n, &format!("bench-{p}"), &mut self.rng).await
     }
 
     async fn stop(self) {
-        self.decode.stop().await;
-        self.prefill.stop().await;
+        for p in self.procs {
+            p.stop().await;
+        }
     }
+}
+
+/// Waits until the decode agent behind `decode` lists prefill agent `id`
+/// among its peers (handshaked, session stream open).
+async fn session_open(decode: &mut Control, id: &str, peer: &str, limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !decode.info(pb::InfoRequest {}).await?.into_inner().peers.iter().any(|p| p == id) {
+        anyhow::ensure!(start.elapsed() < limit, "prefill agent {id} has no open session with the decode agent at {peer} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// The flags kvrail's agents and the raw loop share: same transport, region,
@@ -377,7 +500,7 @@ impl Agents {
 fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
     [
         ("--transport", t.to_string()),
-        ("--region-bytes", a.region_bytes.to_string()),
+        ("--region-bytes", a.region().to_string()),
         ("--block-bytes", block.to_string()),
         ("--window", a.window.to_string()),
     ]
@@ -399,7 +522,8 @@ fn bench_cpus(a: &BenchArgs) -> &'static [usize] {
             Vec::new()
         }
     });
-    if a.no_pin {
+    // With --peer the other side runs elsewhere: nothing to keep apart.
+    if a.no_pin || a.peer.is_some() {
         &[]
     } else {
         cpus
@@ -437,8 +561,10 @@ fn control_cpu(a: &BenchArgs, t: Transport, mode: Mode) -> Option<usize> {
 /// The two raw-UCX processes, connected (the initiator's view of the
 /// target's region pre-faulted), the target resting between passes.
 struct RawLoop {
-    target: tokio::process::Child,
-    target_in: tokio::process::ChildStdin,
+    /// `None` with `--raw-peer`: the target runs elsewhere, and `target_in`
+    /// is the connection to it.
+    target: Option<tokio::process::Child>,
+    target_in: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
     /// Whether the target progresses during a pass: only where it takes
     /// part (tcp deliveries). A one-sided put or get on `sm` needs nothing
     /// of it, and kvrail's passive agent sleeps through one too, so the
@@ -470,10 +596,24 @@ impl RawLoop {
             Ok((child, stdin, lines))
         };
         let limit = Duration::from_secs(60);
-        let (target, mut target_in, mut target_out) = spawn("target")?;
-        let ready = read_json(&mut target_out, "rkey", limit).await.context("raw-UCX target")?;
-        // UCX may log to its stdout.
-        drain(target_out);
+        let (target, mut target_in, ready): (_, Box<dyn tokio::io::AsyncWrite + Unpin + Send>, _) = match &a.raw_peer {
+            Some(addr) => {
+                let conn = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("connecting to the raw-UCX target at {addr} (`kvrail raw-ucx --role target --listen`)"))?;
+                let (rd, wr) = conn.into_split();
+                let ready =
+                    read_json(&mut BufReader::new(rd).lines(), "rkey", limit).await.with_context(|| format!("raw-UCX target at {addr}"))?;
+                (None, Box::new(wr), ready)
+            }
+            None => {
+                let (target, target_in, mut target_out) = spawn("target")?;
+                let ready = read_json(&mut target_out, "rkey", limit).await.context("raw-UCX target")?;
+                // UCX may log to its stdout.
+                drain(target_out);
+                (Some(target), Box::new(target_in), ready)
+            }
+        };
         let (init, mut init_in, mut init_out) = spawn("initiator")?;
         // Connecting (wire-up, warm-up operation) needs the target's
         // progress.
@@ -498,9 +638,9 @@ impl RawLoop {
     }
 
     async fn stop(self) {
-        let RawLoop { mut target, target_in, mut init, init_in, .. } = self;
+        let RawLoop { target, target_in, init, init_in, .. } = self;
         drop((init_in, target_in));
-        for child in [&mut init, &mut target] {
+        for mut child in std::iter::once(init).chain(target) {
             let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
         }
     }
@@ -667,6 +807,64 @@ mod tests {
         assert!(paired_ratio(&[]).is_nan());
     }
 
+    fn bench_args(extra: &[&str]) -> BenchArgs {
+        use clap::Parser as _;
+        let argv = ["kvrail", "bench"].into_iter().chain(extra.iter().copied());
+        match crate::cli::Cli::try_parse_from(argv).unwrap().cmd {
+            crate::cli::Command::Bench(a) => a,
+            c => panic!("not bench: {c:?}"),
+        }
+    }
+
+    fn decode_info(transport: &str, block: u64, blocks: u32, layers: u32) -> pb::AgentInfo {
+        pb::AgentInfo {
+            role: pb::Role::Decode as i32,
+            transport: transport.into(),
+            layout: Some(pb::BlockLayout { block_bytes: block, num_blocks: blocks, num_layers: layers, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn without_peer_the_lists_default_and_with_peer_the_agent_decides() {
+        let local = bench_args(&[]);
+        assert_eq!(local.transports(), [Transport::Sm, Transport::Tcp]);
+        assert_eq!(local.blocks(), [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]);
+        assert_eq!(local.region(), 1 << 30);
+
+        let peer = ["--peer", "10.0.0.2:7000", "--raw-peer", "10.0.0.2:7001"];
+        let info = decode_info("tcp", 64 << 10, 4096, 1);
+        let a = adopt_peer(&bench_args(&peer), &info).unwrap();
+        assert_eq!((a.transports(), a.blocks(), a.region()), (vec![Transport::Tcp], vec![64 << 10], 256 << 20));
+        // Naming the agent's own values is fine.
+        let same = [&peer[..], &["--transport", "tcp", "--block-bytes", "64KiB", "--region-bytes", "256MiB"]].concat();
+        assert_eq!(adopt_peer(&bench_args(&same), &info).unwrap().blocks(), [64 << 10]);
+    }
+
+    #[test]
+    fn peer_mode_refuses_what_the_decode_agent_does_not_serve() {
+        let peer = ["--peer", "10.0.0.2:7000", "--raw-peer", "10.0.0.2:7001"];
+        let info = decode_info("tcp", 64 << 10, 4096, 1);
+        let err =
+            |extra: &[&str], info: &pb::AgentInfo| adopt_peer(&bench_args(&[&peer[..], extra].concat()), info).unwrap_err().to_string();
+        let e = err(&["--block-bytes", "64KiB,1MiB"], &info);
+        assert!(e.contains("--block-bytes 1048576") && e.contains("(65536)") && e.contains("10.0.0.2:7000"), "{e}");
+        let e = err(&["--transport", "sm"], &info);
+        assert!(e.contains("--transport sm") && e.contains("(tcp)"), "{e}");
+        let e = err(&["--region-bytes", "1GiB"], &info);
+        assert!(e.contains("--region-bytes") && e.contains("268435456"), "{e}");
+        let e = err(&[], &decode_info("tcp", 64 << 10, 4096, 4));
+        assert!(e.contains("4 layers"), "{e}");
+        let e = err(&[], &pb::AgentInfo { role: pb::Role::Prefill as i32, ..info.clone() });
+        assert!(e.contains("not a decode agent"), "{e}");
+        let e = err(&[], &decode_info("rdma?", 64 << 10, 4096, 1));
+        assert!(e.contains("reports transport"), "{e}");
+        // clap: the two addresses go together.
+        use clap::Parser as _;
+        assert!(crate::cli::Cli::try_parse_from(["kvrail", "bench", "--peer", "h:1"]).is_err());
+        assert!(crate::cli::Cli::try_parse_from(["kvrail", "bench", "--raw-peer", "h:1"]).is_err());
+    }
+
     #[test]
     fn ratio_is_kvrail_over_raw() {
         assert_eq!(ratio(9.0, 10.0), 0.9);
@@ -696,7 +894,7 @@ mod tests {
             p50_us: 1.0,
             p99_us: 2.0,
             handshake_ms: 3.0,
-            cpu_s_per_gb_decode: 0.1,
+            cpu_s_per_gb_decode: Some(0.1),
             cpu_s_per_gb_prefill: 0.2,
             verified: true,
             ucx_version: "1.13.1".into(),

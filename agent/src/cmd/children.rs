@@ -9,9 +9,11 @@ use anyhow::Context as _;
 use kvrail_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
 use tokio::process::{Child, Command};
+
 use tonic::transport::Channel;
 
 use crate::cmd::serve::MAX_MESSAGE;
+use crate::cmd::workload::Control;
 
 /// A gRPC channel over the Unix socket at `path`.
 pub async fn unix_channel(path: std::path::PathBuf) -> anyhow::Result<Channel> {
@@ -22,6 +24,15 @@ pub async fn unix_channel(path: std::path::PathBuf) -> anyhow::Result<Channel> {
         }))
         .await?;
     Ok(ch)
+}
+
+/// A Control client for `host:port` (over TLS with `tls`) or `unix:PATH`.
+pub async fn control_at(addr: &str, tls: Option<&crate::tls::Tls>) -> anyhow::Result<Control> {
+    let channel = match addr.strip_prefix("unix:") {
+        Some(path) => unix_channel(path.into()).await?,
+        None => crate::tls::endpoint(addr, tls)?.connect().await.with_context(|| format!("connecting to the agent at {addr}"))?,
+    };
+    Ok(Control::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// The next line on `lines` that is a JSON object `wanted` accepts; other
@@ -51,7 +62,7 @@ pub struct AgentProcess {
     pub child: Child,
     pub ready: serde_json::Value,
     pub listen: String,
-    pub control: pb::control_client::ControlClient<Channel>,
+    pub control: Control,
 }
 
 impl AgentProcess {
@@ -95,35 +106,13 @@ impl AgentProcess {
             .with_context(|| format!("agent `kvrail {}` exited before it was ready", args.join(" ")))?;
         drain(lines);
         let listen = ready["listen"].as_str().context("ready line without listen")?.to_string();
-        let channel = match ready["local_socket"].as_str() {
+        let control = match ready["local_socket"].as_str() {
             // The local API is the way in when the agent's TCP address is
             // not reachable from here (another network namespace).
-            Some(path) => unix_channel(path.into()).await?,
-            None => crate::tls::endpoint(&listen, None)?.connect().await?,
+            Some(path) => control_at(&format!("unix:{path}"), None).await?,
+            None => control_at(&listen, None).await?,
         };
-        let control =
-            pb::control_client::ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
         Ok(AgentProcess { child, ready, listen, control })
-    }
-
-    /// Waits until the agent has pre-faulted its view of every peer region
-    /// (`Stats.prefaulting` is 0), so a measurement that follows sees the
-    /// steady state, as the raw-UCX loop does (it waits for the same work).
-    pub async fn prefaulted(&mut self, limit: Duration) -> anyhow::Result<()> {
-        let start = std::time::Instant::now();
-        loop {
-            let s = self.control.stats(pb::StatsRequest {}).await?.into_inner();
-            if s.prefaulting == 0 {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                start.elapsed() < limit,
-                "agent {} still pre-faulting {} peer mapping(s) after {limit:?}",
-                s.agent_id,
-                s.prefaulting
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     /// Stops the agent (SIGTERM, then SIGKILL after a grace period).
@@ -135,5 +124,26 @@ impl AgentProcess {
             }
         }
         let _ = self.child.kill().await;
+    }
+}
+
+/// Waits until the agent behind `control` has pre-faulted its view of every
+/// peer region (`Stats.prefaulting` is 0), so a measurement that follows
+/// sees the steady state, as the raw-UCX loop does (it waits for the same
+/// work).
+pub async fn prefaulted(control: &mut Control, limit: Duration) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let s = control.stats(pb::StatsRequest {}).await?.into_inner();
+        if s.prefaulting == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "agent {} still pre-faulting {} peer mapping(s) after {limit:?}",
+            s.agent_id,
+            s.prefaulting
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -14,7 +14,7 @@ use kvrail_proto::v1 as pb;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use super::children::AgentProcess;
+use super::children::{prefaulted, AgentProcess};
 use super::workload::{Outcome, Workload};
 use crate::cli::DemoArgs;
 use crate::units::format_bytes;
@@ -115,7 +115,7 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
     let num_blocks = info.agent.and_then(|a| a.layout).map(|l| l.num_blocks).context("decode agent reported no layout")? as usize;
     prefill.control.fill_pattern(pb::FillPatternRequest { seed: args.out.seed }).await?;
     for agent in [&mut *decode, &mut *prefill] {
-        agent.prefaulted(Duration::from_secs(60)).await?;
+        prefaulted(&mut agent.control, Duration::from_secs(60)).await?;
     }
 
     let total_blocks = (args.bytes / args.block_bytes) as usize;
@@ -125,7 +125,7 @@ async fn drive(args: &DemoArgs, decode: &mut AgentProcess, prefill: &mut AgentPr
         mode: args.mode.to_pb(),
         request_blocks: args.request_blocks,
         concurrency: args.concurrency,
-        cpu_of: None,
+        ..Default::default()
     };
     let mut total = Outcome::default();
     let mut pass = 0u64;

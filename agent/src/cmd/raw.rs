@@ -6,9 +6,12 @@
 //! prints `ready`, and then for every line of stdin holding a block count
 //! puts (or gets) that many blocks in the scattered pattern the bench uses,
 //! in the same requests (each planned on its own), and prints the time it
-//! took as one JSON line.
+//! took as one JSON line. With `--listen ADDR` the target serves the
+//! baseline to a bench on another host (`kvrail bench --raw-peer`): it
+//! sends its line to each connection in turn and takes that connection's
+//! `serve`/`rest` lines.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -29,33 +32,60 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| Ok(u8::from_str_radix(&s[i..i + 2], 16)?)).collect()
 }
 
+/// Obeys `serve` and `rest` lines (waking the serving loop on `serve`)
+/// until they end, then rests.
+fn obey(lines: impl Iterator<Item = std::io::Result<String>>, serving: &AtomicBool, wake: &std::sync::mpsc::Sender<()>) {
+    for line in lines {
+        let Ok(line) = line else { break };
+        match line.trim() {
+            "serve" => {
+                serving.store(true, Ordering::Relaxed);
+                let _ = wake.send(());
+            }
+            "rest" => serving.store(false, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+    serving.store(false, Ordering::Relaxed);
+}
+
 pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(a.listen.is_none() || a.role == RawRole::Target, "--listen is for the target (--role target)");
     let side = RawSide::new(a.transport, a.region_bytes, RegionAlloc::Ucx, a.progress_cpu)?;
     match a.role {
         RawRole::Target => {
             let l = side.local_info();
-            println!(
-                "{}",
-                serde_json::json!({"event": "ready", "worker_address": hex(&l.worker_address), "base": l.region_base, "len": l.region_len, "rkey": hex(&l.rkey)})
-            );
+            let info = serde_json::json!({"event": "ready", "worker_address": hex(&l.worker_address), "base": l.region_base, "len": l.region_len, "rkey": hex(&l.rkey)});
             let serving = Arc::new(AtomicBool::new(false));
             let (wake, woken) = std::sync::mpsc::channel();
             let s2 = serving.clone();
-            std::thread::spawn(move || {
-                for line in std::io::stdin().lines() {
-                    let Ok(line) = line else { break };
-                    match line.trim() {
-                        "serve" => {
-                            s2.store(true, Ordering::Relaxed);
-                            let _ = wake.send(());
-                        }
-                        "rest" => s2.store(false, Ordering::Relaxed),
-                        _ => {}
-                    }
+            match &a.listen {
+                None => {
+                    println!("{info}");
+                    std::thread::spawn(move || obey(std::io::stdin().lines(), &s2, &wake));
                 }
-                s2.store(false, Ordering::Relaxed);
-            });
-            // Blocked while resting; ends when stdin closes.
+                Some(addr) => {
+                    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+                    let mut ready = info.clone();
+                    ready["listen"] = listener.local_addr()?.to_string().into();
+                    println!("{ready}");
+                    // One bench at a time: each connection gets the target's
+                    // address and rkey, then its serve/rest lines are obeyed
+                    // until it closes.
+                    std::thread::spawn(move || {
+                        for conn in listener.incoming() {
+                            let Ok(mut conn) = conn else { continue };
+                            let lines = match conn.try_clone() {
+                                Ok(c) if writeln!(conn, "{info}").is_ok() => std::io::BufReader::new(c).lines(),
+                                _ => continue,
+                            };
+                            obey(lines, &s2, &wake);
+                        }
+                    });
+                }
+            }
+            // Blocked while resting; ends when stdin closes (with --listen:
+            // when the process is stopped).
             while woken.recv().is_ok() {
                 side.serve(&serving);
             }
@@ -72,6 +102,13 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                 rkey: unhex(v["rkey"].as_str().unwrap_or_default())?,
             };
             let layout = BlockLayout::fit_region(a.region_bytes, a.block_bytes, 1)?;
+            let needed = u64::from(layout.num_blocks()) * a.block_bytes;
+            anyhow::ensure!(
+                peer.region_len >= needed,
+                "the raw-UCX target's region is {} bytes, less than the {needed} this initiator's blocks span: start it with --region-bytes {}",
+                peer.region_len,
+                a.region_bytes
+            );
             let request_blocks = (a.request_bytes / a.block_bytes).max(1) as usize;
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
             // As the agents do: over tcp both modes are deliveries.

@@ -12,7 +12,7 @@ use kvrail_proto::v1 as pb;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use super::children::AgentProcess;
+use super::children::{control_at, AgentProcess};
 use super::workload::{Control, Outcome, Workload};
 use crate::chart::{self, Chart, Series, Trend};
 use crate::cli::{Side, SoakArgs};
@@ -139,15 +139,6 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     Ok(if report.ok { 0 } else { 1 })
 }
 
-/// A Control client for `host:port` (over TLS with `tls`) or `unix:PATH`.
-async fn control_at(addr: &str, tls: Option<&crate::tls::Tls>) -> anyhow::Result<Control> {
-    let channel = match addr.strip_prefix("unix:") {
-        Some(path) => super::children::unix_channel(path.into()).await?,
-        None => crate::tls::endpoint(addr, tls)?.connect().await.with_context(|| format!("connecting to the agent at {addr}"))?,
-    };
-    Ok(Control::new(channel).max_decoding_message_size(super::serve::MAX_MESSAGE).max_encoding_message_size(super::serve::MAX_MESSAGE))
-}
-
 async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> anyhow::Result<SoakReport> {
     let info = decode.info(pb::InfoRequest {}).await?.into_inner();
     let num_blocks = info.agent.and_then(|x| x.layout).map(|l| l.num_blocks).context("decode agent reported no layout")?;
@@ -157,7 +148,7 @@ async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> any
         mode: a.mode.to_pb(),
         request_blocks: a.request_blocks.max(1),
         concurrency: a.concurrency.max(1),
-        cpu_of: None,
+        ..Default::default()
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
     let start = Instant::now();

@@ -13,15 +13,19 @@ use tonic::transport::Channel;
 pub type Control = pb::control_client::ControlClient<Channel>;
 
 /// How requests are shaped.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Workload {
     pub seed: u64,
     pub mode: pb::TransferMode,
     pub request_blocks: usize,
     pub concurrency: usize,
     /// Process ids (decode, prefill) whose CPU time the timed part of each
-    /// pass is charged (poisoning and verifying are not).
-    pub cpu_of: Option<[u32; 2]>,
+    /// pass is charged (poisoning and verifying are not); a side that is
+    /// not known (not a child of this process) is charged nothing.
+    pub cpu_of: [Option<u32>; 2],
+    /// The prefill agent the requests name (empty: the decode agent's only
+    /// one).
+    pub peer: String,
 }
 
 /// CPU seconds (user + system) process `pid` has used so far; 0 if unknown.
@@ -122,7 +126,7 @@ impl Workload {
         let mut out = Outcome { blocks: n as u64, ..Default::default() };
         let (src, dst) = scattered(rng, num_blocks, n);
         decode.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
-        let cpu = || self.cpu_of.map_or([0.0; 2], |p| p.map(cpu_secs));
+        let cpu = || self.cpu_of.map(|p| p.map_or(0.0, cpu_secs));
         let cpu0 = cpu();
         let t0 = Instant::now();
         let mut set = JoinSet::new();
@@ -133,7 +137,7 @@ impl Workload {
                 let mut control = decode.clone();
                 let req = pb::SubmitRequest {
                     request_id: format!("{tag}-{i}"),
-                    peer: String::new(),
+                    peer: self.peer.clone(),
                     mode: self.mode as i32,
                     src_blocks: s.to_vec(),
                     dst_blocks: d.to_vec(),
