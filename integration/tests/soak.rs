@@ -87,7 +87,8 @@ fn leak_injection_is_refused_unless_enabled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_mode_soaks_running_agents() {
-    let (decode, prefill) = kvrail_integration::agent_pair("tcp", "32MiB", "64KiB").await;
+    // Not soak's defaults (sm, 64 KiB): the report takes the agents' own.
+    let (decode, prefill) = kvrail_integration::agent_pair("tcp", "32MiB", "128KiB").await;
     let dir = tmpdir("soak-cluster");
     let args = [
         "soak",
@@ -112,6 +113,8 @@ async fn cluster_mode_soaks_running_agents() {
     let (code, r) = out;
     assert_eq!(r["verified"], true, "{r:#}");
     assert!(r["passes"].as_u64().unwrap() > 0);
+    assert_eq!(r["transport"], "tcp", "{r:#}");
+    assert_eq!(r["bytes"].as_u64(), r["blocks"].as_u64().map(|b| b * (128 << 10)), "{r:#}");
     assert_eq!(r["decode"]["agent_id"], "it-decode");
     assert_eq!(r["prefill"]["agent_id"], "it-prefill");
     // Ten seconds is inside the agents' warm-up: no verdict yet, so no pass.

@@ -140,8 +140,11 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
 }
 
 async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> anyhow::Result<SoakReport> {
-    let info = decode.info(pb::InfoRequest {}).await?.into_inner();
-    let num_blocks = info.agent.and_then(|x| x.layout).map(|l| l.num_blocks).context("decode agent reported no layout")?;
+    // What the decode agent serves, not this command's flags: in cluster
+    // mode the operator started the agents with their own.
+    let info = decode.info(pb::InfoRequest {}).await?.into_inner().agent.context("decode agent reported no AgentInfo")?;
+    let layout = info.layout.context("decode agent reported no layout")?;
+    let (num_blocks, block_bytes) = (layout.num_blocks, layout.block_bytes);
     prefill.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
     let work = Workload {
         seed: a.out.seed,
@@ -177,18 +180,18 @@ async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> any
         demo_ucx_mmap_hooks_on: a.demo_allow_ucx_mmap_hooks,
         demo_rcache_max_unreleased: a.demo_rcache_max_unreleased.clone(),
         duration_secs,
-        transport: a.transport.to_string(),
+        transport: info.transport,
         mode: a.mode.name().to_string(),
         passes,
         blocks: total.blocks,
-        bytes: total.blocks * a.block_bytes,
+        bytes: total.blocks * block_bytes,
         requests: total.requests,
         failed_requests: total.failed_requests,
         verified,
         verified_blocks: total.verified_blocks,
         bad_blocks: total.bad_blocks,
         first_error: total.first_error.clone(),
-        gbps_while_moving: if total.seconds > 0.0 { (total.blocks * a.block_bytes) as f64 / total.seconds / 1e9 } else { 0.0 },
+        gbps_while_moving: if total.seconds > 0.0 { (total.blocks * block_bytes) as f64 / total.seconds / 1e9 } else { 0.0 },
         decode: d,
         prefill: p,
     })
