@@ -113,6 +113,7 @@ pub fn ratio(kvrail: f64, raw: f64) -> f64 {
 
 /// Cluster mode (`--peer`): the running decode agent and what it serves.
 struct Remote {
+    addr: String,
     decode: Control,
     info: pb::AgentInfo,
 }
@@ -128,7 +129,7 @@ impl Remote {
         let mut decode = control_at(addr, tls.as_ref()).await.with_context(|| format!("connecting to the decode agent at {addr}"))?;
         let info =
             decode.info(pb::InfoRequest {}).await?.into_inner().agent.with_context(|| format!("the agent at {addr} sent no AgentInfo"))?;
-        Ok(Remote { decode, info })
+        Ok(Remote { addr: addr.to_string(), decode, info })
     }
 }
 
@@ -429,26 +430,29 @@ impl Agents {
             v
         };
         let limit = Duration::from_secs(120);
-        let (mut decode, mut procs, prefill_id) = match (&b.remote, &a.peer) {
-            (Some(r), Some(peer)) => {
+        // The decode agent's Control client and process id (with --peer it
+        // runs elsewhere), the agents started here, and the name requests
+        // give the prefill agent.
+        let (mut decode, decode_pid, mut procs, prefill_id) = match &b.remote {
+            Some(r) => {
                 // A running decode agent may still hold an earlier run's
                 // prefill agent for a lease: each run's has a name of its own.
                 let id = format!("bench-prefill-{}-{run}", std::process::id());
                 let mut p = common("prefill", &id);
-                p.extend(["--peer".into(), peer.clone()]);
+                p.extend(["--peer".into(), r.addr.clone()]);
                 p.extend(a.cluster_secret_file.iter().flat_map(|f| ["--cluster-secret-file".into(), f.display().to_string()]));
                 p.extend(a.tls.to_args());
                 let prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
                 let mut decode = r.decode.clone();
-                session_open(&mut decode, &id, peer, Duration::from_secs(30)).await?;
-                (decode, vec![prefill], id)
+                session_open(&mut decode, &id, &r.addr, Duration::from_secs(30)).await?;
+                (decode, None, vec![prefill], id)
             }
-            _ => {
+            None => {
                 let decode = AgentProcess::spawn(&common("decode", "bench-decode"), a.out.verbose, limit).await?;
                 let mut p = common("prefill", "bench-prefill");
                 p.extend(["--peer".into(), decode.listen.clone()]);
                 let prefill = AgentProcess::spawn(&p, a.out.verbose, limit).await?;
-                (decode.control.clone(), vec![decode, prefill], String::new())
+                (decode.control.clone(), decode.child.id(), vec![decode, prefill], String::new())
             }
         };
         let prefill = procs.last_mut().context("no prefill agent")?;
@@ -458,13 +462,13 @@ impl Agents {
         // The raw loop times nothing before its peer mapping is pre-faulted.
         prefaulted(&mut decode, Duration::from_secs(60)).await?;
         prefaulted(&mut prefill.control, Duration::from_secs(60)).await?;
-        let pid = |p: &AgentProcess| p.child.id();
+        let prefill_pid = prefill.child.id();
         let work = Workload {
             seed: a.out.seed,
             mode: mode.to_pb(),
             request_blocks: (a.request_bytes / block).max(1) as usize,
             concurrency: a.concurrency.max(1),
-            cpu_of: [(procs.len() == 2).then(|| pid(&procs[0])).flatten(), procs.last().and_then(pid)],
+            cpu_of: [decode_pid, prefill_pid],
             peer: prefill_id,
         };
         let rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);

@@ -9,7 +9,6 @@ use anyhow::Context as _;
 use kvrail_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
 use tokio::process::{Child, Command};
-
 use tonic::transport::Channel;
 
 use crate::cmd::serve::MAX_MESSAGE;
