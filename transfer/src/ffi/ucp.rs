@@ -457,18 +457,28 @@ impl Worker {
         Ok(out)
     }
 
-    /// Runs UCX's progress engine until it reports no more events.
+    /// Runs UCX's progress engine until it reports no more events, at most
+    /// [`Worker::PROGRESS_ROUNDS`] times. Unbounded, one call could last as
+    /// long as a peer kept the socket fed (over tcp a receiving engine was
+    /// seen inside it for 44 ms, 6,144 messages), and everything the caller
+    /// does between calls (reporting landed deliveries, opening new ones)
+    /// waited that long.
     pub(crate) fn progress(&self) -> u32 {
         let mut total = 0;
-        loop {
+        for _ in 0..Self::PROGRESS_ROUNDS {
             // SAFETY: live worker, called on its own thread (Worker is !Send).
             let n = unsafe { sys_ucx::ucp_worker_progress(self.h) };
             if n == 0 {
-                return total;
+                break;
             }
             total += n;
         }
+        total
     }
+
+    /// Calls of UCX's progress per [`Worker::progress`]: over tcp one call
+    /// reads at most one receive segment (64 KiB here) per socket.
+    pub(crate) const PROGRESS_ROUNDS: u32 = 16;
 
     /// Arms the event fd. `Ok(true)`: safe to sleep on it; `Ok(false)`:
     /// events are pending, progress again first.
