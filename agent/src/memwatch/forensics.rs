@@ -404,7 +404,13 @@ struct SummaryInput<'a> {
 
 /// Builds the one-sentence summary.
 ///
-/// * RSS growth under [`FLAT_RSS_BYTES`]: RSS is flat.
+/// * RSS growth under [`FLAT_RSS_BYTES`], net and in the mappings that
+///   grew: RSS is flat. A leak can hide in the net figure when memory
+///   resident at the baseline has been released since (an allocator arena
+///   trimmed after a burst of allocations): a soak's leaking agent showed
+///   -2.0 MiB net while its leaking mappings had grown by 8.8 MiB and an
+///   arena had shrunk by 10.9. Then the growth is what the grown mappings
+///   add up to, and the net figure is given beside it.
 /// * The heap accounts for at least half the growth: "the heap grows".
 /// * The heap accounts for under a tenth: "RSS grows but the heap does not",
 ///   then where the growth is.
@@ -412,15 +418,24 @@ struct SummaryInput<'a> {
 fn summarize(i: &SummaryInput<'_>) -> String {
     let over = format!("over {:.0} s", i.secs.max(0.0));
     let heap_src = if i.heap_from_allocator { "heap" } else { "heap ([heap] mapping)" };
-    if i.rss_delta < FLAT_RSS_BYTES {
+    let grown_by = |backing: Option<Backing>| -> i64 {
+        i.grown.iter().filter(|g| backing.is_none_or(|b| g.backing == b)).map(|g| delta(g.rss_then, g.rss_now)).sum()
+    };
+    let net_flat = i.rss_delta < FLAT_RSS_BYTES;
+    let gross = grown_by(None);
+    if net_flat && gross < FLAT_RSS_BYTES {
         return format!(
             "RSS is flat since the baseline ({} RSS, {} {heap_src} {over}); nothing to attribute.",
             mib(i.rss_delta),
             mib(i.heap_delta)
         );
     }
-    let figures = format!("RSS {}, {heap_src} {} {over}", mib(i.rss_delta), mib(i.heap_delta));
-    let heap_share = i.heap_delta as f64 / i.rss_delta as f64;
+    let (growth, figures) = if net_flat {
+        (gross, format!("RSS {} in the mappings that grew, {} net, {heap_src} {} {over}", mib(gross), mib(i.rss_delta), mib(i.heap_delta)))
+    } else {
+        (i.rss_delta, format!("RSS {}, {heap_src} {} {over}", mib(i.rss_delta), mib(i.heap_delta)))
+    };
+    let heap_share = i.heap_delta as f64 / growth as f64;
     if heap_share >= 0.5 {
         return format!("RSS grows and the heap grows with it ({figures}): the leak is in malloc'd memory; {}.", Backing::Heap.hint());
     }
@@ -430,7 +445,7 @@ fn summarize(i: &SummaryInput<'_>) -> String {
         .by_backing
         .iter()
         .filter(|b| !(b.backing == Backing::Heap && i.heap_from_allocator))
-        .map(|b| (b.backing, delta(b.rss_then, b.rss_now)))
+        .map(|b| (b.backing, if net_flat { grown_by(Some(b.backing)) } else { delta(b.rss_then, b.rss_now) }))
         .max_by_key(|(_, d)| *d)
         .filter(|(_, d)| *d > 0);
     let lead = if heap_share < 0.1 {
@@ -467,6 +482,41 @@ mod tests {
     const BASE: &str = include_str!("testdata/smaps_baseline.txt");
     const GROWN: &str = include_str!("testdata/smaps_grown.txt");
     const KIB: u64 = 1024;
+
+    /// A leak hidden in the net figure by memory released elsewhere since
+    /// the baseline (the shape a soak's leaking agent once showed: -2.0 MiB
+    /// net, its leaking mappings +8.8 MiB, an arena -10.9 MiB) is still
+    /// attributed; without growth anywhere, RSS is flat.
+    #[test]
+    fn growth_offset_by_a_release_is_still_attributed() {
+        const MIB_U: u64 = 1 << 20;
+        let leak = MappingGrowth {
+            range: "0x7f0000000000-0x7f0000900000".into(),
+            backing: Backing::Anon,
+            path: String::new(),
+            size_then: 0,
+            size_now: 9 * MIB_U,
+            rss_then: 0,
+            rss_now: 9 * MIB_U,
+        };
+        let anon = BackingGrowth { backing: Backing::Anon, rss_then: 17 * MIB_U, rss_now: 15 * MIB_U };
+        let count = BTreeMap::from([(Backing::Anon, 1)]);
+        let input = |grown: &[MappingGrowth]| -> String {
+            summarize(&SummaryInput {
+                secs: 105.0,
+                rss_delta: -2 * MIB as i64,
+                heap_delta: 0,
+                heap_from_allocator: true,
+                by_backing: std::slice::from_ref(&anon),
+                grown,
+                grown_count: &count,
+            })
+        };
+        let s = input(std::slice::from_ref(&leak));
+        assert!(s.starts_with("RSS grows but the heap does not (RSS +9.0 MiB in the mappings that grew, -2.0 MiB net"), "{s}");
+        assert!(s.contains("anonymous mappings outside the heap: +9.0 MiB in 1 mapping"), "{s}");
+        assert!(input(&[]).starts_with("RSS is flat since the baseline (-2.0 MiB RSS"), "{}", input(&[]));
+    }
 
     #[test]
     fn parses_recorded_smaps() {
