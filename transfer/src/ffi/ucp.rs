@@ -460,7 +460,7 @@ impl Worker {
     /// Runs UCX's progress engine until it reports no more events, at most
     /// [`Worker::PROGRESS_ROUNDS`] times. Unbounded, one call could last as
     /// long as a peer kept the socket fed (over tcp a receiving engine was
-    /// seen inside it for 44 ms, 6,144 messages), and everything the caller
+    /// seen inside it for 44 ms, 6,144 events), and everything the caller
     /// does between calls (reporting landed deliveries, opening new ones)
     /// waited that long.
     pub(crate) fn progress(&self) -> u32 {
