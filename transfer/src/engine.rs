@@ -427,7 +427,8 @@ impl Job {
             return JobState::Done(Err(TransferError::Cancelled));
         }
         if !self.cancelled && self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
-            // Issue nothing more; flush what is in flight, then report.
+            // Issue nothing more; flush a put's requests in flight, then
+            // report once nothing of the job is pending.
             self.cancelled = true;
             if self.needs_flush() {
                 if let Err(e) = self.remote.flush(&self.counter) {

@@ -478,7 +478,7 @@ impl Worker {
 
     /// Calls of UCX's progress per [`Worker::progress`]: over tcp one call
     /// reads at most one receive segment (64 KiB here) per socket.
-    pub(crate) const PROGRESS_ROUNDS: u32 = 16;
+    const PROGRESS_ROUNDS: u32 = 16;
 
     /// Arms the event fd. `Ok(true)`: safe to sleep on it; `Ok(false)`:
     /// events are pending, progress again first.
