@@ -161,8 +161,9 @@ async fn tcp_deliveries_land_only_while_their_tag_is_open() {
 
 /// The progress thread sleeps once idle (on UCX's event fd and its own wake
 /// fd, for at most a second) and every command must end that sleep: a lost
-/// wake-up shows as a command waiting out the sleep. Each command here is
-/// sent after the thread has had 20 ms to fall asleep.
+/// wake-up shows as a command waiting out the sleep. The first commands are
+/// sent after the thread has had 20 ms to fall asleep, the rest 0-390 us
+/// after the one before, around the moment it does.
 #[tokio::test]
 async fn an_idle_progress_thread_wakes_for_every_command() {
     use std::time::{Duration, Instant};
@@ -176,5 +177,15 @@ async fn an_idle_progress_thread_wakes_for_every_command() {
         a.transfer(b_on_a, Direction::Write, op.clone()).await.expect("write");
         let took = t0.elapsed();
         assert!(took < Duration::from_millis(500), "command {i} took {took:?}: the idle thread missed its wake-up");
+    }
+    // Callers write the wake fd only while the thread sleeps: commands sent
+    // just as it goes to sleep (it spins 200 us after its last event) must
+    // not be missed either.
+    for i in 0..400u64 {
+        std::thread::sleep(Duration::from_micros(i % 40 * 10));
+        let t0 = Instant::now();
+        a.transfer(b_on_a, Direction::Write, op.clone()).await.expect("write");
+        let took = t0.elapsed();
+        assert!(took < Duration::from_millis(500), "command {i} took {took:?}: the thread missed a wake-up as it fell asleep");
     }
 }
