@@ -5,7 +5,7 @@
 //! Callers send commands over a channel; results come back on oneshot
 //! channels. When no transfer is active the thread arms the worker and
 //! sleeps on its event fd (and a wake eventfd) instead of spinning; callers
-//! write the wake fd only while it sleeps ([`Wake`]), so a busy thread
+//! write the wake fd only while it sleeps (`Wake`), so a busy thread
 //! makes no system call for them. Transfers issue their coalesced
 //! operations in arrival order through one bounded window of outstanding
 //! requests: the oldest transfer goes first and the next one fills the
