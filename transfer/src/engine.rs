@@ -322,13 +322,27 @@ struct Wake {
 }
 
 impl Wake {
-    /// Call after queueing a command.
+    /// Caller side: call after queueing a command.
     fn notify(&self) {
-        // Pairs with the fence before the thread's last look at the queue.
+        // Pairs with the fence in `sleep_unless`.
         fence(Ordering::SeqCst);
         if self.asleep.load(Ordering::SeqCst) {
             self.fd.notify();
         }
+    }
+
+    /// Thread side: runs `sleep` unless `busy()` finds work, with `asleep`
+    /// raised meanwhile, then resets the fd.
+    fn sleep_unless(&self, busy: impl FnOnce() -> bool, sleep: impl FnOnce()) {
+        self.asleep.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `notify`: either the caller sees `asleep`
+        // and writes the fd, or `busy` sees its command.
+        fence(Ordering::SeqCst);
+        if !busy() {
+            sleep();
+        }
+        self.asleep.store(false, Ordering::SeqCst);
+        self.fd.drain();
     }
 }
 
@@ -686,22 +700,18 @@ impl Progress {
             // into this worker (software RMA over tcp) sends the next message
             // within microseconds, and a sleep/wake per message costs more.
             if self.active.is_empty() && rx.is_empty() && last_event.elapsed() > Self::SPIN {
-                self.wake.asleep.store(true, Ordering::SeqCst);
-                // Pairs with the fence in Wake::notify: either the caller
-                // sees `asleep` and writes the fd, or this sees its command.
-                fence(Ordering::SeqCst);
-                if rx.is_empty() && !stopping.load(Ordering::Relaxed) {
-                    match self.worker.arm() {
-                        Ok(true) => self.poller.wait(1000),
+                let (worker, poller) = (&self.worker, &self.poller);
+                self.wake.sleep_unless(
+                    || !rx.is_empty() || stopping.load(Ordering::Relaxed),
+                    || match worker.arm() {
+                        Ok(true) => poller.wait(1000),
                         Ok(false) => {}
                         Err(e) => {
                             tracing::error!(call = e.call, status = %e.status, "ucp_worker_arm failed; polling instead");
                             std::thread::sleep(Duration::from_millis(1));
                         }
-                    }
-                }
-                self.wake.asleep.store(false, Ordering::SeqCst);
-                self.wake.fd.drain();
+                    },
+                );
             }
         }
         tracing::debug!("UCX progress thread stopped");

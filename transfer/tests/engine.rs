@@ -171,21 +171,19 @@ async fn an_idle_progress_thread_wakes_for_every_command() {
     let b = engine(Transport::Tcp, RegionAlloc::Mapped { populate: false });
     let b_on_a = a.connect(spec(&b)).await.expect("connect a->b");
     let op = vec![RmaOp { src_offset: 0, dst_offset: 0, len: 4096 }];
-    for i in 0..20 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let t0 = Instant::now();
-        a.transfer(b_on_a, Direction::Write, op.clone()).await.expect("write");
-        let took = t0.elapsed();
-        assert!(took < Duration::from_millis(500), "command {i} took {took:?}: the idle thread missed its wake-up");
-    }
     // Callers write the wake fd only while the thread sleeps: commands sent
     // just as it goes to sleep (it spins 200 us after its last event) must
     // not be missed either.
-    for i in 0..400u64 {
-        std::thread::sleep(Duration::from_micros(i % 40 * 10));
+    let asleep = (0..20).map(|_| Duration::from_millis(20));
+    let falling_asleep = (0..400u64).map(|i| Duration::from_micros(i % 40 * 10));
+    for (i, pause) in asleep.chain(falling_asleep).enumerate() {
+        std::thread::sleep(pause);
         let t0 = Instant::now();
         a.transfer(b_on_a, Direction::Write, op.clone()).await.expect("write");
         let took = t0.elapsed();
-        assert!(took < Duration::from_millis(500), "command {i} took {took:?}: the thread missed a wake-up as it fell asleep");
+        assert!(
+            took < Duration::from_millis(500),
+            "command {i}, sent {pause:?} after the last, took {took:?}: the thread missed its wake-up"
+        );
     }
 }
