@@ -67,9 +67,14 @@ async fn invalid_blocks_are_refused_and_write_nothing() {
         ("empty", vec![], vec![], "no blocks"),
     ];
     for (id, src, dst, needle) in cases {
-        let err = submit(&mut decode, id, src, dst).await.expect_err(id);
+        let err = submit(&mut decode, id, src.clone(), dst.clone()).await.expect_err(id);
         assert_eq!(err.code(), Code::InvalidArgument, "{id}: {err:?}");
         assert!(err.message().contains(needle), "{id}: {}", err.message());
+        // Transfer (submit and wait in one call) refuses it the same way.
+        let req = pb::SubmitRequest { request_id: format!("{id}-t"), src_blocks: src, dst_blocks: dst, ..Default::default() };
+        let err = decode.control.transfer(req).await.expect_err(id);
+        assert_eq!(err.code(), Code::InvalidArgument, "{id} (Transfer): {err:?}");
+        assert!(err.message().contains(needle), "{id} (Transfer): {}", err.message());
     }
     // Nothing was written: blocks 10..13 do not hold the source pattern.
     assert_eq!(verified(&mut decode, &[0, 1, 2], &[10, 11, 12]).await, 0);
@@ -95,6 +100,21 @@ async fn invalid_blocks_are_refused_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists);
+    let dup = decode
+        .control
+        .transfer(pb::SubmitRequest { request_id: "dup".into(), src_blocks: vec![5], dst_blocks: vec![52], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    // Transfer returns the final state of a request that ran.
+    let done = decode
+        .control
+        .transfer(pb::SubmitRequest { request_id: "t-good".into(), src_blocks: vec![7, 8], dst_blocks: vec![70, 71], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((done.state, done.bytes), (pb::RequestState::Done as i32, 2 * 64 * 1024), "{done:?}");
+    assert_eq!(verified(&mut decode, &[7, 8], &[70, 71]).await, 2);
     // Writing patterns is refused unless enabled... here it is enabled; the
     // refusal is covered by the unit tests of the control service.
     decode.stop().await;

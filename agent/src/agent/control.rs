@@ -54,15 +54,19 @@ impl pb::control_server::Control for ControlService {
         super::validate::check_id("request_id", &req.request_id)?;
         let timeout = Duration::from_millis(req.timeout_ms as u64).min(MAX_WAIT);
         let st = self.agent.requests.wait(&req.request_id, timeout).await?;
-        Ok(Response::new(pb::WaitResponse {
-            request_id: req.request_id,
-            state: st.state,
-            bytes: st.bytes,
-            ops: st.ops,
-            latency_us: st.latency_us,
-            code: st.code,
-            error: st.error,
-        }))
+        Ok(Response::new(wait_response(req.request_id, st)))
+    }
+
+    async fn transfer(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
+        let id = decode::submit(&self.agent, req.into_inner()).await?.request_id;
+        // A request ends within its timeout; the loop only outlasts a
+        // timeout longer than one wait.
+        loop {
+            let st = self.agent.requests.wait(&id, MAX_WAIT).await?;
+            if st.state != pb::RequestState::Pending as i32 {
+                return Ok(Response::new(wait_response(id, st)));
+            }
+        }
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
@@ -110,6 +114,18 @@ impl pb::control_server::Control for ControlService {
             first_error: v.first_error,
             checksum: v.checksum,
         }))
+    }
+}
+
+fn wait_response(request_id: String, st: decode::ReqStatus) -> pb::WaitResponse {
+    pb::WaitResponse {
+        request_id,
+        state: st.state,
+        bytes: st.bytes,
+        ops: st.ops,
+        latency_us: st.latency_us,
+        code: st.code,
+        error: st.error,
     }
 }
 

@@ -88,16 +88,9 @@ impl Outcome {
     }
 }
 
-/// Submits one request and waits for its final state.
+/// Submits one request and waits for its final state (`Control.Transfer`).
 pub async fn run_request(control: &mut Control, req: pb::SubmitRequest) -> anyhow::Result<pb::WaitResponse> {
-    let id = req.request_id.clone();
-    control.submit(req).await?;
-    loop {
-        let w = control.wait(pb::WaitRequest { request_id: id.clone(), timeout_ms: 30_000 }).await?.into_inner();
-        if w.state != pb::RequestState::Pending as i32 {
-            return Ok(w);
-        }
-    }
+    Ok(control.transfer(req).await?.into_inner())
 }
 
 /// `n` (source, destination) block pairs drawn at random from `num_blocks`
