@@ -11,4 +11,4 @@ pub mod v1 {
 
 /// Protocol version spoken by this build. Bumped on any incompatible change;
 /// peers with a different version are refused at handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

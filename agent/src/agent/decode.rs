@@ -320,35 +320,13 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
             }
             let (agent, timeout) = (agent.clone(), agent.cfg.request_timeout);
             tokio::spawn(async move {
-                let mut delivery = delivery;
-                let mut st = match tokio::time::timeout(timeout, done_rx).await {
-                    Ok(Ok(c)) if c.ok => ReqStatus {
-                        state: pb::RequestState::Done as i32,
-                        bytes: c.bytes,
-                        ops: c.ops,
-                        latency_us: started.elapsed().as_micros() as u64,
-                        ..Default::default()
-                    },
-                    Ok(Ok(c)) => failed(started, c.code, c.error),
-                    Ok(Err(_)) => failed(started, tonic::Code::Unavailable as i32, "the session ended before the request completed".into()),
-                    Err(_) => {
-                        session.pending.lock().expect("lock").remove(&id);
-                        failed(started, tonic::Code::DeadlineExceeded as i32, format!("no completion within {timeout:?}"))
-                    }
+                let st = match delivery {
+                    Some(d) => delivered(d, done_rx, timeout, started).await,
+                    None => written(done_rx, timeout, started).await,
                 };
-                // The prefill agent has sent everything; its last messages
-                // may still be on the wire.
-                if let Some(d) = delivery.as_mut().filter(|_| st.state == pb::RequestState::Done as i32) {
-                    match d.arrived(agent.cfg.stall_timeout).await {
-                        Ok(_) => st.latency_us = started.elapsed().as_micros() as u64,
-                        Err(e) => st = failed(started, convert::status_of(&e).code() as i32, e.to_string()),
-                    }
-                }
-                // A failed request's tag closes before its failure is
-                // reported: nothing lands in its blocks afterwards.
-                if let Some(d) = delivery {
-                    d.close().await;
-                }
+                // A completion that never came (the deadline passed) must
+                // not stay routed; after a delivery it was never sent.
+                session.pending.lock().expect("lock").remove(&id);
                 agent.requests.finish(&id, &tx, st);
             });
         }
@@ -381,6 +359,61 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
         }
     }
     Ok(pb::SubmitResponse { request_id: req.request_id })
+}
+
+/// A push by RMA puts: done when the prefill agent's Completion says so.
+async fn written(done_rx: oneshot::Receiver<pb::Completion>, timeout: Duration, started: Instant) -> ReqStatus {
+    match tokio::time::timeout(timeout, done_rx).await {
+        Ok(Ok(c)) if c.ok => ReqStatus {
+            state: pb::RequestState::Done as i32,
+            bytes: c.bytes,
+            ops: c.ops,
+            latency_us: started.elapsed().as_micros() as u64,
+            ..Default::default()
+        },
+        Ok(Ok(c)) => failed(started, c.code, c.error),
+        Ok(Err(_)) => session_ended(started),
+        Err(_) => failed(started, tonic::Code::DeadlineExceeded as i32, format!("no completion within {timeout:?}")),
+    }
+}
+
+/// A push by delivery (tcp): done when every byte landed in its tag, which
+/// this agent's engine counts; the prefill agent answers only a failure.
+/// The tag closes before the request's state is set: nothing lands in its
+/// blocks after a failure is reported.
+async fn delivered(
+    mut d: kvrail_transfer::Expected,
+    done_rx: oneshot::Receiver<pb::Completion>,
+    timeout: Duration,
+    started: Instant,
+) -> ReqStatus {
+    let st = tokio::select! {
+        r = d.arrived(timeout) => match r {
+            Ok(a) => ReqStatus {
+                state: pb::RequestState::Done as i32,
+                bytes: a.bytes,
+                ops: a.ops,
+                latency_us: started.elapsed().as_micros() as u64,
+                ..Default::default()
+            },
+            Err(e) => failed(started, convert::status_of(&e).code() as i32, e.to_string()),
+        },
+        c = done_rx => match c {
+            Ok(c) if c.ok => failed(
+                started,
+                tonic::Code::Internal as i32,
+                "the prefill agent reported a delivery done before every byte landed".into(),
+            ),
+            Ok(c) => failed(started, c.code, c.error),
+            Err(_) => session_ended(started),
+        },
+    };
+    d.close().await;
+    st
+}
+
+fn session_ended(started: Instant) -> ReqStatus {
+    failed(started, tonic::Code::Unavailable as i32, "the session ended before the request completed".into())
 }
 
 fn failed(started: Instant, code: i32, error: String) -> ReqStatus {

@@ -162,10 +162,9 @@ fn direction(delivery_tag: u64) -> Direction {
 }
 
 /// Executes one write order and answers with its completion, only after
-/// the flush completed.
+/// the flush completed. A delivery is answered only if it failed: the
+/// decode agent sees it complete as its bytes land.
 async fn execute(agent: &Agent, link: &Link, order: pb::WriteOrder) {
-    let span = tracing::info_span!("write", request_id = %order.request_id, blocks = order.src_blocks.len());
-    let _e = span.enter();
     let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     link.cancels.lock().expect("lock").insert(order.request_id.clone(), flag.clone());
     let result = match TransferPlan::build(&agent.layout, &order.src_blocks, &link.decode_layout, &order.dst_blocks, 0) {
@@ -178,14 +177,22 @@ async fn execute(agent: &Agent, link: &Link, order: pb::WriteOrder) {
     };
     link.cancels.lock().expect("lock").remove(&order.request_id);
     let completion = match result {
+        Ok(_) if order.delivery_tag != 0 => return,
         Ok(done) => pb::Completion { request_id: order.request_id, ok: true, bytes: done.bytes, ops: done.ops, ..Default::default() },
-        Err(s) => pb::Completion {
-            request_id: order.request_id,
-            ok: false,
-            code: s.code() as i32,
-            error: s.message().to_string(),
-            ..Default::default()
-        },
+        Err(s) => {
+            if s.code() == tonic::Code::Cancelled {
+                tracing::debug!(request_id = %order.request_id, "write order cancelled");
+            } else {
+                tracing::warn!(request_id = %order.request_id, blocks = order.src_blocks.len(), error = %s.message(), "write order failed");
+            }
+            pb::Completion {
+                request_id: order.request_id,
+                ok: false,
+                code: s.code() as i32,
+                error: s.message().to_string(),
+                ..Default::default()
+            }
+        }
     };
     let _ = link.up.send(pb::SessionUp { msg: Some(pb::session_up::Msg::Completion(completion)) }).await;
 }
