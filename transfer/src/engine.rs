@@ -20,7 +20,9 @@
 //! they are active messages the receiving engine copies into its region
 //! for a tag it opened ([`Engine::expect`]), and there "done" on the
 //! sending side means sent, with no flush; the receiver's [`Expected`] says
-//! when landed.
+//! when landed. Opening a tag is no command: the caller queues it where the
+//! thread (and its active-message handler) takes it, so it costs no round
+//! trip through the thread.
 //!
 //! Cancel safety: dropping a caller's future only stops new operations from
 //! being issued. Requests already in flight keep their completion counter
@@ -168,7 +170,6 @@ pub struct EngineCounters {
 type Reply<T> = oneshot::Sender<Result<T, TransferError>>;
 
 enum Command {
-    Expect { tag: u64, into: inbox::Ranges, bytes: u64, opened: Reply<()>, reply: Reply<TransferDone> },
     Close(u64, Option<oneshot::Sender<()>>),
     Connect(PeerSpec, Reply<PeerId>),
     Prefault(PeerId, Reply<bool>),
@@ -185,6 +186,10 @@ pub struct Engine {
     /// Tells the thread to finish (handles such as [`Expected`] keep the
     /// command channel open, so its closing alone cannot).
     stopping: Arc<AtomicBool>,
+    /// Delivery tags opened ([`Engine::expect`]) for the thread to take.
+    openings: Arc<inbox::Openings>,
+    /// The next delivery tag (0 is none).
+    next_tag: AtomicU64,
     local: LocalInfo,
     region: Region,
     counters: Arc<EngineCounters>,
@@ -212,7 +217,7 @@ impl Engine {
             std::thread::Builder::new().name("kvrail-ucx".into()).spawn(move || {
                 match pin(cfg.progress_cpu).and_then(|()| Progress::new(&cfg, region_len, wake, counters)) {
                     Ok((progress, info, region)) => {
-                        let _ = ready_tx.send(Ok((info, region)));
+                        let _ = ready_tx.send(Ok((info, region, progress.worker.inbox().openings().clone())));
                         progress.run(rx, &stop);
                     }
                     Err(e) => {
@@ -221,8 +226,19 @@ impl Engine {
                 }
             })?
         };
-        let (local, region) = ready_rx.recv().map_err(|_| TransferError::EngineStopped)??;
-        Ok(Engine { tx: Some(tx), wake, stopping, local, region, counters, hooks: report, thread: Some(thread) })
+        let (local, region, openings) = ready_rx.recv().map_err(|_| TransferError::EngineStopped)??;
+        Ok(Engine {
+            tx: Some(tx),
+            wake,
+            stopping,
+            openings,
+            next_tag: AtomicU64::new(1),
+            local,
+            region,
+            counters,
+            hooks: report,
+            thread: Some(thread),
+        })
     }
 
     pub fn local_info(&self) -> &LocalInfo {
@@ -255,16 +271,21 @@ impl Engine {
         rx.await.map_err(|_| TransferError::EngineStopped)?
     }
 
-    /// Opens `tag` for deliveries that fill exactly the byte ranges `into`
-    /// of this engine's region (disjoint; a request's destination blocks),
-    /// nothing else. Returns once the tag is open (a peer may be told to
-    /// send from then on); the [`Expected`] resolves when every byte landed.
-    pub async fn expect(&self, tag: u64, into: Vec<Range<u64>>) -> Result<Expected, TransferError> {
-        let (into, bytes) = crate::inbox::into_ranges(into).map_err(TransferError::Region)?;
-        let (reply, rx) = oneshot::channel();
-        self.call(|opened| Command::Expect { tag, into, bytes, opened, reply }).await?;
-        let (tx, wake) = (self.tx.clone().ok_or(TransferError::EngineStopped)?, self.wake.clone());
-        Ok(Expected { tag, rx: Some(rx), tx, wake })
+    /// Opens a new delivery tag ([`Expected::tag`]) for deliveries that
+    /// fill exactly the byte ranges `into` of this engine's region
+    /// (disjoint; a request's destination blocks), nothing else. A peer may
+    /// be told to send as soon as this returns; the [`Expected`] resolves
+    /// when every byte landed.
+    pub fn expect(&self, into: Vec<Range<u64>>) -> Result<Expected, TransferError> {
+        let (into, expected) = inbox::into_ranges(into).map_err(TransferError::Region)?;
+        let tx = self.tx.clone().ok_or(TransferError::EngineStopped)?;
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (waiter, rx) = oneshot::channel();
+        self.openings.push(inbox::Opening { tag, into, expected, waiter, started: Instant::now() });
+        // The thread takes it when its bytes come; an idle thread wakes now
+        // (a tag that expects nothing is answered at once).
+        self.wake.notify();
+        Ok(Expected { tag, rx: Some(rx), tx, wake: self.wake.clone() })
     }
 
     /// Creates an endpoint to the peer and unpacks its rkey.
@@ -614,8 +635,6 @@ struct Progress {
     /// Finished transfers whose requests are still in flight: their rkey
     /// and endpoint stay alive until UCX completes (or fails) every one.
     draining: Vec<(Rc<RemoteRegion>, Rc<OpCounter>)>,
-    /// Open delivery tags and who waits for them.
-    expects: Vec<Expect>,
     peers: HashMap<PeerId, Peer>,
     next_peer: u64,
     poller: Poller,
@@ -627,12 +646,6 @@ struct Progress {
     peer_errors: bool,
     stall: Duration,
     am_chunk: u64,
-}
-
-struct Expect {
-    tag: u64,
-    started: Instant,
-    reply: Reply<TransferDone>,
 }
 
 impl Progress {
@@ -649,7 +662,6 @@ impl Progress {
             active: VecDeque::new(),
             queued: VecDeque::new(),
             draining: Vec::new(),
-            expects: Vec::new(),
             peers: HashMap::new(),
             next_peer: 1,
             poller,
@@ -701,8 +713,9 @@ impl Progress {
             // within microseconds, and a sleep/wake per message costs more.
             if self.active.is_empty() && rx.is_empty() && last_event.elapsed() > Self::SPIN {
                 let (worker, poller) = (&self.worker, &self.poller);
+                let openings = worker.inbox().openings();
                 self.wake.sleep_unless(
-                    || !rx.is_empty() || stopping.load(Ordering::Relaxed),
+                    || !rx.is_empty() || openings.any() || stopping.load(Ordering::Relaxed),
                     || match worker.arm() {
                         Ok(true) => poller.wait(1000),
                         Ok(false) => {}
@@ -719,17 +732,8 @@ impl Progress {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Expect { tag, into, bytes, opened, reply } => {
-                if self.worker.inbox().open(tag, into, bytes) {
-                    self.expects.push(Expect { tag, started: Instant::now(), reply });
-                    let _ = opened.send(Ok(()));
-                } else {
-                    let _ = opened.send(Err(TransferError::Region(format!("delivery tag {tag} is already open"))));
-                }
-            }
             Command::Close(tag, done) => {
                 self.worker.inbox().close(tag);
-                self.expects.retain(|e| e.tag != tag);
                 if let Some(d) = done {
                     let _ = d.send(());
                 }
@@ -800,12 +804,12 @@ impl Progress {
     fn drive(&mut self) {
         let inbox = self.worker.inbox();
         self.counters.deliveries_rejected.store(inbox.rejected(), Ordering::Relaxed);
+        inbox.adopt();
         // A dropped or closed Expected closes its tag by Command::Close.
-        while let Some((tag, a)) = inbox.pop_complete() {
-            let Some(i) = self.expects.iter().position(|e| e.tag == tag) else { continue };
-            let e = self.expects.swap_remove(i);
+        while let Some((_, a, waiter)) = inbox.pop_complete() {
+            let Some((reply, started)) = waiter else { continue };
             self.counters.bytes.fetch_add(a.arrived, Ordering::Relaxed);
-            let _ = e.reply.send(Ok(TransferDone { bytes: a.arrived, ops: a.messages, elapsed: e.started.elapsed() }));
+            let _ = reply.send(Ok(TransferDone { bytes: a.arrived, ops: a.messages, elapsed: started.elapsed() }));
         }
         while self.active.len() < self.max_active {
             match self.queued.pop_front() {

@@ -10,6 +10,12 @@
 //! Completion is counted here: the receiver opened the tag for an exact
 //! number of bytes and knows when all of them are in place.
 //!
+//! A caller opens a tag without a round trip through the progress thread:
+//! it queues the opening ([`Openings`]) and may tell its peer to send at
+//! once. The thread takes queued openings every turn, and also whenever a
+//! chunk names a tag it does not know, because that chunk's sender can only
+//! have learned of the tag after the opening was queued.
+//!
 //! Only open tags are accepted, and each tag only into the byte ranges it
 //! was opened for (its request's destination blocks). Bytes for an unknown
 //! or closed tag, outside the tag's ranges, or beyond what the tag expects
@@ -19,8 +25,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use tokio::sync::oneshot;
+
+use crate::engine::TransferDone;
+use crate::error::TransferError;
 use crate::ffi::ucp::Registration;
 
 /// The active-message id of a block delivery.
@@ -64,12 +76,63 @@ pub(crate) enum Reject {
 /// Sorted, disjoint byte ranges of the region.
 pub(crate) type Ranges = Box<[Range<u64>]>;
 
-/// An open tag: its progress and the byte ranges it may fill, sorted and
-/// disjoint (see [`into_ranges`]).
+/// Who waits for a tag: told when its last byte landed.
+pub(crate) type Waiter = oneshot::Sender<Result<TransferDone, TransferError>>;
+
+/// A tag's waiter and when the tag was opened.
+pub(crate) type Waiting = (Waiter, Instant);
+
+/// A tag a caller opened ([`Openings::push`]).
+#[derive(Debug)]
+pub(crate) struct Opening {
+    pub tag: u64,
+    /// From [`into_ranges`], with their total.
+    pub into: Ranges,
+    pub expected: u64,
+    pub waiter: Waiter,
+    pub started: Instant,
+}
+
+/// Openings queued by callers, not yet taken by the progress thread.
+#[derive(Debug, Default)]
+pub(crate) struct Openings {
+    queue: Mutex<Vec<Opening>>,
+    /// Set while the queue may hold something: the thread's check each
+    /// turn (and for each chunk of an unknown tag) is one atomic load.
+    queued: AtomicBool,
+}
+
+impl Openings {
+    pub(crate) fn push(&self, o: Opening) {
+        let mut q = self.queue.lock().expect("openings lock");
+        q.push(o);
+        // Under the lock: a taker that sees the flag sees the opening.
+        self.queued.store(true, Ordering::Release);
+    }
+
+    /// Whether an opening may be waiting.
+    pub(crate) fn any(&self) -> bool {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Moves the queued openings to `out`, keeping the queue's capacity.
+    fn take(&self, out: &mut Vec<Opening>) {
+        if !self.any() {
+            return;
+        }
+        let mut q = self.queue.lock().expect("openings lock");
+        self.queued.store(false, Ordering::Relaxed);
+        out.append(&mut q);
+    }
+}
+
+/// An open tag: its progress, the byte ranges it may fill, sorted and
+/// disjoint (see [`into_ranges`]), and who waits for it.
 #[derive(Debug)]
 struct Open {
     arrival: Arrival,
     into: Ranges,
+    waiter: Option<Waiting>,
 }
 
 impl Open {
@@ -107,6 +170,9 @@ pub(crate) fn into_ranges(mut ranges: Vec<Range<u64>>) -> Result<(Ranges, u64), 
 pub(crate) struct Inbox {
     region: Arc<Registration>,
     open: RefCell<HashMap<u64, Open>>,
+    openings: Arc<Openings>,
+    /// Reused to take `openings` without allocating.
+    taken: RefCell<Vec<Opening>>,
     /// Tags whose last expected byte landed, oldest first, until the
     /// engine takes them ([`Inbox::pop_complete`]): the engine learns of a
     /// finished delivery without looking at every open tag on every turn.
@@ -116,26 +182,62 @@ pub(crate) struct Inbox {
 
 impl Inbox {
     pub(crate) fn new(region: Arc<Registration>) -> Inbox {
-        Inbox { region, open: RefCell::new(HashMap::new()), complete: RefCell::new(VecDeque::new()), rejected: Cell::new(0) }
+        Inbox {
+            region,
+            open: RefCell::new(HashMap::new()),
+            openings: Arc::default(),
+            taken: RefCell::new(Vec::new()),
+            complete: RefCell::new(VecDeque::new()),
+            rejected: Cell::new(0),
+        }
+    }
+
+    /// Where callers queue the tags they open.
+    pub(crate) fn openings(&self) -> &Arc<Openings> {
+        &self.openings
     }
 
     /// Starts accepting bytes for `tag` into `into` (from [`into_ranges`],
     /// whose total is `expected`), until `expected` bytes arrived. False if
     /// the tag is open.
     pub(crate) fn open(&self, tag: u64, into: Ranges, expected: u64) -> bool {
+        self.insert(tag, into, expected, None)
+    }
+
+    /// As [`Inbox::open`], with who waits; a waiter for a tag that is
+    /// open already is told so.
+    fn insert(&self, tag: u64, into: Ranges, expected: u64, waiter: Option<Waiting>) -> bool {
         let mut open = self.open.borrow_mut();
         if open.contains_key(&tag) {
+            if let Some((w, _)) = waiter {
+                let _ = w.send(Err(TransferError::Region(format!("delivery tag {tag} is already open"))));
+            }
             return false;
         }
-        open.insert(tag, Open { arrival: Arrival { expected, arrived: 0, messages: 0 }, into });
+        open.insert(tag, Open { arrival: Arrival { expected, arrived: 0, messages: 0 }, into, waiter });
         if expected == 0 {
             self.complete.borrow_mut().push_back(tag);
         }
         true
     }
 
-    /// Stops accepting bytes for `tag`; returns how far it got.
+    /// Opens the tags callers queued. The thread calls it every turn.
+    pub(crate) fn adopt(&self) {
+        if !self.openings.any() {
+            return;
+        }
+        let mut taken = self.taken.borrow_mut();
+        self.openings.take(&mut taken);
+        for o in taken.drain(..) {
+            self.insert(o.tag, o.into, o.expected, Some((o.waiter, o.started)));
+        }
+    }
+
+    /// Stops accepting bytes for `tag`; returns how far it got. Its waiter,
+    /// if any, is dropped unanswered. Queued openings are taken first: a
+    /// close may overtake its own tag's opening, which must not open later.
     pub(crate) fn close(&self, tag: u64) -> Option<Arrival> {
+        self.adopt();
         self.open.borrow_mut().remove(&tag).map(|o| o.arrival)
     }
 
@@ -144,13 +246,14 @@ impl Inbox {
     }
 
     /// Closes the next tag that received every expected byte and returns
-    /// it with its arrival; tags closed before they were taken are skipped.
-    pub(crate) fn pop_complete(&self) -> Option<(u64, Arrival)> {
+    /// it with its arrival and waiter; tags closed before they were taken
+    /// are skipped.
+    pub(crate) fn pop_complete(&self) -> Option<(u64, Arrival, Option<Waiting>)> {
         loop {
             let tag = self.complete.borrow_mut().pop_front()?;
-            if let Some(a) = self.arrival(tag).filter(|a| a.arrived == a.expected) {
-                self.close(tag);
-                return Some((tag, a));
+            if self.arrival(tag).is_some_and(|a| a.arrived == a.expected) {
+                let o = self.open.borrow_mut().remove(&tag).expect("the tag is open");
+                return Some((tag, o.arrival, o.waiter));
             }
         }
     }
@@ -179,6 +282,11 @@ impl Inbox {
 
     fn try_deliver(&self, header: &[u8], data: &[u8]) -> Result<(), Reject> {
         let (tag, offset) = parse(header).ok_or(Reject::Header)?;
+        if !self.open.borrow().contains_key(&tag) {
+            // Its opening may still be queued: the sender heard of the tag
+            // after it was.
+            self.adopt();
+        }
         let mut open = self.open.borrow_mut();
         let o = open.get_mut(&tag).ok_or(Reject::Tag)?;
         let len = data.len() as u64;
@@ -213,6 +321,10 @@ mod tests {
         let mut b = vec![0u8; n];
         i.region.read(off, &mut b).unwrap();
         b
+    }
+
+    fn pop(i: &Inbox) -> Option<(u64, Arrival)> {
+        i.pop_complete().map(|(tag, a, _)| (tag, a))
     }
 
     fn open(i: &Inbox, tag: u64, into: &[(u64, u64)]) -> bool {
@@ -251,15 +363,15 @@ mod tests {
         assert!(open(&i, 7, &[(0, 8), (64, 72)]));
         assert!(open(&i, 8, &[(128, 136)]));
         assert_eq!(i.deliver(&header(7, 0), &[1; 8]), Ok(()));
-        assert_eq!(i.pop_complete(), None, "7 has 8 of 16 bytes");
+        assert_eq!(pop(&i), None, "7 has 8 of 16 bytes");
         assert_eq!(i.deliver(&header(8, 128), &[2; 8]), Ok(()));
         assert_eq!(i.deliver(&header(7, 64), &[3; 8]), Ok(()));
-        assert_eq!(i.pop_complete(), Some((8, Arrival { expected: 8, arrived: 8, messages: 1 })), "in the order they completed");
-        assert_eq!(i.pop_complete(), Some((7, Arrival { expected: 16, arrived: 16, messages: 2 })));
-        assert_eq!(i.pop_complete(), None);
+        assert_eq!(pop(&i), Some((8, Arrival { expected: 8, arrived: 8, messages: 1 })), "in the order they completed");
+        assert_eq!(pop(&i), Some((7, Arrival { expected: 16, arrived: 16, messages: 2 })));
+        assert_eq!(pop(&i), None);
         assert_eq!((i.arrival(7), i.arrival(8)), (None, None), "taken tags are closed");
         assert!(i.open(9, Box::new([]), 0));
-        assert_eq!(i.pop_complete().map(|(t, a)| (t, a.arrived)), Some((9, 0)), "a tag expecting nothing is complete at once");
+        assert_eq!(pop(&i).map(|(t, a)| (t, a.arrived)), Some((9, 0)), "a tag expecting nothing is complete at once");
         // Closed, or closed and opened again, before the engine took it:
         // the completion is stale and skipped.
         assert!(open(&i, 10, &[(0, 8)]));
@@ -269,8 +381,42 @@ mod tests {
         i.close(10);
         i.close(11);
         assert!(open(&i, 11, &[(8, 16)]));
-        assert_eq!(i.pop_complete(), None);
+        assert_eq!(pop(&i), None);
         assert_eq!(i.arrival(11), Some(Arrival { expected: 8, arrived: 0, messages: 0 }), "the reopened tag stays open");
+    }
+
+    fn opening(tag: u64, into: &[(u64, u64)]) -> (Opening, oneshot::Receiver<Result<TransferDone, TransferError>>) {
+        let (into, expected) = into_ranges(into.iter().map(|&(a, b)| a..b).collect()).expect("valid ranges");
+        let (waiter, rx) = oneshot::channel();
+        (Opening { tag, into, expected, waiter, started: Instant::now() }, rx)
+    }
+
+    #[test]
+    fn a_chunk_for_a_queued_opening_opens_its_tag_first() {
+        let i = inbox();
+        let (o, _rx) = opening(5, &[(0, 8), (16, 24)]);
+        i.openings().push(o);
+        assert_eq!(i.arrival(5), None, "queued, not open yet");
+        assert_eq!(i.deliver(&header(5, 16), &[9; 8]), Ok(()), "the chunk's tag was queued: opened, then filled");
+        assert_eq!(i.arrival(5), Some(Arrival { expected: 16, arrived: 8, messages: 1 }));
+        assert_eq!(i.deliver(&header(5, 8), &[9; 8]), Err(Reject::Range), "still only into its own ranges");
+        assert_eq!(i.deliver(&header(5, 0), &[9; 8]), Ok(()));
+        let (tag, a, waiter) = i.pop_complete().expect("tag 5 is complete");
+        assert_eq!((tag, a.arrived, waiter.is_some()), (5, 16, true), "its waiter comes with it");
+        // A second opening of an open tag is refused to its waiter.
+        let (o, _rx) = opening(6, &[(0, 8)]);
+        i.openings().push(o);
+        i.adopt();
+        let (dup, mut rx) = opening(6, &[(8, 16)]);
+        i.openings().push(dup);
+        i.adopt();
+        assert!(rx.try_recv().is_ok_and(|r| r.is_err()), "the duplicate's waiter hears it failed");
+        assert_eq!(i.deliver(&header(6, 8), &[1; 8]), Err(Reject::Range), "the first opening's ranges stand");
+        // A close that overtakes its tag's opening: the tag never opens.
+        let (o, _rx) = opening(7, &[(0, 8)]);
+        i.openings().push(o);
+        assert_eq!(i.close(7).map(|a| a.expected), Some(8), "the queued opening was taken, then closed");
+        assert_eq!(i.deliver(&header(7, 0), &[1; 8]), Err(Reject::Tag));
     }
 
     #[test]

@@ -288,17 +288,14 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
     match pull {
         None => {
             let delivery = match into {
-                Some(into) => {
-                    let tag = agent.delivery_tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    match agent.engine.expect(tag, into).await {
-                        Ok(d) => Some(d),
-                        Err(e) => {
-                            let s = convert::status_of(&e);
-                            agent.requests.finish(&id, &tx, failed(started, s.code() as i32, s.message().to_string()));
-                            return Err(s);
-                        }
+                Some(into) => match agent.engine.expect(into) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        let s = convert::status_of(&e);
+                        agent.requests.finish(&id, &tx, failed(started, s.code() as i32, s.message().to_string()));
+                        return Err(s);
                     }
-                }
+                },
                 None => None,
             };
             let (done_tx, done_rx) = oneshot::channel();

@@ -91,8 +91,6 @@ pub struct Agent {
     pub sessions: Mutex<HashMap<String, Arc<decode::Session>>>,
     /// Decode side: requests by id.
     pub requests: decode::Requests,
-    /// Decode side: the last delivery tag handed out.
-    pub delivery_tags: std::sync::atomic::AtomicU64,
     /// Prefill side: the link to the decode agent, once handshaken.
     pub link: Mutex<Option<Arc<prefill::Link>>>,
     /// Milliseconds the last handshake took (prefill side).
@@ -150,7 +148,6 @@ impl Agent {
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
             requests: decode::Requests::default(),
-            delivery_tags: std::sync::atomic::AtomicU64::new(0),
             link: Mutex::new(None),
             handshake_ms: Mutex::new(None),
             nonces: auth::Nonces::default(),
