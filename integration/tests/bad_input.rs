@@ -89,23 +89,10 @@ async fn invalid_blocks_are_refused_and_write_nothing() {
     let ok = submit(&mut decode, "good", vec![0, 1, 2], vec![10, 11, 12]).await.unwrap();
     assert_eq!(ok.state, pb::RequestState::Done as i32, "{ok:?}");
     assert_eq!(verified(&mut decode, &[0, 1, 2], &[10, 11, 12]).await, 3);
-    decode
-        .control
-        .submit(pb::SubmitRequest { request_id: "dup".into(), src_blocks: vec![5], dst_blocks: vec![50], ..Default::default() })
-        .await
-        .unwrap();
-    let dup = decode
-        .control
-        .submit(pb::SubmitRequest { request_id: "dup".into(), src_blocks: vec![5], dst_blocks: vec![51], ..Default::default() })
-        .await
-        .unwrap_err();
-    assert_eq!(dup.code(), Code::AlreadyExists);
-    let dup = decode
-        .control
-        .transfer(pb::SubmitRequest { request_id: "dup".into(), src_blocks: vec![5], dst_blocks: vec![52], ..Default::default() })
-        .await
-        .unwrap_err();
-    assert_eq!(dup.code(), Code::AlreadyExists);
+    let dup = |dst: u32| pb::SubmitRequest { request_id: "dup".into(), src_blocks: vec![5], dst_blocks: vec![dst], ..Default::default() };
+    decode.control.submit(dup(50)).await.unwrap();
+    assert_eq!(decode.control.submit(dup(51)).await.unwrap_err().code(), Code::AlreadyExists);
+    assert_eq!(decode.control.transfer(dup(52)).await.unwrap_err().code(), Code::AlreadyExists);
     // Transfer returns the final state of a request that ran.
     let done = decode
         .control

@@ -343,7 +343,7 @@ struct Wake {
 }
 
 impl Wake {
-    /// Caller side: call after queueing a command.
+    /// Caller side: call after queueing a command or an opening.
     fn notify(&self) {
         // Pairs with the fence in `sleep_unless`.
         fence(Ordering::SeqCst);
