@@ -3,6 +3,7 @@
 //! incompatible layouts are refused at handshake, and the agents keep serving
 //! (a verified transfer after each).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use kvrail_agent::agent::auth::{driver_secret, ClusterSecret};
@@ -66,7 +67,7 @@ async fn invalid_blocks_are_refused_and_write_nothing() {
         ("mismatch", vec![0, 1], vec![10], "1"),
         ("empty", vec![], vec![], "no blocks"),
     ];
-    for (id, src, dst, needle) in cases {
+    for (id, src, dst, needle) in cases.clone() {
         let err = submit(&mut decode, id, src.clone(), dst.clone()).await.expect_err(id);
         assert_eq!(err.code(), Code::InvalidArgument, "{id}: {err:?}");
         assert!(err.message().contains(needle), "{id}: {}", err.message());
@@ -102,6 +103,35 @@ async fn invalid_blocks_are_refused_and_write_nothing() {
         .into_inner();
     assert_eq!((done.state, done.bytes), (pb::RequestState::Done as i32, 2 * 64 * 1024), "{done:?}");
     assert_eq!(verified(&mut decode, &[7, 8], &[70, 71]).await, 2);
+    // Transfers (many requests over one stream) answers every bad request
+    // with the code and message Submit gives, and still runs a good one.
+    let stream_id = |id: &str| format!("{id}-s");
+    let mut reqs: Vec<pb::SubmitRequest> = cases
+        .iter()
+        .map(|(id, src, dst, _)| pb::SubmitRequest {
+            request_id: stream_id(id),
+            src_blocks: src.clone(),
+            dst_blocks: dst.clone(),
+            ..Default::default()
+        })
+        .collect();
+    reqs.push(dup(53));
+    reqs.push(pb::SubmitRequest { request_id: "s-good".into(), src_blocks: vec![9, 3], dst_blocks: vec![90, 91], ..Default::default() });
+    let mut answers = decode.control.transfers(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    let mut got = HashMap::new();
+    while let Some(w) = answers.message().await.unwrap() {
+        got.insert(w.request_id.clone(), w);
+    }
+    assert_eq!(got.len(), cases.len() + 2, "one answer per request, then the stream ends: {got:?}");
+    for (id, _, _, needle) in &cases {
+        let w = &got[&stream_id(id)];
+        assert_eq!((w.state, w.code), (pb::RequestState::Failed as i32, Code::InvalidArgument as i32), "{id} (Transfers): {w:?}");
+        assert!(w.error.contains(needle), "{id} (Transfers): {}", w.error);
+    }
+    assert_eq!(got["dup"].code, Code::AlreadyExists as i32, "{:?}", got["dup"]);
+    let good = &got["s-good"];
+    assert_eq!((good.state, good.bytes), (pb::RequestState::Done as i32, 2 * 64 * 1024), "{good:?}");
+    assert_eq!(verified(&mut decode, &[9, 3], &[90, 91]).await, 2);
     // Writing patterns is refused unless enabled... here it is enabled; the
     // refusal is covered by the unit tests of the control service.
     decode.stop().await;

@@ -1,17 +1,27 @@
 //! The `kvrail.v1.Control` service: the local API an engine worker (or
 //! kvrail's own demo, bench and soak drivers) calls on its agent.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kvrail_proto::v1 as pb;
-use tonic::{Request, Response, Status};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, decode, Agent};
 use crate::pattern;
 
 /// Longest `Wait` a caller may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Requests of one `Transfers` stream that run at once; the agent reads no
+/// further submits from the stream until one of them is answered.
+pub const STREAM_IN_FLIGHT: usize = 1024;
+
+type Answers = Pin<Box<dyn Stream<Item = Result<pb::WaitResponse, Status>> + Send>>;
 
 #[derive(Debug, Clone)]
 pub struct ControlService {
@@ -59,14 +69,47 @@ impl pb::control_server::Control for ControlService {
 
     async fn transfer(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
         let id = decode::submit(&self.agent, req.into_inner()).await?.request_id;
-        // A request ends within its timeout; the loop only outlasts a
-        // timeout longer than one wait.
-        loop {
-            let st = self.agent.requests.wait(&id, MAX_WAIT).await?;
-            if st.state != pb::RequestState::Pending as i32 {
-                return Ok(Response::new(wait_response(id, st)));
+        let st = final_state(&self.agent, &id).await?;
+        Ok(Response::new(wait_response(id, st)))
+    }
+
+    type TransfersStream = Answers;
+
+    async fn transfers(&self, req: Request<Streaming<pb::SubmitRequest>>) -> Result<Response<Answers>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            // A slot is taken before a submit is read and given back once
+            // its answer is queued: a caller that stops reading answers
+            // stops its own submits, not the agent.
+            while let Ok(slot) = slots.clone().acquire_owned().await {
+                let req = match inbound.message().await {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Transfers stream ended by its caller");
+                        break;
+                    }
+                };
+                let id = req.request_id.clone();
+                if let Err(s) = decode::submit(&agent, req).await {
+                    let _ = tx.send(Ok(refused(id, &s))).await;
+                    continue;
+                }
+                let (agent, tx) = (agent.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let answer = match final_state(&agent, &id).await {
+                        Ok(st) => wait_response(id, st),
+                        Err(s) => refused(id, &s),
+                    };
+                    let _ = tx.send(Ok(answer)).await;
+                    drop(slot);
+                });
             }
-        }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
@@ -114,6 +157,29 @@ impl pb::control_server::Control for ControlService {
             first_error: v.first_error,
             checksum: v.checksum,
         }))
+    }
+}
+
+/// Waits for a submitted request's final state. A request ends within its
+/// timeout; the loop only outlasts a timeout longer than one wait.
+async fn final_state(agent: &Agent, id: &str) -> Result<decode::ReqStatus, Status> {
+    loop {
+        let st = agent.requests.wait(id, MAX_WAIT).await?;
+        if st.state != pb::RequestState::Pending as i32 {
+            return Ok(st);
+        }
+    }
+}
+
+/// The answer in a `Transfers` stream to a request that did not run: the
+/// code and message its `Submit` would have failed with.
+fn refused(request_id: String, s: &Status) -> pb::WaitResponse {
+    pb::WaitResponse {
+        request_id,
+        state: pb::RequestState::Failed as i32,
+        code: s.code() as i32,
+        error: s.message().to_string(),
+        ..Default::default()
     }
 }
 

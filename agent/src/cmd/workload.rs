@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use kvrail_proto::v1 as pb;
 use rand::seq::SliceRandom;
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// A Control API client.
@@ -122,35 +123,43 @@ impl Workload {
         let cpu = || self.cpu_of.map(|p| p.map_or(0.0, cpu_secs));
         let cpu0 = cpu();
         let t0 = Instant::now();
-        let mut set = JoinSet::new();
-        let mut chunks = src.chunks(self.request_blocks).zip(dst.chunks(self.request_blocks)).enumerate();
-        loop {
-            while set.len() < self.concurrency {
-                let Some((i, (s, d))) = chunks.next() else { break };
-                let mut control = decode.clone();
-                let req = pb::SubmitRequest {
-                    request_id: format!("{tag}-{i}"),
-                    peer: self.peer.clone(),
-                    mode: self.mode as i32,
-                    src_blocks: s.to_vec(),
-                    dst_blocks: d.to_vec(),
-                };
-                set.spawn(async move { run_request(&mut control, req).await });
-                out.requests += 1;
+        // One Transfers stream for the pass: `concurrency` requests in
+        // flight, the next sent as each is answered.
+        let mut requests =
+            src.chunks(self.request_blocks).zip(dst.chunks(self.request_blocks)).enumerate().map(|(i, (s, d))| pb::SubmitRequest {
+                request_id: format!("{tag}-{i}"),
+                peer: self.peer.clone(),
+                mode: self.mode as i32,
+                src_blocks: s.to_vec(),
+                dst_blocks: d.to_vec(),
+            });
+        let concurrency = self.concurrency.max(1);
+        let (submits, rx) = mpsc::channel(concurrency);
+        let mut in_flight = 0;
+        // The first requests are queued before the call: its answer stream
+        // opens once the agent has the call.
+        for req in requests.by_ref().take(concurrency) {
+            submits.try_send(req).expect("room for `concurrency` requests");
+            in_flight += 1;
+        }
+        let mut answers = decode.transfers(ReceiverStream::new(rx)).await?.into_inner();
+        while in_flight > 0 {
+            let Some(w) = answers.message().await? else {
+                anyhow::bail!("the agent ended the Transfers stream with {in_flight} requests unanswered");
+            };
+            in_flight -= 1;
+            if w.state == pb::RequestState::Done as i32 {
+                out.latencies_us.push(w.latency_us);
+            } else {
+                out.failed_requests += 1;
+                out.note(format!("request {} failed: {}", w.request_id, w.error));
             }
-            let Some(r) = set.join_next().await else { break };
-            match r? {
-                Ok(w) if w.state == pb::RequestState::Done as i32 => out.latencies_us.push(w.latency_us),
-                Ok(w) => {
-                    out.failed_requests += 1;
-                    out.note(format!("request {} failed: {}", w.request_id, w.error));
-                }
-                Err(e) => {
-                    out.failed_requests += 1;
-                    out.note(format!("request failed: {e}"));
-                }
+            if let Some(req) = requests.next() {
+                submits.send(req).await?;
+                in_flight += 1;
             }
         }
+        out.requests = out.latencies_us.len() as u64 + out.failed_requests;
         out.seconds = t0.elapsed().as_secs_f64();
         let cpu1 = cpu();
         out.cpu_secs = [cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]];
