@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvrail_proto::v1 as pb;
-use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, decode, Agent};
@@ -17,8 +17,9 @@ use crate::pattern;
 /// Longest `Wait` a caller may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-/// Requests of one `Transfers` stream that run at once; the agent reads no
-/// further submits from the stream until one of them is answered.
+/// Requests of one `Transfers` stream between the agent reading their
+/// submit and its caller taking their answer; the agent reads no further
+/// submits from the stream until one is taken.
 pub const STREAM_IN_FLIGHT: usize = 1024;
 
 type Answers = Pin<Box<dyn Stream<Item = Result<pb::WaitResponse, Status>> + Send>>;
@@ -56,7 +57,7 @@ impl pb::control_server::Control for ControlService {
     }
 
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
-        decode::submit(&self.agent, req.into_inner()).await.map(Response::new)
+        decode::submit(&self.agent, req.into_inner(), None).await.map(Response::new)
     }
 
     async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
@@ -68,8 +69,12 @@ impl pb::control_server::Control for ControlService {
     }
 
     async fn transfer(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
-        let id = decode::submit(&self.agent, req.into_inner()).await?.request_id;
-        let st = final_state(&self.agent, &id).await?;
+        let (done, rx) = oneshot::channel();
+        let answer: decode::Answer = Box::new(move |st| {
+            let _ = done.send(st);
+        });
+        let id = decode::submit(&self.agent, req.into_inner(), Some(answer)).await?.request_id;
+        let st = rx.await.map_err(|_| Status::internal(format!("request {id:?} ended without a final state")))?;
         Ok(Response::new(wait_response(id, st)))
     }
 
@@ -77,14 +82,16 @@ impl pb::control_server::Control for ControlService {
 
     async fn transfers(&self, req: Request<Streaming<pb::SubmitRequest>>) -> Result<Response<Answers>, Status> {
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        // A slot is taken before a submit is read and given back as its
+        // answer leaves: a caller that stops reading answers stops its own
+        // submits, and the answers queued here stay bounded.
+        let slots = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+        let (tx, rx) = mpsc::unbounded_channel();
         let agent = self.agent.clone();
+        let taken = slots.clone();
         tokio::spawn(async move {
-            let slots = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
-            // A slot is taken before a submit is read and given back once
-            // its answer is queued: a caller that stops reading answers
-            // stops its own submits, not the agent.
-            while let Ok(slot) = slots.clone().acquire_owned().await {
+            while let Ok(slot) = taken.acquire().await {
+                slot.forget();
                 let req = match inbound.message().await {
                     Ok(Some(req)) => req,
                     Ok(None) => break,
@@ -93,23 +100,21 @@ impl pb::control_server::Control for ControlService {
                         break;
                     }
                 };
-                let id = req.request_id.clone();
-                if let Err(s) = decode::submit(&agent, req).await {
-                    let _ = tx.send(Ok(refused(id, &s))).await;
-                    continue;
-                }
-                let (agent, tx) = (agent.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let answer = match final_state(&agent, &id).await {
-                        Ok(st) => wait_response(id, st),
-                        Err(s) => refused(id, &s),
-                    };
-                    let _ = tx.send(Ok(answer)).await;
-                    drop(slot);
+                let (id, answers) = (req.request_id.clone(), tx.clone());
+                let answer: decode::Answer = Box::new(move |st| {
+                    let _ = answers.send(wait_response(id, st));
                 });
+                let id = req.request_id.clone();
+                if let Err(s) = decode::submit(&agent, req, Some(answer)).await {
+                    let _ = tx.send(refused(id, &s));
+                }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let out = UnboundedReceiverStream::new(rx).map(move |answer| {
+            slots.add_permits(1);
+            Ok(answer)
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
@@ -157,17 +162,6 @@ impl pb::control_server::Control for ControlService {
             first_error: v.first_error,
             checksum: v.checksum,
         }))
-    }
-}
-
-/// Waits for a submitted request's final state. A request ends within its
-/// timeout; the loop only outlasts a timeout longer than one wait.
-async fn final_state(agent: &Agent, id: &str) -> Result<decode::ReqStatus, Status> {
-    loop {
-        let st = agent.requests.wait(id, MAX_WAIT).await?;
-        if st.state != pb::RequestState::Pending as i32 {
-            return Ok(st);
-        }
     }
 }
 

@@ -105,27 +105,55 @@ enum Canceller {
     Read(Arc<std::sync::atomic::AtomicBool>),
 }
 
+/// Where a request's final state goes when its submitter waits for it
+/// (`Transfer`, `Transfers`): called once, as the request finishes, and the
+/// state is then not kept for `Wait` (as after a `Wait` that returned it).
+pub type Answer = Box<dyn FnOnce(ReqStatus) + Send>;
+
+/// A running request, held by whatever finishes it.
+struct Running {
+    tx: watch::Sender<ReqStatus>,
+    answer: Option<Answer>,
+}
+
 impl Requests {
-    fn insert(&self, id: &str) -> Result<watch::Sender<ReqStatus>, Status> {
+    fn insert(&self, id: &str, answer: Option<Answer>) -> Result<Running, Status> {
         let mut g = self.inner.lock().expect("lock");
         if g.map.contains_key(id) {
             return Err(Status::already_exists(format!("request id {id:?} is already in use; wait for it or pick a new id")));
         }
         let (tx, _) = watch::channel(ReqStatus { state: pb::RequestState::Pending as i32, ..Default::default() });
         g.map.insert(id.to_string(), tx.clone());
-        Ok(tx)
+        Ok(Running { tx, answer })
     }
 
-    fn finish(&self, id: &str, tx: &watch::Sender<ReqStatus>, st: ReqStatus) {
-        tx.send_replace(st);
-        let mut g = self.inner.lock().expect("lock");
-        g.cancels.remove(id);
-        g.finished.push_back(id.to_string());
-        while g.finished.len() > MAX_FINISHED {
-            if let Some(old) = g.finished.pop_front() {
-                g.map.remove(&old);
+    fn finish(&self, id: &str, run: Running, st: ReqStatus) {
+        let Some(answer) = run.answer else {
+            run.tx.send_replace(st);
+            let mut g = self.inner.lock().expect("lock");
+            g.cancels.remove(id);
+            g.finished.push_back(id.to_string());
+            while g.finished.len() > MAX_FINISHED {
+                if let Some(old) = g.finished.pop_front() {
+                    g.map.remove(&old);
+                }
             }
+            return;
+        };
+        // A concurrent `Wait` still sees the final state.
+        run.tx.send_replace(st.clone());
+        {
+            let mut g = self.inner.lock().expect("lock");
+            g.cancels.remove(id);
+            g.map.remove(id);
         }
+        answer(st);
+    }
+
+    /// Finishes a request that `submit` fails after all (its caller gets
+    /// the error, not an answer): the state is kept for `Wait`.
+    fn refuse(&self, id: &str, run: Running, st: ReqStatus) {
+        self.finish(id, Running { answer: None, ..run }, st);
     }
 
     /// Waits up to `timeout` for the request to leave `Pending`. A final
@@ -264,8 +292,9 @@ fn session_for(agent: &Agent, peer: &str) -> Result<Arc<Session>, Status> {
 }
 
 /// Validates and starts a transfer. Nothing is written before every field
-/// has been checked.
-pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::SubmitResponse, Status> {
+/// has been checked. With an `answer`, the final state goes there (exactly
+/// once if this returns `Ok`, never if it fails).
+pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest, answer: Option<Answer>) -> Result<pb::SubmitResponse, Status> {
     if agent.cfg.role != super::Role::Decode {
         return Err(Status::failed_precondition("submit transfers on the decode agent; this is a prefill agent"));
     }
@@ -282,7 +311,7 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
     let ops = validate::submit_blocks(&req, plan_mode, &session.peer_layout, &agent.layout)?;
     let (pull, into) =
         if deliver { (None, ops.map(|ops| ops.iter().map(|o| o.dst_offset..o.dst_offset + o.len).collect())) } else { (ops, None) };
-    let tx = agent.requests.insert(&req.request_id)?;
+    let run = agent.requests.insert(&req.request_id, answer)?;
     let started = Instant::now();
     let id = req.request_id.clone();
     match pull {
@@ -292,7 +321,7 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
                     Ok(d) => Some(d),
                     Err(e) => {
                         let s = convert::status_of(&e);
-                        agent.requests.finish(&id, &tx, failed(started, s.code() as i32, s.message().to_string()));
+                        agent.requests.refuse(&id, run, failed(started, s.code() as i32, s.message().to_string()));
                         return Err(s);
                     }
                 },
@@ -312,7 +341,7 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
                 if let Some(d) = delivery {
                     d.close().await;
                 }
-                agent.requests.finish(&id, &tx, failed(started, e.code() as i32, e.message().to_string()));
+                agent.requests.refuse(&id, run, failed(started, e.code() as i32, e.message().to_string()));
                 return Err(e);
             }
             let (agent, timeout) = (agent.clone(), agent.cfg.request_timeout);
@@ -324,7 +353,7 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
                 // A completion that never came (the deadline passed) must
                 // not stay routed; after a delivery it was never sent.
                 session.pending.lock().expect("lock").remove(&id);
-                agent.requests.finish(&id, &tx, st);
+                agent.requests.finish(&id, run, st);
             });
         }
         Some(ops) => {
@@ -351,7 +380,7 @@ pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest) -> Result<pb::Su
                 };
                 let ok = st.state == pb::RequestState::Done as i32;
                 let _ = session.send(pb::session_down::Msg::ReadDone(pb::ReadDone { request_id: id.clone(), ok, error: st.error.clone() }));
-                agent.requests.finish(&id, &tx, st);
+                agent.requests.finish(&id, run, st);
             });
         }
     }
@@ -420,5 +449,44 @@ fn failed(started: Instant, code: i32, error: String) -> ReqStatus {
         code,
         error,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(bytes: u64) -> ReqStatus {
+        ReqStatus { state: pb::RequestState::Done as i32, bytes, ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn an_answered_request_is_answered_once_and_then_forgotten() {
+        let r = Requests::default();
+        let short = Duration::from_millis(1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let answer: Answer = Box::new(move |st| tx.send(st).unwrap());
+        let run = r.insert("a", Some(answer)).unwrap();
+        assert_eq!(r.insert("a", None).err().map(|s| s.code()), Some(tonic::Code::AlreadyExists), "the id is in use while it runs");
+        assert_eq!(r.wait("a", short).await.unwrap().state, pb::RequestState::Pending as i32);
+        r.finish("a", run, done(7));
+        assert_eq!(rx.try_recv().unwrap().bytes, 7);
+        assert!(rx.try_recv().is_err(), "answered once");
+        assert_eq!(r.wait("a", short).await.unwrap_err().code(), tonic::Code::NotFound, "its caller has it; not kept for Wait");
+
+        // Without an answer the final state waits for a Wait, once.
+        let run = r.insert("b", None).unwrap();
+        r.finish("b", run, done(9));
+        assert_eq!(r.wait("b", short).await.unwrap().bytes, 9);
+        assert_eq!(r.wait("b", short).await.unwrap_err().code(), tonic::Code::NotFound);
+
+        // A request submit fails after all: its caller gets the error, the
+        // answer is never called, and Wait still sees the failure.
+        let (tx, rx) = std::sync::mpsc::channel::<ReqStatus>();
+        let run = r.insert("c", Some(Box::new(move |st| tx.send(st).unwrap()))).unwrap();
+        r.refuse("c", run, failed(Instant::now(), tonic::Code::Unavailable as i32, "gone".into()));
+        assert!(matches!(rx.try_recv(), Err(std::sync::mpsc::TryRecvError::Disconnected)), "dropped, not called");
+        assert_eq!(r.wait("c", short).await.unwrap().code, tonic::Code::Unavailable as i32);
+        assert!(r.is_empty());
     }
 }
