@@ -20,7 +20,7 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Requests of one `Transfers` stream between the agent reading their
 /// submit and its caller taking their answer; the agent reads no further
 /// submits from the stream until one is taken.
-pub const STREAM_IN_FLIGHT: usize = 1024;
+const STREAM_IN_FLIGHT: usize = 1024;
 
 type Answers = Pin<Box<dyn Stream<Item = Result<pb::WaitResponse, Status>> + Send>>;
 
@@ -90,7 +90,13 @@ impl pb::control_server::Control for ControlService {
         let agent = self.agent.clone();
         let taken = slots.clone();
         tokio::spawn(async move {
-            while let Ok(slot) = taken.acquire().await {
+            loop {
+                // A caller that went away returns no more slots.
+                let slot = tokio::select! {
+                    slot = taken.acquire() => slot,
+                    () = tx.closed() => break,
+                };
+                let Ok(slot) = slot else { break };
                 slot.forget();
                 let req = match inbound.message().await {
                     Ok(Some(req)) => req,
