@@ -128,26 +128,26 @@ impl Requests {
     }
 
     fn finish(&self, id: &str, run: Running, st: ReqStatus) {
-        let Some(answer) = run.answer else {
-            run.tx.send_replace(st);
-            let mut g = self.inner.lock().expect("lock");
-            g.cancels.remove(id);
-            g.finished.push_back(id.to_string());
-            while g.finished.len() > MAX_FINISHED {
-                if let Some(old) = g.finished.pop_front() {
-                    g.map.remove(&old);
+        let Running { tx, answer } = run;
+        // A concurrent `Wait` sees the final state either way.
+        tx.send_replace(st.clone());
+        let mut g = self.inner.lock().expect("lock");
+        g.cancels.remove(id);
+        match answer {
+            Some(answer) => {
+                g.map.remove(id);
+                drop(g);
+                answer(st);
+            }
+            None => {
+                g.finished.push_back(id.to_string());
+                while g.finished.len() > MAX_FINISHED {
+                    if let Some(old) = g.finished.pop_front() {
+                        g.map.remove(&old);
+                    }
                 }
             }
-            return;
-        };
-        // A concurrent `Wait` still sees the final state.
-        run.tx.send_replace(st.clone());
-        {
-            let mut g = self.inner.lock().expect("lock");
-            g.cancels.remove(id);
-            g.map.remove(id);
         }
-        answer(st);
     }
 
     /// Finishes a request that `submit` fails after all (its caller gets
