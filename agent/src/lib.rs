@@ -4,10 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod chart;
 pub mod churn;
 pub mod cli;
 pub mod cmd;
+pub mod drive;
 pub mod guard;
 pub mod memwatch;
 pub mod metrics;

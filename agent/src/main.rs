@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvrail_agent::agent::Role;
 use kvrail_agent::cli::{Cli, Command};
-use kvrail_agent::{cmd, guard};
+use kvrail_agent::{cmd, drive, guard};
 
 fn main() -> ExitCode {
     // Before anything touches UCX: re-exec with the hooks-off environment.
@@ -38,10 +38,10 @@ fn main() -> ExitCode {
             Command::Info(a) => cmd::info::run(a),
             Command::Decode(a) => cmd::serve::run(Role::Decode, a, None).await,
             Command::Prefill(a) => cmd::serve::run(Role::Prefill, &a.agent, Some(a.peer.clone())).await,
-            Command::Demo(a) => cmd::demo::run(a).await,
-            Command::Soak(a) => cmd::soak::run(a).await,
-            Command::Bench(a) => cmd::bench::run(a).await,
-            Command::RawUcx(a) => cmd::raw::run(a),
+            Command::Demo(a) => drive::demo::run(a).await,
+            Command::Soak(a) => drive::soak::run(a).await,
+            Command::Bench(a) => drive::bench::run(a).await,
+            Command::RawUcx(a) => drive::raw::run(a),
         }
     });
     match result {

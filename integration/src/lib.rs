@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvrail_proto::v1 as pb;
 
-pub use kvrail_agent::cmd::children::AgentProcess;
+pub use kvrail_agent::drive::children::AgentProcess;
 
 /// The `kvrail` binary of this build (`cargo build --bins` puts it beside the
 /// test executables' `deps/` folder).
@@ -109,7 +109,7 @@ pub async fn verified_transfer(decode: &mut AgentProcess, prefill: &mut AgentPro
     let src: Vec<u32> = (0..64).collect();
     let dst: Vec<u32> = (0..64).map(|b| 1023 - b).collect();
     decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await.unwrap();
-    let w = kvrail_agent::cmd::workload::run_request(
+    let w = kvrail_agent::drive::workload::run_request(
         &mut decode.control,
         pb::SubmitRequest {
             request_id: tag.into(),

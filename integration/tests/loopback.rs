@@ -106,7 +106,7 @@ async fn requests_in_flight_over_tcp_finish_one_after_another() {
                 dst_blocks: dst,
                 ..Default::default()
             };
-            kvrail_agent::cmd::workload::run_request(&mut control, req).await.unwrap()
+            kvrail_agent::drive::workload::run_request(&mut control, req).await.unwrap()
         });
     }
     let mut latencies: Vec<u64> = Vec::new();

@@ -86,7 +86,7 @@ async fn agent_in(ns: &str, dev: &str, sock: &std::path::Path, args: &[&str]) ->
 async fn try_transfer(decode: &mut AgentProcess, id: &str, n: u32) -> anyhow::Result<pb::WaitResponse> {
     let src: Vec<u32> = (0..n).collect();
     let dst: Vec<u32> = (0..n).map(|b| 1023 - b).collect();
-    kvrail_agent::cmd::workload::run_request(
+    kvrail_agent::drive::workload::run_request(
         &mut decode.control,
         pb::SubmitRequest {
             request_id: id.into(),

@@ -1,10 +1,6 @@
-//! One module per `kvrail` subcommand.
+//! The server's entry points: one module per `kvrail` subcommand that runs
+//! an agent or reports on this host. The drivers that exercise agents as
+//! clients (demo, bench, soak, raw-ucx) live in [`crate::drive`].
 
-pub mod bench;
-pub mod children;
-pub mod demo;
 pub mod info;
-pub mod raw;
 pub mod serve;
-pub mod soak;
-pub mod workload;

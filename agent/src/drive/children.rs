@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 use crate::cmd::serve::MAX_MESSAGE;
-use crate::cmd::workload::Control;
+use crate::drive::workload::Control;
 
 /// A gRPC channel over the Unix socket at `path`.
 pub async fn unix_channel(path: std::path::PathBuf) -> anyhow::Result<Channel> {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::children::{control_at, AgentProcess};
 use super::workload::{Control, Outcome, Workload};
-use crate::chart::{self, Chart, Series, Trend};
+use crate::drive::chart::{self, Chart, Series, Trend};
 use crate::cli::{Side, SoakArgs};
 use crate::memwatch::MemReport;
 
