@@ -99,15 +99,8 @@ pub struct AgentArgs {
     /// Agent id (default: role-hostname-pid).
     #[arg(long)]
     pub agent_id: Option<String>,
-    /// UCX transports: auto, sm (shared memory) or tcp.
-    #[arg(long, default_value = "auto", value_parser = transport)]
-    pub transport: Transport,
-    /// Size of the one registered KV region.
-    #[arg(long, default_value = "1GiB", value_parser = bytes)]
-    pub region_bytes: u64,
-    /// Bytes of one block in one layer.
-    #[arg(long, default_value = "64KiB", value_parser = bytes)]
-    pub block_bytes: u64,
+    #[command(flatten)]
+    pub geometry: Geometry,
     /// Layers per block (layer-major layout, as vLLM's per-layer caches).
     #[arg(long, default_value_t = 1)]
     pub layers: u32,
@@ -176,6 +169,51 @@ pub struct AgentArgs {
     pub test_inject_leak_mib_per_min: Option<f64>,
 }
 
+/// The transport and region geometry of an agent: the same flags and
+/// defaults for every command that starts or is one, and one way to pass
+/// them on to an agent a driver starts ([`Geometry::to_args`]).
+#[derive(Debug, Args, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    /// UCX transports: auto (UCX picks: RDMA on a cluster), sm (shared
+    /// memory, posix and sysv: one host) or tcp.
+    #[arg(long, default_value = "auto", value_parser = transport)]
+    pub transport: Transport,
+    /// Size of the one registered KV region.
+    #[arg(long, default_value = "1GiB", value_parser = bytes)]
+    pub region_bytes: u64,
+    /// Bytes of one block in one layer.
+    #[arg(long, default_value = "64KiB", value_parser = bytes)]
+    pub block_bytes: u64,
+}
+
+impl Geometry {
+    /// The flags that give an agent this geometry.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--transport".into(),
+            self.transport.to_string(),
+            "--region-bytes".into(),
+            self.region_bytes.to_string(),
+            "--block-bytes".into(),
+            self.block_bytes.to_string(),
+        ]
+    }
+}
+
+impl MemWatchArgs {
+    /// The flags that give an agent these settings.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--memwatch-warmup-secs".into(),
+            self.memwatch_warmup_secs.to_string(),
+            "--memwatch-window-secs".into(),
+            self.memwatch_window_secs.to_string(),
+            "--memwatch-threshold-mib-per-min".into(),
+            self.memwatch_threshold_mib_per_min.to_string(),
+        ]
+    }
+}
+
 /// Memory self-check settings.
 #[derive(Debug, Args, Clone)]
 pub struct MemWatchArgs {
@@ -202,16 +240,11 @@ pub struct SoakArgs {
     /// How long to keep transfers running (e.g. 150s, 10m, 1h).
     #[arg(long, default_value = "10m", value_parser = crate::units::parse_duration)]
     pub duration: std::time::Duration,
-    /// UCX transports: sm or tcp.
-    #[arg(long, default_value = "sm", value_parser = transport)]
-    pub transport: Transport,
+    #[command(flatten)]
+    pub geometry: Geometry,
     /// Push (write) or pull (read).
     #[arg(long, value_enum, default_value = "write")]
     pub mode: Mode,
-    #[arg(long, default_value = "64KiB", value_parser = bytes)]
-    pub block_bytes: u64,
-    #[arg(long, default_value = "256MiB", value_parser = bytes)]
-    pub region_bytes: u64,
     /// Blocks moved (and verified) per pass.
     #[arg(long, default_value_t = 2048)]
     pub pass_blocks: usize,
@@ -291,15 +324,8 @@ pub struct DemoArgs {
     /// Total bytes to stream (several passes over the region if larger).
     #[arg(long, default_value = "4GiB", value_parser = bytes)]
     pub bytes: u64,
-    /// Bytes per block.
-    #[arg(long, default_value = "64KiB", value_parser = bytes)]
-    pub block_bytes: u64,
-    /// Region size of each agent.
-    #[arg(long, default_value = "1GiB", value_parser = bytes)]
-    pub region_bytes: u64,
-    /// UCX transports: sm or tcp (auto lets UCX pick).
-    #[arg(long, default_value = "sm", value_parser = transport)]
-    pub transport: Transport,
+    #[command(flatten)]
+    pub geometry: Geometry,
     /// Push (write) or pull (read).
     #[arg(long, value_enum, default_value = "write")]
     pub mode: Mode,
@@ -426,12 +452,8 @@ pub enum RawRole {
 pub struct RawArgs {
     #[arg(long, value_enum)]
     pub role: RawRole,
-    #[arg(long, default_value = "sm", value_parser = transport)]
-    pub transport: Transport,
-    #[arg(long, default_value = "1GiB", value_parser = bytes)]
-    pub region_bytes: u64,
-    #[arg(long, default_value = "64KiB", value_parser = bytes)]
-    pub block_bytes: u64,
+    #[command(flatten)]
+    pub geometry: Geometry,
     /// Blocks are grouped into requests of this size and each is planned
     /// on its own, as the agents plan theirs; the requests run back to back.
     #[arg(long, default_value = "16MiB", value_parser = bytes)]

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod churn;
 pub mod cli;
 pub mod cmd;
+pub mod diagnose;
 pub mod drive;
 pub mod guard;
 pub mod memwatch;

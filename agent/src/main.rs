@@ -17,7 +17,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     // Before the runtime starts: its threads (and the engine's, until the
     // progress thread binds itself) inherit this thread's CPUs.
     if let Some(a) = cli.cmd.agent_args().filter(|a| !a.runtime_cpus.is_empty()) {
@@ -47,7 +48,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("kvrail: {e:#}");
+            // One line a person can act on; the whole chain at debug level.
+            tracing::debug!("error chain: {e:?}");
+            eprintln!("kvrail: {}", kvrail_agent::diagnose::one_line(&e));
             ExitCode::from(1)
         }
     }

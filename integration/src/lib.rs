@@ -137,3 +137,15 @@ pub fn soak_args(report: &std::path::Path, knobs: &[(&str, &str)]) -> Vec<String
     v.extend(knobs.iter().flat_map(|(k, val)| [k.to_string(), val.to_string()]));
     v
 }
+
+/// `kvrail bench --json` output: one object per point, then a closing
+/// object (`ok`, `points`, `failure`); checks the closing one agrees.
+pub fn bench_points(stdout: &[u8]) -> Vec<serde_json::Value> {
+    let mut lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    let closing = lines.pop().expect("a closing line");
+    assert_eq!(closing["points"].as_u64(), Some(lines.len() as u64), "{closing:#}");
+    assert!(closing["failure"].is_null(), "{closing:#}");
+    assert_eq!(closing["ok"].as_bool(), Some(lines.iter().all(|p| p["verified"] == true)), "{closing:#}");
+    lines
+}

@@ -230,7 +230,10 @@ async fn peers_without_the_cluster_secret_get_nothing() {
     a.extend(["--block-bytes".into(), "64KiB".into()]);
     let env = vec![(kvrail_agent::agent::auth::SECRET_VAR.to_string(), Some("a-different-secret-entirely".to_string()))];
     let err = AgentProcess::spawn_env(&kvrail_bin(), &a, &env, false, Duration::from_secs(30)).await.unwrap_err();
-    assert!(err.to_string().contains("exited before it was ready"), "{err}");
+    // The refused agent is named, with how it ended and the end of its log.
+    let e = err.to_string();
+    assert!(e.contains("the prefill agent stranger (pid ") && e.contains("exited with code") && e.contains("before it was ready"), "{e}");
+    assert!(e.contains("; its last log line: ") && e.contains("cluster secret"), "{e}");
     still_serving(&mut decode, &mut prefill, "after-strangers").await;
     decode.stop().await;
     prefill.stop().await;

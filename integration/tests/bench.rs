@@ -13,8 +13,7 @@ fn small_bench_point_is_measured_and_verified() {
         Duration::from_secs(300),
     );
     assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
-    let points: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    let points = kvrail_integration::bench_points(&out.stdout);
     assert_eq!(points.len(), 1, "{points:?}");
     let p = &points[0];
     assert_eq!(p["verified"], true, "{p:#}");
@@ -116,12 +115,11 @@ async fn cluster_mode_measures_a_running_decode_agent() {
     let out = bench(&[], None).await.unwrap();
     fails_with(out, &[SECRET_VAR, "--cluster-secret-file"]);
     let out = bench(&[], Some("a-different-secret-entirely".into())).await.unwrap();
-    fails_with(out, &["do not share the cluster secret", "exited before it was ready"]);
+    fails_with(out, &["do not share the cluster secret", "exited with code", "before it was ready"]);
 
     let out = bench(&["--mode", "write,read"], Some(driver_secret())).await.unwrap();
     assert!(out.status.success(), "bench --peer failed: {}", String::from_utf8_lossy(&out.stderr));
-    let points: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    let points = kvrail_integration::bench_points(&out.stdout);
     assert_eq!(points.len(), 2, "{points:?}");
     for (p, mode) in points.iter().zip(["write", "read"]) {
         assert_eq!(p["mode"], mode);

@@ -116,7 +116,7 @@ async fn kill_prefill_mid(transport: &str, mode: pb::TransferMode) -> usize {
     prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
     let tag = format!("k-{transport}-{}", mode as i32);
     let ids = submit_many(&mut decode, &tag, 64, 256, mode).await;
-    prefill.child.start_kill().unwrap();
+    prefill.kill().await;
     let killed = Instant::now();
     let failed = all_final(&mut decode, &ids, killed).await;
     let mut again = prefill_for(&decode, transport).await;
@@ -137,8 +137,7 @@ async fn decode_killed_and_restarted_is_rehandshaken_by_the_prefill() {
     prefill.control.fill_pattern(pb::FillPatternRequest { seed: 5 }).await.unwrap();
     for mode in [pb::TransferMode::Write, pb::TransferMode::Read] {
         let _ = submit_many(&mut decode, "d", 32, 256, mode).await;
-        decode.child.start_kill().unwrap();
-        let _ = decode.child.wait().await;
+        decode.kill().await;
         // The prefill agent survives and keeps serving its API.
         let s = prefill.control.stats(pb::StatsRequest {}).await.unwrap().into_inner();
         assert_eq!(s.agent_id, "f-prefill", "{mode:?}");

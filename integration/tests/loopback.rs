@@ -40,8 +40,11 @@ fn check(v: &serde_json::Value, transport: &str, bytes: u64) {
         assert!(v[agent]["rss_end_mib"].as_f64().unwrap() > 0.0);
         let private = v[agent]["private_end_mib"].as_f64().unwrap();
         assert!(private > 0.0 && private <= v[agent]["rss_end_mib"].as_f64().unwrap(), "{agent}: {v:#}");
-        assert!(!v[agent]["memory_verdict"].as_str().unwrap().is_empty(), "{agent}: {v:#}");
+        assert!(!v[agent]["memwatch_verdict"].as_str().unwrap().is_empty(), "{agent}: {v:#}");
+        assert_eq!(v[agent]["memory"], "ok", "{agent}: {v:#}");
     }
+    assert_eq!((v["ok"].as_bool(), v["memory"].as_str()), (Some(true), Some("ok")), "{v:#}");
+    assert!(v["failure"].is_null(), "{v:#}");
     assert!(v["gbps"].as_f64().unwrap() > 0.0);
     assert!(v["handshake_ms"].as_f64().unwrap() > 0.0);
     // Same UCX in the test's view and in both agents.

@@ -37,7 +37,7 @@ async fn progress_and_runtime_threads_run_where_they_are_told() {
     let placed = ["--progress-cpu".to_string(), progress.to_string(), "--runtime-cpus".to_string(), runtime.to_string()];
     let limit = Duration::from_secs(60);
     let mut decode = AgentProcess::spawn_exe(&bin, &args("decode", &placed), false, limit).await.expect("decode agent");
-    let pid = decode.child.id().expect("decode pid");
+    let pid = decode.pid().expect("decode pid");
     let t = threads(pid);
     let progress_threads: Vec<_> = t.iter().filter(|(name, _)| name == "kvrail-ucx").collect();
     assert_eq!(progress_threads.len(), 1, "{t:?}");

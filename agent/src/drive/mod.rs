@@ -6,7 +6,9 @@
 pub mod bench;
 pub mod chart;
 pub mod children;
+pub mod crew;
 pub mod demo;
+pub mod progress;
 pub mod raw;
 pub mod soak;
 pub mod workload;

@@ -51,7 +51,7 @@ fn obey(lines: impl Iterator<Item = std::io::Result<String>>, serving: &AtomicBo
 
 pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(a.listen.is_none() || a.role == RawRole::Target, "--listen is for the target (--role target)");
-    let side = RawSide::new(a.transport, a.region_bytes, RegionAlloc::Ucx, a.progress_cpu)?;
+    let side = RawSide::new(a.geometry.transport, a.geometry.region_bytes, RegionAlloc::Ucx, a.progress_cpu)?;
     match a.role {
         RawRole::Target => {
             let l = side.local_info();
@@ -101,23 +101,23 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                 region_len: v["len"].as_u64().unwrap_or(0),
                 rkey: unhex(v["rkey"].as_str().unwrap_or_default())?,
             };
-            let layout = BlockLayout::fit_region(a.region_bytes, a.block_bytes, 1)?;
-            let needed = u64::from(layout.num_blocks()) * a.block_bytes;
+            let layout = BlockLayout::fit_region(a.geometry.region_bytes, a.geometry.block_bytes, 1)?;
+            let needed = u64::from(layout.num_blocks()) * a.geometry.block_bytes;
             anyhow::ensure!(
                 peer.region_len >= needed,
                 "the raw-UCX target's region is {} bytes, less than the {needed} this initiator's blocks span: start it with --region-bytes {}",
                 peer.region_len,
-                a.region_bytes
+                a.geometry.region_bytes
             );
-            let request_blocks = (a.request_bytes / a.block_bytes).max(1) as usize;
+            let request_blocks = (a.request_bytes / a.geometry.block_bytes).max(1) as usize;
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
             // As the agents do: over tcp both modes are deliveries.
             let dir = match a.mode {
-                _ if a.transport.writes_as_messages() => Direction::Deliver { tag: RAW_TAG },
+                _ if a.geometry.transport.writes_as_messages() => Direction::Deliver { tag: RAW_TAG },
                 Mode::Write => Direction::Write,
                 Mode::Read => Direction::Read,
             };
-            let warmup = RmaOp { src_offset: 0, dst_offset: 0, len: a.block_bytes };
+            let warmup = RmaOp { src_offset: 0, dst_offset: 0, len: a.geometry.block_bytes };
             let peer = side.connect(&peer, dir, Some(&warmup), !a.no_peer_errors)?;
             println!("{}", serde_json::json!({"event": "ready"}));
             for line in lines {
@@ -135,7 +135,7 @@ pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
                     ops.extend_from_slice(TransferPlan::build(&layout, s, &layout, d, 0)?.ops());
                 }
                 let secs = side.run(&peer, &ops, a.window)?.as_secs_f64();
-                let bytes = n as u64 * a.block_bytes;
+                let bytes = n as u64 * a.geometry.block_bytes;
                 println!("{}", serde_json::json!({"bytes": bytes, "seconds": secs, "gbps": bytes as f64 / secs / 1e9}));
             }
             Ok(0)

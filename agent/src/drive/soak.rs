@@ -4,6 +4,11 @@
 //! and verdicts, writes a JSON report and an SVG chart per agent to
 //! `--report DIR`, and exits 0 only if both agents are `ok`, every transfer
 //! verified, and UCX intercepted no munmap.
+//!
+//! If an agent ends (or, in cluster mode, stops answering) mid-run, the
+//! soak stops at once and still writes its report and charts, with what was
+//! measured up to then and the failure: which agent, how it ended, the end
+//! of its log.
 
 use std::time::{Duration, Instant};
 
@@ -12,11 +17,21 @@ use kvrail_proto::v1 as pb;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use super::children::{control_at, AgentProcess};
+use super::children::{control_at, AgentProcess, Launch};
+use super::crew::{AgentName, AtAgent, Crew, Failure, Probe};
+use super::progress::Progress;
 use super::workload::{Control, Outcome, Workload};
-use crate::drive::chart::{self, Chart, Series, Trend};
 use crate::cli::{Side, SoakArgs};
+use crate::drive::chart::{self, Chart, Series, Trend};
 use crate::memwatch::MemReport;
+
+/// How often the soak keeps a copy of both agents' Stats (their MemWatch
+/// series): what a failed agent's chart is drawn from.
+const KEEP_STATS_EVERY: Duration = Duration::from_secs(5);
+/// How long an agent may take to answer the soak's Stats call at the end.
+const STATS_LIMIT: Duration = Duration::from_secs(2);
+/// How long a remote agent may stay silent before the soak fails on it.
+pub const REMOTE_LEASE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Serialize)]
 struct AgentResult {
@@ -36,12 +51,17 @@ struct AgentResult {
     injected_leak_bytes: u64,
     bytes_moved: u64,
     chart: String,
+    /// Seconds between these figures and the end of the run: 0 when read
+    /// at the end, more for an agent that failed (its last kept Stats).
+    stats_age_secs: f64,
     memwatch: MemReport,
 }
 
 #[derive(Debug, Serialize)]
 struct SoakReport {
     ok: bool,
+    /// Why the run stopped early, if it did.
+    failure: Option<Failure>,
     /// The run was the hooks-on demonstration (never a pass).
     demo_ucx_mmap_hooks_on: bool,
     demo_rcache_max_unreleased: Option<String>,
@@ -58,39 +78,98 @@ struct SoakReport {
     bad_blocks: u64,
     first_error: String,
     gbps_while_moving: f64,
-    decode: AgentResult,
-    prefill: AgentResult,
+    /// `None` when nothing of it could be read.
+    decode: Option<AgentResult>,
+    prefill: Option<AgentResult>,
+}
+
+/// What a soak has measured so far. It lives outside the run, so a run
+/// that fails still reports it.
+#[derive(Debug, Default)]
+struct Measured {
+    /// What the decode agent serves.
+    info: Option<pb::AgentInfo>,
+    total: Outcome,
+    passes: u64,
+    started: Option<Instant>,
+    /// The latest Stats of the decode and the prefill agent, and when.
+    kept: [Option<(Instant, pb::StatsResponse)>; 2],
 }
 
 fn agent_args(role: &str, a: &SoakArgs, leak: bool) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        role.into(),
-        "--agent-id".into(),
-        format!("soak-{role}"),
-        "--transport".into(),
-        a.transport.to_string(),
-        "--region-bytes".into(),
-        a.region_bytes.to_string(),
-        "--block-bytes".into(),
-        a.block_bytes.to_string(),
-        "--test-patterns".into(),
+    let mut v: Vec<String> = vec![role.into(), "--agent-id".into(), format!("soak-{role}"), "--test-patterns".into()];
+    v.extend(a.geometry.to_args());
+    v.extend([
         "--churn-rounds-per-sec".into(),
         a.churn_rounds_per_sec.to_string(),
         "--churn-unmaps-per-round".into(),
         a.churn_unmaps_per_round.to_string(),
-        "--memwatch-warmup-secs".into(),
-        a.memwatch.memwatch_warmup_secs.to_string(),
-        "--memwatch-window-secs".into(),
-        a.memwatch.memwatch_window_secs.to_string(),
-        "--memwatch-threshold-mib-per-min".into(),
-        a.memwatch.memwatch_threshold_mib_per_min.to_string(),
-    ];
+    ]);
+    v.extend(a.memwatch.to_args());
     if leak {
         if let Some(r) = a.test_inject_leak_mib_per_min {
             v.extend(["--test-inject-leak-mib-per-min".into(), r.to_string()]);
         }
     }
     v
+}
+
+/// The two agents a soak drives: started here, or running elsewhere.
+struct Agents {
+    /// The decode and the prefill agent's Control clients, and their names.
+    controls: [Control; 2],
+    names: [AgentName; 2],
+    /// The processes, when this soak started them.
+    procs: Vec<AgentProcess>,
+    /// Liveness probes of remote agents.
+    _probes: Vec<Probe>,
+}
+
+impl Agents {
+    async fn start(a: &SoakArgs, crew: &Crew) -> anyhow::Result<Agents> {
+        if let (Some(d), Some(p)) = (&a.decode, &a.prefill) {
+            // Cluster mode: agents an operator started (with --test-patterns).
+            let tls = a.tls.load()?;
+            let decode = control_at(d, tls.as_ref()).await.with_context(|| format!("cannot reach the decode agent at {d}"))?;
+            let prefill = control_at(p, tls.as_ref()).await.with_context(|| format!("cannot reach the prefill agent at {p}"))?;
+            let name = |role: &str, addr: &str| AgentName { role: role.into(), address: addr.into(), ..Default::default() };
+            let names = [name("decode", d), name("prefill", p)];
+            let probes = vec![
+                crew.watch_remote(names[0].clone(), decode.clone(), REMOTE_LEASE),
+                crew.watch_remote(names[1].clone(), prefill.clone(), REMOTE_LEASE),
+            ];
+            return Ok(Agents { controls: [decode, prefill], names, procs: Vec::new(), _probes: probes });
+        }
+        let mut env = Vec::new();
+        if a.demo_allow_ucx_mmap_hooks {
+            tracing::warn!("DEMONSTRATION: both agents run with UCX's memory hooks ON");
+            env = crate::guard::hooks_on_child_env();
+            if let Some(v) = &a.demo_rcache_max_unreleased {
+                env.push(("UCX_RCACHE_MAX_UNRELEASED".into(), Some(v.clone())));
+            }
+        }
+        let (exe, limit, verbose) = (std::env::current_exe()?, Duration::from_secs(120), a.out.verbose);
+        let launch = |args: Vec<String>| Launch { args, env: env.clone(), verbose };
+        let decode_args = agent_args("decode", a, a.test_inject_into == Side::Decode);
+        let decode = AgentProcess::launch(&exe, &launch(decode_args), Some(crew), limit).await?;
+        let mut p = agent_args("prefill", a, a.test_inject_into == Side::Prefill);
+        p.extend(["--peer".into(), decode.listen.clone()]);
+        let prefill = AgentProcess::launch(&exe, &launch(p), Some(crew), limit).await?;
+        Ok(Agents {
+            controls: [decode.control.clone(), prefill.control.clone()],
+            names: [decode.name.clone(), prefill.name.clone()],
+            procs: vec![decode, prefill],
+            _probes: Vec::new(),
+        })
+    }
+
+    /// Stops the agents this soak started, within `grace` each.
+    async fn stop(self, grace: Duration) {
+        let stops: Vec<_> = self.procs.into_iter().rev().map(|p| p.stop_within(grace)).collect();
+        for s in stops {
+            s.await;
+        }
+    }
 }
 
 pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
@@ -102,50 +181,76 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
         );
     }
     std::fs::create_dir_all(&a.report).with_context(|| format!("creating report dir {}", a.report.display()))?;
-    let limit = Duration::from_secs(120);
-    let mut env = Vec::new();
-    if a.demo_allow_ucx_mmap_hooks {
-        tracing::warn!("DEMONSTRATION: both agents run with UCX's memory hooks ON");
-        env = crate::guard::hooks_on_child_env();
-        if let Some(v) = &a.demo_rcache_max_unreleased {
-            env.push(("UCX_RCACHE_MAX_UNRELEASED".into(), Some(v.clone())));
+    let crew = Crew::new();
+    let mut m = Measured::default();
+    let mut failure = None;
+    let mut agents = match super::crew::race(&crew, Agents::start(a, &crew)).await {
+        Ok(agents) => Some(agents),
+        Err(f) => {
+            failure = Some(f);
+            None
+        }
+    };
+    if let Some(agents) = agents.as_mut() {
+        let [decode, prefill] = &mut agents.controls;
+        let progress = Progress::new("soak", a.duration.as_secs(), "s");
+        if let Err(f) = super::crew::race(&crew, drive(a, [decode, prefill], &agents.names, &mut m, &progress)).await {
+            failure = Some(f);
         }
     }
-    let report = if let (Some(d), Some(p)) = (&a.decode, &a.prefill) {
-        // Cluster mode: agents an operator started (with --test-patterns).
-        let tls = a.tls.load()?;
-        let mut decode = control_at(d, tls.as_ref()).await.with_context(|| format!("connecting to the decode agent at {d}"))?;
-        let mut prefill = control_at(p, tls.as_ref()).await.with_context(|| format!("connecting to the prefill agent at {p}"))?;
-        drive(a, &mut decode, &mut prefill).await?
-    } else {
-        let exe = std::env::current_exe()?;
-        let mut decode =
-            AgentProcess::spawn_env(&exe, &agent_args("decode", a, a.test_inject_into == Side::Decode), &env, a.out.verbose, limit).await?;
-        let mut p = agent_args("prefill", a, a.test_inject_into == Side::Prefill);
-        p.extend(["--peer".into(), decode.listen.clone()]);
-        let mut prefill = AgentProcess::spawn_env(&exe, &p, &env, a.out.verbose, limit).await?;
-        let result = drive(a, &mut decode.control, &mut prefill.control).await;
-        decode.stop().await;
-        prefill.stop().await;
-        result?
-    };
+    let failed_role = failure.as_ref().and_then(|f| f.agent.as_ref()).map(|n| n.role.clone());
+    let mut results = [None, None];
+    if let Some(agents) = agents.as_mut() {
+        for (i, (role, control)) in ["decode", "prefill"].into_iter().zip(agents.controls.iter_mut()).enumerate() {
+            let fresh = match failed_role.as_deref() == Some(role) {
+                true => None,
+                false => tokio::time::timeout(STATS_LIMIT, control.stats(pb::StatsRequest {})).await.ok().and_then(|r| r.ok()),
+            };
+            let stats = match fresh {
+                Some(s) => Some((0.0, s.into_inner())),
+                None => m.kept[i].take().map(|(t, s)| (t.elapsed().as_secs_f64(), s)),
+            };
+            if let Some((age, s)) = stats {
+                match agent_result(role, a, &s, age) {
+                    Ok(r) => results[i] = Some(r),
+                    Err(e) => tracing::warn!(role, "no memory report from the {role} agent: {}", crate::diagnose::one_line(&e)),
+                }
+            }
+        }
+    }
+    let [decode, prefill] = results;
+    let report = report(a, &m, failure, decode, prefill);
     let path = a.report.join("report.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(agents) = agents {
+        // Quickly after a failure: the report is written, the run is over.
+        agents.stop(if report.failure.is_some() { Duration::from_secs(1) } else { Duration::from_secs(5) }).await;
+    }
     if a.out.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+        if let Some(f) = &report.failure {
+            eprintln!("kvrail soak: FAILED: {}", f.human());
+        }
     } else {
         print_human(&report, &path);
     }
     Ok(if report.ok { 0 } else { 1 })
 }
 
-async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> anyhow::Result<SoakReport> {
+async fn drive(
+    a: &SoakArgs,
+    [decode, prefill]: [&mut Control; 2],
+    names: &[AgentName; 2],
+    m: &mut Measured,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let at = |i: usize| AtAgent(names[i].clone());
     // What the decode agent serves, not this command's flags: in cluster
     // mode the operator started the agents with their own.
-    let info = decode.info(pb::InfoRequest {}).await?.into_inner().agent.context("decode agent reported no AgentInfo")?;
+    let info = decode.info(pb::InfoRequest {}).await.context(at(0))?.into_inner().agent.context("decode agent reported no AgentInfo")?;
     let layout = info.layout.context("decode agent reported no layout")?;
-    let (num_blocks, block_bytes) = (layout.num_blocks, layout.block_bytes);
-    prefill.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await?;
+    m.info = Some(info);
+    prefill.fill_pattern(pb::FillPatternRequest { seed: a.out.seed }).await.context(at(1))?;
     let work = Workload {
         seed: a.out.seed,
         mode: a.mode.to_pb(),
@@ -155,34 +260,56 @@ async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> any
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
     let start = Instant::now();
-    let mut total = Outcome::default();
-    let mut passes = 0u64;
-    let n = a.pass_blocks.clamp(1, num_blocks as usize);
+    m.started = Some(start);
+    let n = a.pass_blocks.clamp(1, layout.num_blocks as usize);
+    let mut kept_at: Option<Instant> = None;
     while start.elapsed() < a.duration {
-        total.absorb(work.pass(decode, num_blocks, n, &format!("soak-{passes}"), &mut rng).await?);
-        passes += 1;
+        if kept_at.is_none_or(|t| t.elapsed() >= KEEP_STATS_EVERY) {
+            for (i, c) in [&mut *decode, &mut *prefill].into_iter().enumerate() {
+                m.kept[i] = Some((Instant::now(), c.stats(pb::StatsRequest {}).await.context(at(i))?.into_inner()));
+            }
+            kept_at = Some(Instant::now());
+        }
+        let o = work.pass(decode, layout.num_blocks, n, &format!("soak-{}", m.passes), &mut rng).await.context(at(0))?;
+        m.total.absorb(o);
+        m.passes += 1;
+        let t = &m.total;
+        let gbps = if t.seconds > 0.0 { (t.blocks * layout.block_bytes) as f64 / t.seconds / 1e9 } else { 0.0 };
+        progress.tick(
+            start.elapsed().as_secs(),
+            format!(
+                "{:.0} s of {:.0} s, {} passes, {:.2} GB/s, {} of {} blocks verified, {} requests failed",
+                start.elapsed().as_secs_f64(),
+                a.duration.as_secs_f64(),
+                m.passes,
+                gbps,
+                t.verified_blocks,
+                t.blocks,
+                t.failed_requests
+            ),
+        );
         if a.pause_ms > 0 {
             tokio::time::sleep(Duration::from_millis(a.pause_ms)).await;
         }
     }
-    let duration_secs = start.elapsed().as_secs_f64();
-    let d = agent_result("decode", a, decode).await?;
-    let p = agent_result("prefill", a, prefill).await?;
-    let verified = total.verified();
-    let ok = !a.demo_allow_ucx_mmap_hooks
-        && verified
-        && d.verdict == "ok"
-        && p.verdict == "ok"
-        && d.ucx_intercepted_munmaps == 0
-        && p.ucx_intercepted_munmaps == 0;
-    Ok(SoakReport {
+    Ok(())
+}
+
+fn report(a: &SoakArgs, m: &Measured, failure: Option<Failure>, decode: Option<AgentResult>, prefill: Option<AgentResult>) -> SoakReport {
+    let total = &m.total;
+    let block_bytes = m.info.as_ref().and_then(|i| i.layout.as_ref()).map_or(a.geometry.block_bytes, |l| l.block_bytes);
+    let verified = total.verified() && failure.is_none();
+    let agent_ok = |r: &Option<AgentResult>| r.as_ref().is_some_and(|r| r.verdict == "ok" && r.ucx_intercepted_munmaps == 0);
+    let ok = failure.is_none() && !a.demo_allow_ucx_mmap_hooks && verified && agent_ok(&decode) && agent_ok(&prefill);
+    SoakReport {
         ok,
+        failure,
         demo_ucx_mmap_hooks_on: a.demo_allow_ucx_mmap_hooks,
         demo_rcache_max_unreleased: a.demo_rcache_max_unreleased.clone(),
-        duration_secs,
-        transport: info.transport,
+        duration_secs: m.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+        transport: m.info.as_ref().map_or_else(|| a.geometry.transport.to_string(), |i| i.transport.clone()),
         mode: a.mode.name().to_string(),
-        passes,
+        passes: m.passes,
         blocks: total.blocks,
         bytes: total.blocks * block_bytes,
         requests: total.requests,
@@ -192,18 +319,17 @@ async fn drive(a: &SoakArgs, decode: &mut Control, prefill: &mut Control) -> any
         bad_blocks: total.bad_blocks,
         first_error: total.first_error.clone(),
         gbps_while_moving: if total.seconds > 0.0 { (total.blocks * block_bytes) as f64 / total.seconds / 1e9 } else { 0.0 },
-        decode: d,
-        prefill: p,
-    })
+        decode,
+        prefill,
+    }
 }
 
-async fn agent_result(role: &str, a: &SoakArgs, p: &mut Control) -> anyhow::Result<AgentResult> {
-    let s = p.stats(pb::StatsRequest {}).await?.into_inner();
+fn agent_result(role: &str, a: &SoakArgs, s: &pb::StatsResponse, stats_age_secs: f64) -> anyhow::Result<AgentResult> {
     let mem = s.memory.clone().unwrap_or_default();
     let report: MemReport = serde_json::from_str(&mem.report_json).context("agent sent no MemWatch report")?;
     let svg = render_chart(role, &report);
     let chart_path = a.report.join(format!("{role}.svg"));
-    std::fs::write(&chart_path, svg)?;
+    std::fs::write(&chart_path, svg).with_context(|| format!("writing {}", chart_path.display()))?;
     let asm = &report.assessment;
     Ok(AgentResult {
         agent_id: s.agent_id.clone(),
@@ -222,6 +348,7 @@ async fn agent_result(role: &str, a: &SoakArgs, p: &mut Control) -> anyhow::Resu
         injected_leak_bytes: s.injected_leak_bytes,
         bytes_moved: s.bytes_moved,
         chart: chart_path.display().to_string(),
+        stats_age_secs,
         memwatch: report,
     })
 }
@@ -276,8 +403,13 @@ fn print_human(r: &SoakReport, path: &std::path::Path) {
     );
     println!("  verify     {}: {} of {} blocks", if r.verified { "VERIFIED" } else { "NOT VERIFIED" }, r.verified_blocks, r.blocks);
     for (name, x) in [("decode", &r.decode), ("prefill", &r.prefill)] {
+        let Some(x) = x else {
+            println!("  {name:<8}   no memory report (the agent could not be read)");
+            continue;
+        };
+        let age = if x.stats_age_secs > 0.0 { format!(", figures from {:.0} s before the end", x.stats_age_secs) } else { String::new() };
         println!(
-            "  {name:<8}   {} — RSS {:+.3} MiB/min (threshold {:.2}, {:.0} s window), hooks {}, churn munmaps {}, UCX intercepted {}",
+            "  {name:<8}   {} — RSS {:+.3} MiB/min (threshold {:.2}, {:.0} s window), hooks {}, churn munmaps {}, UCX intercepted {}{age}",
             x.verdict.to_uppercase(),
             x.rss_slope_mib_per_min,
             x.threshold_mib_per_min,
@@ -291,5 +423,8 @@ fn print_human(r: &SoakReport, path: &std::path::Path) {
         }
     }
     println!("  report     {} (charts beside it)", path.display());
+    if let Some(f) = &r.failure {
+        println!("  failure    {}", f.human());
+    }
     println!("  result     {}", if r.ok { "OK" } else { "FAILED" });
 }
