@@ -34,6 +34,8 @@ const MIB: f64 = (1u64 << 20) as f64;
 const FONT: &str = "sans-serif";
 const TEXT: RGBColor = RGBColor(0x22, 0x22, 0x22);
 const MUTED: RGBColor = RGBColor(0x66, 0x66, 0x66);
+/// The warm-up's shade.
+const SHADE: RGBAColor = RGBAColor(0x9e, 0x9e, 0x9e, 0.18);
 /// The tab10 palette: distinct on screen and in print.
 const PALETTE: [RGBColor; 10] = [
     RGBColor(0x1f, 0x77, 0xb4),
@@ -239,8 +241,7 @@ fn draw(plan: &Plan, root: Area<'_>) -> DrawResult {
     // The warm-up, shaded under the grid; nothing to shade before any sample.
     let warmup = plan.warmup.filter(|u| *u > plan.x.0 && plan.has_samples()).map(|u| u.min(plan.x.1));
     if let Some(until) = warmup {
-        let shade = RGBColor(0x9e, 0x9e, 0x9e).mix(0.18).filled();
-        chart.draw_series(std::iter::once(Rectangle::new([(plan.x.0, plan.y.0), (until, plan.y.1)], shade)))?;
+        chart.draw_series(std::iter::once(Rectangle::new([(plan.x.0, plan.y.0), (until, plan.y.1)], SHADE.filled())))?;
     }
     chart
         .configure_mesh()
@@ -256,10 +257,6 @@ fn draw(plan: &Plan, root: Area<'_>) -> DrawResult {
         .x_labels(10)
         .y_labels(8)
         .draw()?;
-    if warmup.is_some() {
-        let label = Text::new("warm-up", (6, 6), (FONT, 14).into_font().color(&MUTED));
-        chart.draw_series(std::iter::once(EmptyElement::at((plan.x.0, plan.y.1)) + label))?;
-    }
     for line in &plan.lines {
         for run in &line.runs {
             if line.fit {
@@ -276,31 +273,40 @@ fn draw(plan: &Plan, root: Area<'_>) -> DrawResult {
         let centre = (w as i32 / 2, h as i32 / 2);
         plot.draw(&Text::new("no samples", centre, (FONT, 18).into_font().color(&MUTED).pos(Pos::new(HPos::Center, VPos::Center))))?;
     }
-    draw_legend(&legend, &plan.lines)?;
+    // The legend names the configured warm-up, shown only where it is shaded.
+    draw_legend(&legend, &plan.lines, plan.warmup.filter(|_| warmup.is_some()))?;
     root.present()
 }
 
-/// The legend, in its own column right of the plot so it never hides data.
-fn draw_legend(area: &Area<'_>, lines: &[Line]) -> DrawResult {
+/// The legend, in its own column right of the plot so it never hides data:
+/// the warm-up's shade (when drawn), then the lines.
+fn draw_legend(area: &Area<'_>, lines: &[Line], warmup: Option<f64>) -> DrawResult {
     const ROW: i32 = 20;
+    let key = |text: String, color: &RGBColor| {
+        Text::new(text, (38, 0), (FONT, 15).into_font().color(color).pos(Pos::new(HPos::Left, VPos::Center)))
+    };
     let (_, height) = area.dim_in_pixel();
-    let rows = usize::try_from((height as i32 - 24) / ROW).unwrap_or(1).max(1);
+    let mut rows = usize::try_from((height as i32 - 24) / ROW).unwrap_or(1).max(1);
+    let mut y = 20;
+    if let Some(secs) = warmup {
+        area.draw(&Rectangle::new([(4, y - 7), (30, y + 7)], SHADE.filled()))?;
+        area.draw(&(EmptyElement::at((0, y)) + key(format!("warm-up ({} s)", tick(&secs)), &TEXT)))?;
+        (rows, y) = (rows.saturating_sub(1).max(1), y + ROW);
+    }
     let shown = if lines.len() > rows { rows - 1 } else { lines.len() };
     for (i, line) in lines.iter().take(shown).enumerate() {
-        let y = 20 + ROW * i as i32;
+        let y = y + ROW * i as i32;
         let style = line.color.stroke_width(if line.fit { 3 } else { 2 });
         if line.fit {
             area.draw(&DashedPathElement::new(vec![(4, y), (30, y)], 7, 4, style))?;
         } else {
             area.draw(&PathElement::new(vec![(4, y), (30, y)], style))?;
         }
-        let name = shorten(&line.name, LEGEND_MAX_CHARS);
-        area.draw(&Text::new(name, (38, y), (FONT, 15).into_font().color(&TEXT).pos(Pos::new(HPos::Left, VPos::Center))))?;
+        area.draw(&(EmptyElement::at((0, y)) + key(shorten(&line.name, LEGEND_MAX_CHARS), &TEXT)))?;
     }
     if shown < lines.len() {
-        let y = 20 + ROW * shown as i32;
         let more = format!("… and {} more", lines.len() - shown);
-        area.draw(&Text::new(more, (38, y), (FONT, 15).into_font().color(&MUTED).pos(Pos::new(HPos::Left, VPos::Center))))?;
+        area.draw(&(EmptyElement::at((0, y + ROW * shown as i32)) + key(more, &MUTED)))?;
     }
     Ok(())
 }
@@ -400,7 +406,7 @@ mod tests {
         let svg = memory_chart("kvrail soak — decode agent memory", &[("decode", &r)]);
         let doc = parse(&svg);
         let texts = texts(&doc);
-        for want in ["kvrail soak — decode agent memory", "RSS", "RssAnon", "heap", "RSS fit", "warm-up", "time (s)", "MiB"] {
+        for want in ["kvrail soak — decode agent memory", "RSS", "RssAnon", "heap", "RSS fit", "warm-up (20 s)", "time (s)", "MiB"] {
             assert!(texts.contains(&want), "no text {want:?} in {texts:?}");
         }
         let a = &r.assessment;
@@ -482,7 +488,7 @@ mod tests {
             let texts = texts(&doc);
             assert!(texts.contains(&"no samples"), "{texts:?}");
             assert!(texts.contains(&"nothing yet"));
-            assert!(!texts.contains(&"warm-up"), "nothing to shade: {texts:?}");
+            assert!(!texts.iter().any(|t| t.starts_with("warm-up")), "nothing to shade: {texts:?}");
         }
         let texts_one = texts(&parse(&memory_chart("nothing yet", &[("decode", &empty)]))).join("|");
         assert!(texts_one.contains("RSS (no samples)") && texts_one.contains("verdict warming_up"), "{texts_one}");
