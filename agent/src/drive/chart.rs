@@ -1,949 +1,552 @@
-//! Dependency-free SVG line charts for memory time series.
+//! The soak's memory chart: one or several agents' MemWatch series as a
+//! standalone SVG document, drawn with plotters' SVG backend (its `<text>`
+//! elements leave fonts to the viewer, so no font library is linked).
 //!
-//! [`render`] turns a [`Chart`] — a few [`Series`] of `(seconds, MiB)` samples,
-//! optional fitted [`Trend`] lines and an optional shaded warm-up region — into
-//! a complete, standalone SVG document (900×420) that opens directly in a
-//! browser.
-//!
-//! The renderer is defensive and never panics on odd input:
-//!
-//! * non-finite samples (NaN, ±inf) are dropped, so `NaN` never reaches the output;
-//! * a completely flat series gets a nonzero range (±1 MiB around its value);
-//! * a chart without any samples still renders, with a "no samples" note;
-//! * series longer than [`MAX_POLYLINE_POINTS`] are downsampled, keeping the
-//!   first and last sample plus the minimum and maximum of every bucket so
-//!   short spikes stay visible;
-//! * all text (titles, names, labels, colours) is XML-escaped.
-//!
-//! Axes use "nice" tick values (steps of 1, 2 or 5 × 10^k, 5–8 ticks). The y
-//! axis spans the minimum to the maximum over all series and trends with 5%
-//! padding; the x axis spans 0 (or the first timestamp, for data far from 0)
-//! to the last timestamp.
+//! [`memory_chart`] draws, in MiB over each agent's own seconds since start:
+//! with one agent its RSS, RssAnon and heap; with several, each agent's RSS
+//! in a colour of its own. Every agent's fitted RSS line over its last window
+//! is drawn dashed from MemWatch's own fit (the assessment's slope and
+//! intercept, never a second fit here), the warm-up is shaded, and the
+//! subtitle gives each agent's verdict, slope, window, threshold and heap
+//! slope. Odd input never panics: samples at a non-finite time are dropped,
+//! a missing heap value breaks the heap line, a flat range gets ±1 MiB, and
+//! a report without samples still gives a chart that says "no samples".
 
-/// Width of the produced SVG, in pixels.
-pub const WIDTH: u32 = 900;
-/// Height of the produced SVG, in pixels.
-pub const HEIGHT: u32 = 420;
-/// Series with more points than this are downsampled before drawing.
-pub const MAX_POLYLINE_POINTS: usize = 2000;
+use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-/// One line on the chart: points are (seconds, MiB).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Series<'a> {
-    /// Legend name.
-    pub name: &'a str,
-    /// Any SVG colour (`"#1f77b4"`, `"crimson"`); empty picks a default.
-    pub color: &'a str,
-    /// `(seconds, MiB)` samples; non-finite ones are ignored.
-    pub points: Vec<(f64, f64)>,
+use crate::memwatch::sample::Sample;
+use crate::memwatch::trend::BYTES_PER_SEC_TO_MIB_PER_MIN;
+use crate::memwatch::MemReport;
+
+/// Width of the chart, in pixels.
+pub const WIDTH: u32 = 960;
+/// Height of the plot, axes and legend; the header above grows by a line per agent.
+const BODY_HEIGHT: u32 = 420;
+const LEGEND_WIDTH: u32 = 230;
+/// Agents listed in the subtitle; the rest are summed up in one more line.
+const MAX_SUBTITLE_LINES: usize = 6;
+const LEGEND_MAX_CHARS: usize = 28;
+
+const MIB: f64 = (1u64 << 20) as f64;
+const FONT: &str = "sans-serif";
+const TEXT: RGBColor = RGBColor(0x22, 0x22, 0x22);
+const MUTED: RGBColor = RGBColor(0x66, 0x66, 0x66);
+/// The warm-up's shade.
+const SHADE: RGBAColor = RGBAColor(0x9e, 0x9e, 0x9e, 0.18);
+/// The tab10 palette: distinct on screen and in print.
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
+];
+const TAB_BLUE: RGBColor = PALETTE[0];
+const TAB_RED: RGBColor = PALETTE[1];
+const TAB_GREEN: RGBColor = PALETTE[2];
+const TAB_ORANGE: RGBColor = PALETTE[3];
+
+/// Draws the memory of `agents` (label, MemWatch report) on one chart and
+/// returns the SVG document.
+pub fn memory_chart(title: &str, agents: &[(&str, &MemReport)]) -> String {
+    let plan = Plan::new(title, agents);
+    let mut svg = String::new();
+    let drawn = draw(&plan, SVGBackend::with_string(&mut svg, (WIDTH, plan.height())).into_drawing_area());
+    match drawn {
+        Ok(()) => svg,
+        Err(e) => {
+            tracing::warn!(error = %e, "memory chart could not be drawn");
+            error_chart(&plan.title, &e.to_string())
+        }
+    }
 }
 
-/// A fitted trend drawn as a dashed line from (t0, y0) to (t1, y1), labelled.
+/// One legend entry and what it draws: (seconds, MiB) runs, each a line.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Trend<'a> {
-    /// Legend label (also written next to the end of the line).
-    pub label: &'a str,
-    /// Any SVG colour; empty picks a default.
-    pub color: &'a str,
-    /// Start time in seconds.
-    pub t0: f64,
-    /// Value at `t0`, in MiB.
-    pub y0: f64,
-    /// End time in seconds.
-    pub t1: f64,
-    /// Value at `t1`, in MiB.
-    pub y1: f64,
+struct Line {
+    name: String,
+    color: RGBColor,
+    /// A fitted line (dashed) rather than measured samples.
+    fit: bool,
+    runs: Vec<Vec<(f64, f64)>>,
 }
 
-/// Everything needed to draw one chart.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Chart<'a> {
-    /// Bold heading at the top.
-    pub title: &'a str,
-    /// Smaller grey line under the title (omitted when empty).
-    pub subtitle: &'a str,
-    /// The measured lines.
-    pub series: Vec<Series<'a>>,
-    /// Fitted trends, drawn dashed.
-    pub trends: Vec<Trend<'a>>,
-    /// Warm-up region shaded grey (from the start of the x axis to this time),
-    /// labelled "warm-up".
-    pub shade_until: Option<f64>,
+impl Line {
+    fn points(&self) -> impl Iterator<Item = &(f64, f64)> {
+        self.runs.iter().flatten()
+    }
 }
 
-// Plot geometry (pixels). The legend sits to the right of the plot area.
-const PLOT_LEFT: f64 = 72.0;
-const PLOT_RIGHT: f64 = 690.0;
-const PLOT_TOP: f64 = 62.0;
-const PLOT_BOTTOM: f64 = 366.0;
-const LEGEND_LEFT: f64 = 702.0;
-const LEGEND_WIDTH: f64 = 188.0;
-const LEGEND_ROW: f64 = 18.0;
-const LEGEND_MAX_CHARS: usize = 25;
+/// Everything [`draw`] needs, worked out from the reports.
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    title: String,
+    subtitle: Vec<String>,
+    lines: Vec<Line>,
+    /// Shade `[x.0, warmup]` when set.
+    warmup: Option<f64>,
+    x: (f64, f64),
+    y: (f64, f64),
+}
 
-/// Values beyond this magnitude are clamped so ranges stay finite.
-const VALUE_LIMIT: f64 = 1e300;
-/// Pixel coordinates are clamped to this magnitude (lines are clipped anyway).
-const PIXEL_LIMIT: f64 = 1e5;
-
-const PALETTE: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
-const CLIP_ID: &str = "kvrail-chart-plot";
-
-/// Renders `chart` as a complete standalone SVG document.
-pub fn render(chart: &Chart<'_>) -> String {
-    let series: Vec<Vec<(f64, f64)>> = chart.series.iter().map(|s| prepare_points(&s.points)).collect();
-    let trends: Vec<&Trend<'_>> = chart.trends.iter().filter(|t| [t.t0, t.y0, t.t1, t.y1].iter().all(|v| v.is_finite())).collect();
-    let has_samples = series.iter().any(|pts| !pts.is_empty());
-
-    let mut out = String::with_capacity(16 * 1024);
-    out.push_str(&format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
-         font-family=\"Helvetica, Arial, sans-serif\">\n"
-    ));
-    out.push_str(&format!("<title>{}</title>\n", escape(chart.title)));
-    out.push_str(&format!("<rect x=\"0\" y=\"0\" width=\"{WIDTH}\" height=\"{HEIGHT}\" fill=\"#ffffff\"/>\n"));
-    out.push_str(&format!(
-        "<defs><clipPath id=\"{CLIP_ID}\"><rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\"/></clipPath></defs>\n",
-        num(PLOT_LEFT),
-        num(PLOT_TOP),
-        num(PLOT_RIGHT - PLOT_LEFT),
-        num(PLOT_BOTTOM - PLOT_TOP)
-    ));
-
-    // Title and subtitle.
-    out.push_str(&format!(
-        "<text x=\"{}\" y=\"24\" font-size=\"16\" font-weight=\"bold\" fill=\"#222222\">{}</text>\n",
-        num(PLOT_LEFT),
-        escape(chart.title)
-    ));
-    if !chart.subtitle.is_empty() {
-        out.push_str(&format!(
-            "<text x=\"{}\" y=\"43\" font-size=\"12\" fill=\"#666666\">{}</text>\n",
-            num(PLOT_LEFT),
-            escape(chart.subtitle)
-        ));
+impl Plan {
+    fn new(title: &str, agents: &[(&str, &MemReport)]) -> Plan {
+        let single = agents.len() == 1;
+        let mut lines = Vec::new();
+        for (i, &(label, report)) in agents.iter().enumerate() {
+            let label = clean(label);
+            // Alone, the fit is red on a blue RSS; among several agents it is a
+            // darker shade of the agent's colour, so it stands out on its own line.
+            let (prefix, rss_color, fit_color) = if single {
+                (String::new(), TAB_BLUE, TAB_RED)
+            } else {
+                let c = PALETTE[i % PALETTE.len()];
+                (format!("{label} "), c, darker(c))
+            };
+            lines.push(sampled(format!("{prefix}RSS"), rss_color, &report.samples, |s| Some(s.vm_rss)));
+            if single {
+                lines.push(sampled("RssAnon".into(), TAB_ORANGE, &report.samples, |s| Some(s.rss_anon)));
+                lines.push(sampled("heap".into(), TAB_GREEN, &report.samples, |s| s.heap));
+            }
+            if let Some(fit) = fit_line(report) {
+                lines.push(Line { name: format!("{prefix}RSS fit"), color: fit_color, fit: true, runs: vec![fit.to_vec()] });
+            }
+        }
+        let mut subtitle: Vec<String> = agents
+            .iter()
+            .map(|&(label, r)| if single { verdict_line(r) } else { format!("{}: {}", clean(label), verdict_line(r)) })
+            .collect();
+        if subtitle.len() > MAX_SUBTITLE_LINES {
+            let more = subtitle.len() - (MAX_SUBTITLE_LINES - 1);
+            subtitle.truncate(MAX_SUBTITLE_LINES - 1);
+            subtitle.push(format!("… and {more} more agents (see the report)"));
+        }
+        let warmup = agents.iter().map(|(_, r)| r.config.trend.warmup_secs).filter(|w| w.is_finite() && *w > 0.0).reduce(f64::max);
+        let (x, y) = ranges(&lines);
+        Plan { title: clean(title), subtitle, lines, warmup, x, y }
     }
 
-    // Axis titles.
-    out.push_str(&format!(
-        "<text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"middle\" fill=\"#333333\">time (s)</text>\n",
-        num((PLOT_LEFT + PLOT_RIGHT) / 2.0),
-        num(f64::from(HEIGHT) - 12.0)
-    ));
-    let y_mid = (PLOT_TOP + PLOT_BOTTOM) / 2.0;
-    out.push_str(&format!(
-        "<text x=\"18\" y=\"{y}\" font-size=\"12\" text-anchor=\"middle\" fill=\"#333333\" transform=\"rotate(-90 18 {y})\">MiB</text>\n",
-        y = num(y_mid)
-    ));
+    fn header_height(&self) -> u32 {
+        // Title, then one 17 px row per subtitle line.
+        40 + 17 * self.subtitle.len() as u32
+    }
 
-    if let Some((x_axis, y_axis)) = axes(&series, &trends) {
-        let map = Mapping { x: &x_axis, y: &y_axis };
-        draw_warmup(&mut out, &map, chart.shade_until);
-        draw_grid(&mut out, &map);
-        draw_frame(&mut out);
-        out.push_str(&format!("<g clip-path=\"url(#{CLIP_ID})\" fill=\"none\" stroke-linejoin=\"round\" stroke-linecap=\"round\">\n"));
-        for (i, (s, pts)) in chart.series.iter().zip(&series).enumerate() {
-            draw_series(&mut out, &map, pts, color_or_default(s.color, i));
+    fn height(&self) -> u32 {
+        self.header_height() + BODY_HEIGHT
+    }
+
+    fn has_samples(&self) -> bool {
+        self.lines.iter().any(|l| !l.fit && l.points().next().is_some())
+    }
+}
+
+/// `c` at 60% of its brightness.
+fn darker(c: RGBColor) -> RGBColor {
+    let d = |v: u8| (u16::from(v) * 3 / 5) as u8;
+    RGBColor(d(c.0), d(c.1), d(c.2))
+}
+
+/// One measured series in MiB; a sample without a value (no heap figure)
+/// ends a run, and samples at a non-finite time are dropped.
+fn sampled(name: String, color: RGBColor, samples: &[Sample], value: fn(&Sample) -> Option<u64>) -> Line {
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+    for s in samples.iter().filter(|s| s.t_secs.is_finite()) {
+        match value(s) {
+            Some(v) => runs.last_mut().expect("never empty").push((s.t_secs, v as f64 / MIB)),
+            None if runs.last().is_some_and(|r| !r.is_empty()) => runs.push(Vec::new()),
+            None => {}
         }
-        for (i, t) in trends.iter().enumerate() {
-            draw_trend_line(&mut out, &map, t, color_or_default(t.color, chart.series.len() + i));
-        }
-        out.push_str("</g>\n");
-        for (i, t) in trends.iter().enumerate() {
-            draw_trend_label(&mut out, &map, t, color_or_default(t.color, chart.series.len() + i));
-        }
+    }
+    runs.retain(|r| !r.is_empty());
+    let name = if runs.is_empty() { format!("{name} (no samples)") } else { name };
+    Line { name, color, fit: false, runs }
+}
+
+/// The RSS line MemWatch fitted over its last window, in (seconds, MiB), from
+/// the assessment's slope and intercept; the window ends at the newest sample.
+fn fit_line(r: &MemReport) -> Option<[(f64, f64); 2]> {
+    let a = &r.assessment;
+    let intercept = a.rss_intercept_bytes.filter(|_| a.samples_in_window > 1)?;
+    let t1 = r.latest.as_ref().or(r.samples.last())?.t_secs;
+    let t0 = t1 - a.window_secs;
+    let bytes_per_sec = a.rss_slope_mib_per_min / BYTES_PER_SEC_TO_MIB_PER_MIN;
+    let at = |t: f64| (t, (intercept + bytes_per_sec * t) / MIB);
+    let line = [at(t0), at(t1)];
+    line.iter().all(|(t, v)| t.is_finite() && v.is_finite()).then_some(line)
+}
+
+fn verdict_line(r: &MemReport) -> String {
+    let a = &r.assessment;
+    format!(
+        "verdict {} — RSS slope {} MiB/min over {} s (threshold {}), heap slope {}",
+        a.verdict.as_str(),
+        fixed(a.rss_slope_mib_per_min, 3),
+        fixed(a.window_secs, 0),
+        fixed(a.threshold_mib_per_min, 2),
+        a.heap_slope_mib_per_min.map_or("n/a".into(), |h| format!("{} MiB/min", fixed(h, 3)))
+    )
+}
+
+/// `v` with `decimals` decimals, or "n/a" when it is not a number.
+fn fixed(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
     } else {
-        draw_frame(&mut out);
-    }
-
-    if !has_samples {
-        out.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" font-size=\"14\" text-anchor=\"middle\" fill=\"#888888\">no samples</text>\n",
-            num((PLOT_LEFT + PLOT_RIGHT) / 2.0),
-            num(y_mid)
-        ));
-    }
-
-    draw_legend(&mut out, chart, &series, &trends);
-    out.push_str("</svg>\n");
-    out
-}
-
-/// A linear axis: its visible range and the tick values inside it.
-#[derive(Debug, Clone, PartialEq)]
-struct Axis {
-    lo: f64,
-    hi: f64,
-    step: f64,
-    /// The step is `mantissa × 10^exp` with mantissa 1, 2 or 5.
-    exp: i32,
-    ticks: Vec<f64>,
-}
-
-impl Axis {
-    /// Formats a tick value with just enough decimals for the step.
-    fn label(&self, v: f64) -> String {
-        let big = self.ticks.iter().fold(0.0_f64, |m, t| m.max(t.abs()));
-        let s = if big >= 1e9 {
-            let s = format!("{v:.3e}");
-            match s.split_once('e') {
-                Some((mant, e)) if mant.contains('.') => format!("{}e{e}", mant.trim_end_matches('0').trim_end_matches('.')),
-                _ => s,
-            }
-        } else {
-            let decimals = usize::try_from(-self.exp).unwrap_or(0).min(12);
-            format!("{v:.decimals$}")
-        };
-        // Never print "-0" / "-0.0".
-        if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
-            s[1..].to_string()
-        } else {
-            s
-        }
+        "n/a".into()
     }
 }
 
-/// Pixel mapping from data space into the plot area.
-struct Mapping<'a> {
-    x: &'a Axis,
-    y: &'a Axis,
-}
-
-impl Mapping<'_> {
-    fn px(&self, t: f64) -> f64 {
-        clamp_pixel(PLOT_LEFT + (t - self.x.lo) / (self.x.hi - self.x.lo) * (PLOT_RIGHT - PLOT_LEFT))
-    }
-
-    fn py(&self, v: f64) -> f64 {
-        clamp_pixel(PLOT_BOTTOM - (v - self.y.lo) / (self.y.hi - self.y.lo) * (PLOT_BOTTOM - PLOT_TOP))
-    }
-}
-
-fn clamp_pixel(p: f64) -> f64 {
-    if p.is_finite() {
-        p.clamp(-PIXEL_LIMIT, PIXEL_LIMIT)
-    } else {
-        0.0
-    }
-}
-
-/// Drops non-finite samples, clamps extreme values, sorts by time and
-/// downsamples long series.
-fn prepare_points(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
-    let mut pts: Vec<(f64, f64)> = points
-        .iter()
-        .filter(|(t, v)| t.is_finite() && v.is_finite())
-        .map(|&(t, v)| (t.clamp(-VALUE_LIMIT, VALUE_LIMIT), v.clamp(-VALUE_LIMIT, VALUE_LIMIT)))
-        .collect();
-    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-    downsample(&pts, MAX_POLYLINE_POINTS)
-}
-
-/// Reduces `points` to at most `max_points` (minimum 4): keeps the first and
-/// last point and, for each bucket of the points in between, its minimum and
-/// maximum value in their original order, so spikes survive.
-fn downsample(points: &[(f64, f64)], max_points: usize) -> Vec<(f64, f64)> {
-    let max_points = max_points.max(4);
-    let n = points.len();
-    if n <= max_points {
-        return points.to_vec();
-    }
-    let inner = &points[1..n - 1];
-    let buckets = (max_points - 2) / 2;
-    let mut out = Vec::with_capacity(max_points);
-    out.push(points[0]);
-    for b in 0..buckets {
-        let start = b * inner.len() / buckets;
-        let end = (b + 1) * inner.len() / buckets;
-        let Some(bucket) = inner.get(start..end).filter(|s| !s.is_empty()) else { continue };
-        let (mut lo, mut hi) = (0, 0);
-        for (i, p) in bucket.iter().enumerate() {
-            if p.1 < bucket[lo].1 {
-                lo = i;
-            }
-            if p.1 > bucket[hi].1 {
-                hi = i;
-            }
-        }
-        let (first, second) = if lo <= hi { (lo, hi) } else { (hi, lo) };
-        out.push(bucket[first]);
-        if second != first {
-            out.push(bucket[second]);
-        }
-    }
-    out.push(points[n - 1]);
-    out
-}
-
-/// Computes both axes, or `None` when there is nothing to draw.
-fn axes(series: &[Vec<(f64, f64)>], trends: &[&Trend<'_>]) -> Option<(Axis, Axis)> {
-    let mut t_range: Option<(f64, f64)> = None;
-    let mut v_range: Option<(f64, f64)> = None;
-    let mut add = |t: f64, v: f64| {
-        let (t, v) = (t.clamp(-VALUE_LIMIT, VALUE_LIMIT), v.clamp(-VALUE_LIMIT, VALUE_LIMIT));
-        t_range = Some(t_range.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
-        v_range = Some(v_range.map_or((v, v), |(a, b)| (a.min(v), b.max(v))));
+/// The axes' spans: x from 0 (or from the first sample, for data far from 0)
+/// to the last sample; y over every value with 5% padding, ±1 MiB when flat.
+fn ranges(lines: &[Line]) -> ((f64, f64), (f64, f64)) {
+    let span = |vals: &mut dyn Iterator<Item = f64>| {
+        vals.fold(None, |r: Option<(f64, f64)>, v| Some(r.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v)))))
     };
-    for &(t, v) in series.iter().flatten() {
-        add(t, v);
-    }
-    for tr in trends {
-        add(tr.t0, tr.y0);
-        add(tr.t1, tr.y1);
-    }
-    let ((t_min, t_max), (v_min, v_max)) = (t_range?, v_range?);
-
-    // x: start at 0 for elapsed-time data, at the first sample otherwise.
+    let Some((t_min, t_max)) = span(&mut lines.iter().flat_map(Line::points).map(|p| p.0)) else {
+        return ((0.0, 1.0), (0.0, 1.0));
+    };
+    let (v_min, v_max) = span(&mut lines.iter().flat_map(Line::points).map(|p| p.1)).unwrap_or((0.0, 1.0));
     let x_lo = if t_min >= 0.0 && t_min <= t_max - t_min { 0.0 } else { t_min };
-    let x_hi = t_max;
-    let (x_lo, x_hi) = if is_degenerate(x_lo, x_hi) { (x_lo, x_lo + 1f64.max(x_lo.abs() * 1e-6)) } else { (x_lo, x_hi) };
+    let x = if t_max - x_lo > 1e-9 { (x_lo, t_max) } else { (x_lo, x_lo + 1.0) };
+    let pad = (v_max - v_min) * 0.05;
+    let y = if pad > 1e-9 { (v_min - pad, v_max + pad) } else { (v_min - 1.0, v_max + 1.0) };
+    (x, y)
+}
 
-    // y: data range with 5% padding; a flat range becomes ±1 MiB.
-    let (y_lo, y_hi) = if is_degenerate(v_min, v_max) {
-        let mid = v_min / 2.0 + v_max / 2.0;
-        let half = 1f64.max(mid.abs() * 1e-6);
-        (mid - half, mid + half)
-    } else {
-        let pad = (v_max / 2.0 - v_min / 2.0) * 0.1;
-        (v_min - pad, v_max + pad)
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+fn draw(plan: &Plan, root: Area<'_>) -> DrawResult {
+    root.fill(&WHITE)?;
+    let (header, body) = root.split_vertically(plan.header_height());
+    header.draw(&Text::new(plan.title.as_str(), (16, 12), (FONT, 22).into_font().style(FontStyle::Bold).color(&TEXT)))?;
+    for (i, line) in plan.subtitle.iter().enumerate() {
+        header.draw(&Text::new(line.as_str(), (16, 40 + 17 * i as i32), (FONT, 16).into_font().color(&MUTED)))?;
+    }
+    let (plot, legend) = body.split_horizontally(WIDTH - LEGEND_WIDTH);
+
+    let mut chart = ChartBuilder::on(&plot)
+        .margin(10)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(plan.x.0..plan.x.1, plan.y.0..plan.y.1)?;
+    // The warm-up, shaded under the grid; nothing to shade before any sample.
+    let warmup = plan.warmup.filter(|u| *u > plan.x.0 && plan.has_samples()).map(|u| u.min(plan.x.1));
+    if let Some(until) = warmup {
+        chart.draw_series(std::iter::once(Rectangle::new([(plan.x.0, plan.y.0), (until, plan.y.1)], SHADE.filled())))?;
+    }
+    chart
+        .configure_mesh()
+        .x_desc("time (s)")
+        .y_desc("MiB")
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .label_style((FONT, 14).into_font().color(&TEXT))
+        .axis_desc_style((FONT, 15).into_font().color(&TEXT))
+        .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+        .light_line_style(RGBColor(0xf0, 0xf0, 0xf0))
+        .max_light_lines(1)
+        .x_labels(10)
+        .y_labels(8)
+        .draw()?;
+    for line in &plan.lines {
+        for run in &line.runs {
+            if line.fit {
+                chart.draw_series(DashedLineSeries::new(run.iter().copied(), 9, 5, line.color.stroke_width(3)))?;
+            } else if run.len() == 1 {
+                chart.draw_series(std::iter::once(Circle::new(run[0], 2, line.color.filled())))?;
+            } else {
+                chart.draw_series(LineSeries::new(run.iter().copied(), line.color.stroke_width(2)))?;
+            }
+        }
+    }
+    if !plan.has_samples() {
+        let (w, h) = plot.dim_in_pixel();
+        let centre = (w as i32 / 2, h as i32 / 2);
+        plot.draw(&Text::new("no samples", centre, (FONT, 18).into_font().color(&MUTED).pos(Pos::new(HPos::Center, VPos::Center))))?;
+    }
+    // The legend names the configured warm-up, shown only where it is shaded.
+    draw_legend(&legend, &plan.lines, plan.warmup.filter(|_| warmup.is_some()))?;
+    root.present()
+}
+
+/// The legend, in its own column right of the plot so it never hides data:
+/// the warm-up's shade (when drawn), then the lines.
+fn draw_legend(area: &Area<'_>, lines: &[Line], warmup: Option<f64>) -> DrawResult {
+    const ROW: i32 = 20;
+    let key = |text: String, color: &RGBColor| {
+        Text::new(text, (38, 0), (FONT, 15).into_font().color(color).pos(Pos::new(HPos::Left, VPos::Center)))
     };
-    Some((nice_axis(x_lo, x_hi), nice_axis(y_lo, y_hi)))
-}
-
-/// True when `[lo, hi]` is too narrow (relative to its magnitude) to plot.
-fn is_degenerate(lo: f64, hi: f64) -> bool {
-    let span = hi / 2.0 - lo / 2.0;
-    let mag = lo.abs().max(hi.abs());
-    !(span.is_finite() && span > 0.0 && span > mag * 1e-9)
-}
-
-/// Picks 5–8 "nice" ticks (steps of 1, 2 or 5 × 10^k) for `[lo, hi]`.
-///
-/// Ticks are placed inside the range when possible; otherwise the range is
-/// widened to the outermost ticks. The returned axis always covers `[lo, hi]`.
-fn nice_axis(lo: f64, hi: f64) -> Axis {
-    let (lo, hi) = if !lo.is_finite() || !hi.is_finite() {
-        (0.0, 1.0)
-    } else {
-        let (lo, hi) = (lo.clamp(-VALUE_LIMIT, VALUE_LIMIT), hi.clamp(-VALUE_LIMIT, VALUE_LIMIT));
-        let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
-        if is_degenerate(lo, hi) {
-            let half = 1f64.max(lo.abs().max(hi.abs()) * 1e-6);
-            (lo - half, hi + half)
+    let (_, height) = area.dim_in_pixel();
+    let mut rows = usize::try_from((height as i32 - 24) / ROW).unwrap_or(1).max(1);
+    let mut y = 20;
+    if let Some(secs) = warmup {
+        area.draw(&Rectangle::new([(4, y - 7), (30, y + 7)], SHADE.filled()))?;
+        area.draw(&(EmptyElement::at((0, y)) + key(format!("warm-up ({} s)", tick(&secs)), &TEXT)))?;
+        (rows, y) = (rows.saturating_sub(1).max(1), y + ROW);
+    }
+    let shown = if lines.len() > rows { rows - 1 } else { lines.len() };
+    for (i, line) in lines.iter().take(shown).enumerate() {
+        let y = y + ROW * i as i32;
+        let style = line.color.stroke_width(if line.fit { 3 } else { 2 });
+        if line.fit {
+            area.draw(&DashedPathElement::new(vec![(4, y), (30, y)], 7, 4, style))?;
         } else {
-            (lo, hi)
+            area.draw(&PathElement::new(vec![(4, y), (30, y)], style))?;
         }
-    };
-    let span = hi - lo;
-    let base = span.log10().floor() as i32;
-    const EPS: f64 = 1e-9;
-
-    // (prefer inner ticks, distance from 6 ticks, prefer larger step) -> axis
-    let mut best: Option<((u8, u32, i32), Axis)> = None;
-    for exp in (base - 2)..=(base + 1) {
-        for (mi, mant) in [1.0, 2.0, 5.0].into_iter().enumerate() {
-            let step = mant * 10f64.powi(exp);
-            if !(step.is_finite() && step > 0.0) {
-                continue;
-            }
-            let (l, h) = (lo / step, hi / step);
-            let inner = ((l - EPS).ceil(), (h + EPS).floor());
-            let outer = ((l + EPS).floor(), (h - EPS).ceil());
-            for (kind, (a, b)) in [(0u8, inner), (1u8, outer)] {
-                let count = b - a + 1.0;
-                if !(5.0..=8.0).contains(&count) {
-                    continue;
-                }
-                let (a, b) = (a as i64, b as i64);
-                let ticks: Vec<f64> = (a..=b).map(|i| i as f64 * step).collect();
-                let (axis_lo, axis_hi) = (lo.min(ticks[0]), hi.max(ticks[ticks.len() - 1]));
-                let key = (kind, (count as i64 - 6).unsigned_abs() as u32, -(exp * 3 + mi as i32));
-                if best.as_ref().is_none_or(|(k, _)| key < *k) {
-                    best = Some((key, Axis { lo: axis_lo, hi: axis_hi, step, exp, ticks }));
-                }
-            }
-        }
+        area.draw(&(EmptyElement::at((0, y)) + key(shorten(&line.name, LEGEND_MAX_CHARS), &TEXT)))?;
     }
-    best.map(|(_, axis)| axis).unwrap_or_else(|| {
-        // Not reachable for sane input; fall back to the bare ends.
-        Axis { lo, hi, step: span, exp: base, ticks: vec![lo, hi] }
-    })
+    if shown < lines.len() {
+        let more = format!("… and {} more", lines.len() - shown);
+        area.draw(&(EmptyElement::at((0, y + ROW * shown as i32)) + key(more, &MUTED)))?;
+    }
+    Ok(())
 }
 
-fn draw_warmup(out: &mut String, map: &Mapping<'_>, shade_until: Option<f64>) {
-    let Some(until) = shade_until.filter(|u| u.is_finite() && *u > map.x.lo) else { return };
-    let x_end = map.px(until.min(map.x.hi));
-    let width = x_end - PLOT_LEFT;
-    if width <= 0.0 {
-        return;
-    }
-    out.push_str(&format!(
-        "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"#9e9e9e\" fill-opacity=\"0.18\"/>\n",
-        num(PLOT_LEFT),
-        num(PLOT_TOP),
-        num(width),
-        num(PLOT_BOTTOM - PLOT_TOP)
-    ));
-    out.push_str(&format!(
-        "<text x=\"{}\" y=\"{}\" font-size=\"11\" fill=\"#666666\">warm-up</text>\n",
-        num(PLOT_LEFT + 4.0),
-        num(PLOT_TOP + 14.0)
-    ));
-}
-
-fn draw_grid(out: &mut String, map: &Mapping<'_>) {
-    out.push_str("<g stroke=\"#e4e4e4\" stroke-width=\"1\">\n");
-    for &t in &map.x.ticks {
-        let x = num(map.px(t));
-        out.push_str(&format!("<line x1=\"{x}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\"/>\n", num(PLOT_TOP), num(PLOT_BOTTOM)));
-    }
-    for &v in &map.y.ticks {
-        let y = num(map.py(v));
-        out.push_str(&format!("<line x1=\"{}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\"/>\n", num(PLOT_LEFT), num(PLOT_RIGHT)));
-    }
-    out.push_str("</g>\n");
-
-    out.push_str("<g font-size=\"11\" fill=\"#444444\">\n");
-    for &t in &map.x.ticks {
-        out.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
-            num(map.px(t)),
-            num(PLOT_BOTTOM + 16.0),
-            escape(&map.x.label(t))
-        ));
-    }
-    for &v in &map.y.ticks {
-        out.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
-            num(PLOT_LEFT - 6.0),
-            num(map.py(v) + 4.0),
-            escape(&map.y.label(v))
-        ));
-    }
-    out.push_str("</g>\n");
-}
-
-fn draw_frame(out: &mut String) {
-    out.push_str(&format!(
-        "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#888888\" stroke-width=\"1\"/>\n",
-        num(PLOT_LEFT),
-        num(PLOT_TOP),
-        num(PLOT_RIGHT - PLOT_LEFT),
-        num(PLOT_BOTTOM - PLOT_TOP)
-    ));
-}
-
-fn draw_series(out: &mut String, map: &Mapping<'_>, pts: &[(f64, f64)], color: &str) {
-    if pts.is_empty() {
-        return;
-    }
-    let mut coords = String::with_capacity(pts.len() * 14);
-    for (i, &(t, v)) in pts.iter().enumerate() {
-        if i > 0 {
-            coords.push(' ');
-        }
-        coords.push_str(&num(map.px(t)));
-        coords.push(',');
-        coords.push_str(&num(map.py(v)));
-    }
-    let color = escape(color);
-    out.push_str(&format!("<polyline points=\"{coords}\" stroke=\"{color}\" stroke-width=\"1.8\"/>\n"));
-    if let [(t, v)] = pts {
-        // A single sample draws no visible line; mark it.
-        out.push_str(&format!("<circle cx=\"{}\" cy=\"{}\" r=\"3\" fill=\"{color}\"/>\n", num(map.px(*t)), num(map.py(*v))));
-    }
-}
-
-fn draw_trend_line(out: &mut String, map: &Mapping<'_>, t: &Trend<'_>, color: &str) {
-    out.push_str(&format!(
-        "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" stroke-width=\"1.5\" stroke-dasharray=\"6 4\"/>\n",
-        num(map.px(t.t0)),
-        num(map.py(t.y0)),
-        num(map.px(t.t1)),
-        num(map.py(t.y1)),
-        escape(color)
-    ));
-}
-
-fn draw_trend_label(out: &mut String, map: &Mapping<'_>, t: &Trend<'_>, color: &str) {
-    if t.label.is_empty() {
-        return;
-    }
-    let (t_end, y_end) = if t.t1 >= t.t0 { (t.t1, t.y1) } else { (t.t0, t.y0) };
-    let x = map.px(t_end).clamp(PLOT_LEFT + 4.0, PLOT_RIGHT - 4.0);
-    let y = (map.py(y_end) - 6.0).clamp(PLOT_TOP + 12.0, PLOT_BOTTOM - 4.0);
-    out.push_str(&format!(
-        "<text x=\"{}\" y=\"{}\" font-size=\"10\" text-anchor=\"end\" fill=\"{}\">{}</text>\n",
-        num(x),
-        num(y),
-        escape(color),
-        escape(&truncate(t.label, 40))
-    ));
-}
-
-fn draw_legend(out: &mut String, chart: &Chart<'_>, series: &[Vec<(f64, f64)>], trends: &[&Trend<'_>]) {
-    // (text, colour, dashed)
-    let mut rows: Vec<(String, &str, bool)> = Vec::new();
-    for (i, (s, pts)) in chart.series.iter().zip(series).enumerate() {
-        let name = if pts.is_empty() { format!("{} (no samples)", s.name) } else { s.name.to_string() };
-        rows.push((name, color_or_default(s.color, i), false));
-    }
-    for (i, t) in trends.iter().enumerate() {
-        rows.push((t.label.to_string(), color_or_default(t.color, chart.series.len() + i), true));
-    }
-    if rows.is_empty() {
-        return;
-    }
-    let max_rows = (((PLOT_BOTTOM - PLOT_TOP - 10.0) / LEGEND_ROW).floor() as usize).max(1);
-    if rows.len() > max_rows {
-        let hidden = rows.len() - (max_rows - 1);
-        rows.truncate(max_rows - 1);
-        rows.push((format!("+{hidden} more"), "#888888", false));
-    }
-    let height = 10.0 + rows.len() as f64 * LEGEND_ROW;
-    out.push_str(&format!(
-        "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"#ffffff\" stroke=\"#cccccc\" rx=\"3\"/>\n",
-        num(LEGEND_LEFT),
-        num(PLOT_TOP),
-        num(LEGEND_WIDTH),
-        num(height)
-    ));
-    out.push_str("<g font-size=\"11\" fill=\"#222222\">\n");
-    for (i, (text, color, dashed)) in rows.iter().enumerate() {
-        let y = PLOT_TOP + 5.0 + LEGEND_ROW * (i as f64 + 0.5);
-        let dash = if *dashed { " stroke-dasharray=\"4 3\"" } else { "" };
-        out.push_str(&format!(
-            "<line x1=\"{}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"{}\" stroke-width=\"2\"{dash}/>\n",
-            num(LEGEND_LEFT + 8.0),
-            num(LEGEND_LEFT + 30.0),
-            escape(color),
-            y = num(y)
-        ));
-        out.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\">{}</text>\n",
-            num(LEGEND_LEFT + 36.0),
-            num(y + 4.0),
-            escape(&truncate(text, LEGEND_MAX_CHARS))
-        ));
-    }
-    out.push_str("</g>\n");
-}
-
-fn color_or_default(color: &str, index: usize) -> &str {
-    if color.trim().is_empty() {
-        PALETTE[index % PALETTE.len()]
+/// A tick label: at most three decimals, no trailing zeros, never "-0".
+fn tick(v: &f64) -> String {
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
     } else {
-        color
+        s.into()
     }
 }
 
-/// Shortens `s` to at most `max` characters, ending with "…" when cut.
-fn truncate(s: &str, max: usize) -> String {
+/// A chart that says why the real one could not be drawn.
+fn error_chart(title: &str, error: &str) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, BODY_HEIGHT)).into_drawing_area();
+        // Best effort: the backend closes the document when dropped, whatever fails.
+        let _ = root.fill(&WHITE);
+        let _ = root.draw(&Text::new(title, (16, 12), (FONT, 22).into_font().color(&TEXT)));
+        let _ = root.draw(&Text::new(format!("chart not drawn: {}", clean(error)), (16, 48), (FONT, 16).into_font().color(&MUTED)));
+        let _ = root.present();
+    }
+    svg
+}
+
+/// Text without control characters (XML 1.0 cannot carry most of them).
+fn clean(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).collect()
+}
+
+fn shorten(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_string()
     } else {
-        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
-        t.push('…');
-        t
+        s.chars().take(max - 1).chain(std::iter::once('…')).collect()
     }
-}
-
-/// Formats a pixel coordinate with one decimal; never emits NaN or inf.
-fn num(v: f64) -> String {
-    let v = clamp_pixel(v);
-    let s = format!("{v:.1}");
-    let s = s.strip_suffix(".0").map_or(s.clone(), str::to_string);
-    if s == "-0" {
-        "0".to_string()
-    } else {
-        s
-    }
-}
-
-/// XML-escapes text for element content and attribute values, dropping
-/// characters that are not allowed in XML 1.0 at all.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            '\t' | '\n' | '\r' => out.push(' '),
-            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => {}
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memwatch::{MemReport, MemWatchConfig, MemWatchCore};
 
-    /// Minimal XML well-formedness check: balanced tags, quoted attributes,
-    /// a single root, and only known entities.
-    fn check_well_formed(doc: &str) -> Result<(), String> {
-        let bytes = doc.as_bytes();
-        let mut stack: Vec<String> = Vec::new();
-        let mut roots = 0;
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'<' => {
-                    let rest = &doc[i..];
-                    if rest.starts_with("<!--") {
-                        let end = rest.find("-->").ok_or("unterminated comment")?;
-                        i += end + 3;
-                        continue;
-                    }
-                    // Find the closing '>' outside quotes.
-                    let mut j = i + 1;
-                    let mut quote: Option<u8> = None;
-                    loop {
-                        let c = *bytes.get(j).ok_or_else(|| format!("unterminated tag at {i}"))?;
-                        match (quote, c) {
-                            (None, b'"' | b'\'') => quote = Some(c),
-                            (Some(q), c) if c == q => quote = None,
-                            (Some(_), b'<') => return Err(format!("raw '<' in attribute at {j}")),
-                            (None, b'<') => return Err(format!("'<' inside tag at {j}")),
-                            (None, b'>') => break,
-                            _ => {}
-                        }
-                        j += 1;
-                    }
-                    let inner = &doc[i + 1..j];
-                    check_entities(inner)?;
-                    if let Some(name) = inner.strip_prefix('/') {
-                        let name = name.trim();
-                        let open = stack.pop().ok_or_else(|| format!("unexpected </{name}>"))?;
-                        if open != name {
-                            return Err(format!("</{name}> closes <{open}>"));
-                        }
-                    } else {
-                        let self_closing = inner.ends_with('/');
-                        let name: String = inner.chars().take_while(|c| !c.is_whitespace() && *c != '/').collect();
-                        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ':') {
-                            return Err(format!("bad tag name {name:?}"));
-                        }
-                        if stack.is_empty() {
-                            roots += 1;
-                        }
-                        if !self_closing {
-                            stack.push(name);
-                        }
-                    }
-                    i = j + 1;
-                }
-                b'>' => return Err(format!("raw '>' in text at {i}")),
-                _ => {
-                    let end = doc[i..].find(['<', '>']).map_or(doc.len(), |e| i + e);
-                    let text = &doc[i..end];
-                    if stack.is_empty() && !text.trim().is_empty() {
-                        return Err(format!("text outside root: {text:?}"));
-                    }
-                    check_entities(text)?;
-                    i = end;
-                }
-            }
+    /// A report from MemWatch itself, fed one sample a second: RSS at
+    /// `base` MiB growing by `leak_mib_per_min`, a wobbling heap (`None`
+    /// where `heap` says so).
+    fn report(secs: u32, base: f64, leak_mib_per_min: f64, heap: fn(u32) -> Option<u64>) -> MemReport {
+        let mut cfg = MemWatchConfig::default();
+        cfg.trend.warmup_secs = 20.0;
+        cfg.trend.window_secs = 60.0;
+        let mut core = MemWatchCore::new(cfg);
+        for i in 0..secs {
+            let t = f64::from(i);
+            let wobble = ((t * 0.7).sin() * 0.4 + if i < 20 { -30.0 + 1.5 * t } else { 0.0 }) * MIB;
+            let rss = (base * MIB + leak_mib_per_min / 60.0 * MIB * t + wobble) as u64;
+            core.observe(Sample {
+                t_secs: t,
+                vm_rss: rss,
+                rss_anon: rss / 3,
+                rss_file: rss / 3,
+                rss_shmem: rss / 3,
+                maps: 200,
+                heap: heap(i),
+            });
         }
-        if !stack.is_empty() {
-            return Err(format!("unclosed tags: {stack:?}"));
-        }
-        if roots != 1 {
-            return Err(format!("{roots} root elements"));
-        }
-        Ok(())
+        core.report()
     }
 
-    fn check_entities(s: &str) -> Result<(), String> {
-        for (pos, _) in s.match_indices('&') {
-            let rest = &s[pos..];
-            let ok = ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;", "&#"].iter().any(|e| rest.starts_with(e));
-            if !ok {
-                return Err(format!("bad entity near {:?}", &rest[..rest.len().min(10)]));
-            }
-        }
-        Ok(())
+    fn steady_heap(i: u32) -> Option<u64> {
+        Some((12 << 20) + u64::from(i % 7) * (64 << 10))
     }
 
-    fn assert_valid(svg: &str) {
-        let trimmed = svg.trim();
-        assert!(trimmed.starts_with("<svg"), "starts with: {:?}", &trimmed[..trimmed.len().min(40)]);
-        assert!(trimmed.ends_with("</svg>"));
-        if let Err(e) = check_well_formed(svg) {
-            panic!("not well-formed: {e}\n{svg}");
-        }
-        for bad in ["NaN", "inf"] {
-            assert!(!svg.contains(bad), "output contains {bad}");
-        }
+    fn parse(svg: &str) -> roxmltree::Document<'_> {
+        let doc = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not well-formed: {e}\n{svg}"));
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "non-finite value in the output");
+        doc
     }
 
-    /// The `points` attribute of every polyline, parsed.
-    fn polylines(svg: &str) -> Vec<Vec<(f64, f64)>> {
-        svg.match_indices("<polyline points=\"")
-            .map(|(pos, m)| {
-                let rest = &svg[pos + m.len()..];
-                let attr = &rest[..rest.find('"').expect("closing quote")];
-                attr.split_whitespace()
-                    .map(|p| {
-                        let (x, y) = p.split_once(',').expect("x,y");
-                        (x.parse().expect("x"), y.parse().expect("y"))
-                    })
-                    .collect()
-            })
-            .collect()
+    fn texts<'a>(doc: &'a roxmltree::Document<'_>) -> Vec<&'a str> {
+        doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).map(str::trim).collect()
     }
 
-    fn series<'a>(name: &'a str, color: &'a str, points: Vec<(f64, f64)>) -> Series<'a> {
-        Series { name, color, points }
-    }
-
-    fn chart<'a>(series: Vec<Series<'a>>, trends: Vec<Trend<'a>>) -> Chart<'a> {
-        Chart { title: "RSS over time", subtitle: "decode agent, 60 s", series, trends, shade_until: None }
-    }
-
-    fn ramp(n: usize, slope: f64) -> Vec<(f64, f64)> {
-        (0..n).map(|i| (i as f64 * 0.5, 100.0 + slope * i as f64)).collect()
+    /// Lines (series, dashes and legend samples are each a polyline) in `colour`.
+    fn polylines(doc: &roxmltree::Document<'_>, colour: RGBColor) -> usize {
+        let hex = format!("#{:02X}{:02X}{:02X}", colour.0, colour.1, colour.2);
+        doc.descendants().filter(|n| n.has_tag_name("polyline") && n.attribute("stroke") == Some(hex.as_str())).count()
     }
 
     #[test]
-    fn checker_rejects_malformed_documents() {
-        assert!(check_well_formed("<svg><g></svg>").is_err());
-        assert!(check_well_formed("<svg><g></g>").is_err());
-        assert!(check_well_formed("<svg></svg><svg></svg>").is_err());
-        assert!(check_well_formed("<svg><text>a < b</text></svg>").is_err());
-        assert!(check_well_formed("<svg><text>a & b</text></svg>").is_err());
-        assert!(check_well_formed("<svg a=\"x>y\"></svg>").is_ok());
-        assert!(check_well_formed("<svg><rect x=\"1\"/><text>a &amp; b</text></svg>").is_ok());
-    }
-
-    #[test]
-    fn renders_complete_document_with_one_polyline_per_nonempty_series() {
-        let mut c = chart(
-            vec![series("prefill", "#1f77b4", ramp(50, 0.2)), series("decode", "", ramp(80, -0.1)), series("idle", "green", vec![])],
-            vec![Trend { label: "fit +0.4 MiB/s", color: "#000", t0: 0.0, y0: 100.0, t1: 40.0, y1: 116.0 }],
+    fn one_agent_shows_rss_anon_heap_the_fit_and_the_verdict() {
+        let r = report(150, 300.0, 5.0, steady_heap);
+        let svg = memory_chart("kvrail soak — decode agent memory", &[("decode", &r)]);
+        let doc = parse(&svg);
+        let texts = texts(&doc);
+        for want in ["kvrail soak — decode agent memory", "RSS", "RssAnon", "heap", "RSS fit", "warm-up (20 s)", "time (s)", "MiB"] {
+            assert!(texts.contains(&want), "no text {want:?} in {texts:?}");
+        }
+        let a = &r.assessment;
+        let subtitle = format!(
+            "verdict leak — RSS slope {:.3} MiB/min over {:.0} s (threshold 1.00), heap slope {:.3} MiB/min",
+            a.rss_slope_mib_per_min,
+            a.window_secs,
+            a.heap_slope_mib_per_min.expect("heap slope")
         );
-        c.shade_until = Some(5.0);
-        let svg = render(&c);
-        assert_valid(&svg);
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert!(svg.contains("width=\"900\"") && svg.contains("height=\"420\""));
-        assert!(svg.contains("time (s)") && svg.contains(">MiB<"));
-        assert!(svg.contains("RSS over time") && svg.contains("decode agent, 60 s"));
-        assert!(svg.contains("stroke-dasharray"), "trend is dashed");
-        assert!(svg.contains("warm-up"));
-        assert!(svg.contains("fit +0.4 MiB/s") && svg.contains("idle (no samples)"));
-        assert!(svg.contains("stroke=\"#1f77b4\""));
-        assert!(!svg.contains(">no samples<"), "chart has samples, so no centre note");
-        // All polyline points lie inside the plot area.
-        for line in polylines(&svg) {
-            for (x, y) in line {
-                assert!((PLOT_LEFT - 0.1..=PLOT_RIGHT + 0.1).contains(&x), "x {x}");
-                assert!((PLOT_TOP - 0.1..=PLOT_BOTTOM + 0.1).contains(&y), "y {y}");
-            }
+        assert!(texts.contains(&subtitle.as_str()), "no subtitle {subtitle:?} in {texts:?}");
+        // Each series is one line plus its legend sample; the fit is dashed.
+        for colour in [TAB_BLUE, TAB_ORANGE, TAB_GREEN] {
+            assert_eq!(polylines(&doc, colour), 2, "{colour:?}");
         }
+        assert!(polylines(&doc, TAB_RED) > 3, "the fit is drawn in dashes");
+        assert!(svg.trim_start().starts_with("<svg"));
     }
 
     #[test]
-    fn escapes_all_text() {
-        let mut c = chart(vec![series("a<b>&\"c\"", "red\"/><script>", ramp(3, 1.0))], vec![]);
-        c.title = "leak <&> check";
-        c.subtitle = "it's \"fine\" \u{0}\u{7}";
-        let svg = render(&c);
-        assert_valid(&svg);
-        assert!(svg.contains("leak &lt;&amp;&gt; check"));
-        assert!(!svg.contains("<&>"));
-        assert!(!svg.contains("<script"));
-        assert!(svg.contains("a&lt;b&gt;&amp;&quot;c&quot;"));
-        assert!(!svg.contains('\u{0}') && !svg.contains('\u{7}'));
+    fn the_fit_line_is_memwatchs_own() {
+        let r = report(150, 300.0, 5.0, steady_heap);
+        let a = &r.assessment;
+        let [(t0, y0), (t1, y1)] = fit_line(&r).expect("a fit over the window");
+        assert_eq!(t1, r.latest.as_ref().unwrap().t_secs);
+        assert!((t1 - t0 - a.window_secs).abs() < 1e-9);
+        let slope = (y1 - y0) / (t1 - t0) * 60.0;
+        assert!((slope - a.rss_slope_mib_per_min).abs() < 1e-9, "{slope} vs {a:?}");
+        // It follows the assessment, not the samples: move the intercept and the line moves.
+        let mut moved = r.clone();
+        moved.assessment.rss_intercept_bytes = a.rss_intercept_bytes.map(|b| b + 10.0 * MIB);
+        let [(_, m0), _] = fit_line(&moved).unwrap();
+        assert!((m0 - y0 - 10.0).abs() < 1e-9);
+        // No intercept (an older agent's report), or too few samples: no line.
+        moved.assessment.rss_intercept_bytes = None;
+        assert_eq!(fit_line(&moved), None);
+        assert!(!texts(&parse(&memory_chart("t", &[("a", &moved)]))).contains(&"RSS fit"));
+        let early = report(21, 300.0, 0.0, steady_heap);
+        assert_eq!(early.assessment.samples_in_window, 1);
+        assert_eq!(fit_line(&early), None);
     }
 
-    fn assert_nice(lo: f64, hi: f64) {
-        let axis = nice_axis(lo, hi);
-        let ctx = format!("[{lo}, {hi}] -> {axis:?}");
-        let n = axis.ticks.len();
-        assert!((5..=8).contains(&n), "tick count {ctx}");
-        assert!(axis.lo <= lo && axis.hi >= hi, "axis covers data {ctx}");
-        let mant = axis.step / 10f64.powi(axis.exp);
-        assert!([1.0, 2.0, 5.0].iter().any(|m| (mant - m).abs() < 1e-9), "nice step {ctx}");
-        let tol = axis.step * 1e-6;
-        for (i, &t) in axis.ticks.iter().enumerate() {
-            assert!(t >= axis.lo - tol && t <= axis.hi + tol, "tick inside axis {ctx}");
-            let k = t / axis.step;
-            assert!((k - k.round()).abs() < 1e-6, "tick is a multiple of the step {ctx}");
-            if i > 0 {
-                assert!((t - axis.ticks[i - 1] - axis.step).abs() < tol, "even spacing {ctx}");
-            }
+    #[test]
+    fn several_agents_each_get_their_rss_and_fit_in_their_colour() {
+        let reports = [report(120, 300.0, 0.0, steady_heap), report(120, 500.0, 4.0, steady_heap), report(90, 200.0, 0.0, steady_heap)];
+        let labels = ["decode-0", "prefill-0", "prefill-1"];
+        let agents: Vec<(&str, &MemReport)> = labels.iter().copied().zip(&reports).collect();
+        let svg = memory_chart("cluster soak", &agents);
+        let doc = parse(&svg);
+        let texts = texts(&doc);
+        for (i, label) in labels.iter().enumerate() {
+            assert!(texts.contains(&format!("{label} RSS").as_str()), "{texts:?}");
+            assert!(texts.contains(&format!("{label} RSS fit").as_str()), "{texts:?}");
+            assert!(texts.iter().any(|t| t.starts_with(&format!("{label}: verdict "))), "{texts:?}");
+            assert_eq!(polylines(&doc, PALETTE[i]), 2, "{label}: its RSS line and legend sample");
+            assert!(polylines(&doc, darker(PALETTE[i])) > 3, "{label}: its fit, dashed");
         }
-        // The ticks span the axis: no gap of a whole step at either end.
-        assert!(axis.ticks[0] - axis.lo < axis.step + tol, "low end covered {ctx}");
-        assert!(axis.hi - axis.ticks[n - 1] < axis.step + tol, "high end covered {ctx}");
+        assert!(!texts.contains(&"RssAnon") && !texts.contains(&"heap"));
     }
 
     #[test]
-    fn nice_ticks_cover_the_range() {
-        let axis = nice_axis(0.0, 100.0);
-        assert_eq!(axis.ticks, vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
-        assert_eq!(axis.label(40.0), "40");
-        let axis = nice_axis(0.0, 1.0);
-        assert_eq!(axis.label(axis.ticks[1]), "0.2");
+    fn many_agents_keep_subtitle_and_legend_bounded() {
+        let r = report(60, 300.0, 0.0, steady_heap);
+        let labels: Vec<String> = (0..40).map(|i| format!("agent-{i}")).collect();
+        let agents: Vec<(&str, &MemReport)> = labels.iter().map(|l| (l.as_str(), &r)).collect();
+        let svg = memory_chart("many", &agents);
+        let doc = parse(&svg);
+        let texts = texts(&doc);
+        assert_eq!(texts.iter().filter(|t| t.contains(": verdict ")).count(), MAX_SUBTITLE_LINES - 1);
+        assert!(texts.contains(&"… and 35 more agents (see the report)"), "{texts:?}");
+        assert!(texts.iter().any(|t| t.starts_with("… and ") && t.ends_with(" more")), "legend says what it left out");
+    }
 
-        let fixed = [
-            (0.0, 1.0),
-            (0.0, 15.0),
-            (0.1, 24.6),
-            (-0.1, 20.1),
-            (0.0, 0.3),
-            (-5.0, 5.0),
-            (1e6, 1e6 + 3.0),
-            (1234.5, 1290.25),
-            (-1e300, 1e300),
-            (1e-7, 3e-7),
-            (99.0, 101.0),
-        ];
-        for (lo, hi) in fixed {
-            assert_nice(lo, hi);
+    #[test]
+    fn empty_reports_still_give_a_chart() {
+        let empty = MemWatchCore::new(MemWatchConfig::default()).report();
+        for agents in [vec![("decode", &empty)], vec![]] {
+            let svg = memory_chart("nothing yet", &agents);
+            let doc = parse(&svg);
+            let texts = texts(&doc);
+            assert!(texts.contains(&"no samples"), "{texts:?}");
+            assert!(texts.contains(&"nothing yet"));
+            assert!(!texts.iter().any(|t| t.starts_with("warm-up")), "nothing to shade: {texts:?}");
         }
-        // Pseudo-random sweep over magnitudes and alignments.
-        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
-        for _ in 0..20_000 {
-            let scale = 10f64.powf(next() * 12.0 - 4.0);
-            let lo = (next() - 0.3) * scale * 3.0;
-            let span = scale * (0.01 + next() * 10.0);
-            assert_nice(lo, lo + span);
-            // Also spans that are exact multiples of nice numbers.
-            let aligned = (next() * 40.0).floor() + 1.0;
-            assert_nice(0.0, aligned * scale);
-        }
+        let texts_one = texts(&parse(&memory_chart("nothing yet", &[("decode", &empty)]))).join("|");
+        assert!(texts_one.contains("RSS (no samples)") && texts_one.contains("verdict warming_up"), "{texts_one}");
     }
 
     #[test]
-    fn flat_series_gets_a_nonzero_range() {
-        let svg = render(&chart(vec![series("flat", "blue", (0..20).map(|i| (i as f64, 512.0)).collect())], vec![]));
-        assert_valid(&svg);
-        assert_eq!(svg.matches("<polyline").count(), 1);
-        let ys: Vec<f64> = polylines(&svg)[0].iter().map(|p| p.1).collect();
-        assert!(ys.iter().all(|&y| (y - ys[0]).abs() < 1e-9));
-        assert!(ys[0] > PLOT_TOP && ys[0] < PLOT_BOTTOM, "flat line drawn mid-plot");
-        assert!(svg.contains(">512<") || svg.contains(">512.0<"), "a tick at the value");
+    fn missing_heap_and_non_finite_times_are_handled() {
+        // No heap figure at all.
+        let r = report(90, 300.0, 0.0, |_| None);
+        assert_eq!(r.assessment.heap_slope_mib_per_min, None);
+        let svg = memory_chart("no heap", &[("decode", &r)]);
+        let doc = parse(&svg);
+        let texts = texts(&doc);
+        assert!(texts.contains(&"heap (no samples)"), "{texts:?}");
+        assert!(texts.iter().any(|t| t.ends_with("heap slope n/a")), "{texts:?}");
 
-        // A single point at t = 0 (flat in both axes).
-        let svg = render(&chart(vec![series("one", "", vec![(0.0, 0.0)])], vec![]));
-        assert_valid(&svg);
-        assert_eq!(svg.matches("<polyline").count(), 1);
-        assert!(svg.contains("<circle"));
+        // A heap with gaps: the line breaks there instead of bridging them.
+        let r = report(90, 300.0, 0.0, |i| if (30..40).contains(&i) || i == 60 { None } else { steady_heap(i) });
+        let heap = Plan::new("t", &[("decode", &r)]).lines.into_iter().find(|l| l.name == "heap").expect("heap line");
+        assert_eq!(heap.runs.len(), 3, "{:?}", heap.runs.iter().map(Vec::len).collect::<Vec<_>>());
+
+        // Samples at a NaN or infinite time are dropped, never written.
+        let mut r = report(90, 300.0, 0.0, steady_heap);
+        r.samples[10].t_secs = f64::NAN;
+        r.samples[11].t_secs = f64::INFINITY;
+        r.samples.iter_mut().for_each(|s| s.heap = None);
+        r.assessment.rss_slope_mib_per_min = f64::NAN;
+        let svg = memory_chart("odd", &[("decode", &r)]);
+        parse(&svg);
+        let rss = Plan::new("t", &[("decode", &r)]).lines.into_iter().find(|l| l.name == "RSS").expect("RSS line");
+        assert_eq!(rss.points().count(), r.samples.len() - 2);
     }
 
     #[test]
-    fn non_finite_points_are_dropped() {
-        let pts = vec![
-            (0.0, 10.0),
-            (f64::NAN, 11.0),
-            (1.0, f64::NAN),
-            (2.0, f64::INFINITY),
-            (f64::NEG_INFINITY, 3.0),
-            (3.0, 12.0),
-            (4.0, f64::NEG_INFINITY),
-            (5.0, 13.0),
-        ];
-        let trends = vec![
-            Trend { label: "bad", color: "", t0: f64::NAN, y0: 0.0, t1: 1.0, y1: 1.0 },
-            Trend { label: "good", color: "", t0: 0.0, y0: 10.0, t1: 5.0, y1: 13.0 },
-        ];
-        let svg = render(&chart(vec![series("s", "red", pts)], trends));
-        assert_valid(&svg);
-        let lines = polylines(&svg);
-        assert_eq!(lines.len(), 1);
-        assert_eq!(lines[0].len(), 3);
-        assert!(svg.contains("good") && !svg.contains(">bad<"));
-        assert_eq!(svg.matches("stroke-dasharray=\"6 4\"").count(), 1);
-
-        // Extreme but finite values must not overflow into inf/NaN either.
-        let svg = render(&chart(vec![series("huge", "", vec![(0.0, f64::MAX), (1.0, -f64::MAX), (f64::MAX, 0.0)])], vec![]));
-        assert_valid(&svg);
-        assert_eq!(polylines(&svg).len(), 1);
+    fn ranges_start_at_zero_pad_and_never_collapse() {
+        let line = |pts: Vec<(f64, f64)>| Line { name: "l".into(), color: TAB_BLUE, fit: false, runs: vec![pts] };
+        let (x, y) = ranges(&[line(vec![(5.0, 100.0), (60.0, 200.0)])]);
+        assert_eq!(x, (0.0, 60.0));
+        assert!((y.0 - 95.0).abs() < 1e-9 && (y.1 - 205.0).abs() < 1e-9, "{y:?}");
+        let (x, _) = ranges(&[line(vec![(1.7e9, 1.0), (1.7e9 + 60.0, 2.0)])]);
+        assert_eq!(x, (1.7e9, 1.7e9 + 60.0));
+        let (x, y) = ranges(&[line(vec![(3.0, 512.0)])]);
+        assert_eq!((x, y), ((3.0, 4.0), (511.0, 513.0)));
+        assert_eq!(ranges(&[]), ((0.0, 1.0), (0.0, 1.0)));
+        let ticks: Vec<String> = [300.0, 20.0, 0.25, 1.5e-4, -1e-4, -2.5].iter().map(tick).collect();
+        assert_eq!(ticks, ["300", "20", "0.25", "0", "0", "-2.5"]);
     }
 
     #[test]
-    fn empty_charts_still_render() {
-        let svg = render(&chart(vec![], vec![]));
-        assert_valid(&svg);
-        assert!(svg.contains("no samples"));
-        assert_eq!(svg.matches("<polyline").count(), 0);
-
-        let mut c = chart(vec![series("a", "", vec![]), series("b", "", vec![(f64::NAN, f64::NAN)])], vec![]);
-        c.title = "";
-        c.subtitle = "";
-        c.shade_until = Some(f64::NAN);
-        let svg = render(&c);
-        assert_valid(&svg);
-        assert!(svg.contains("no samples"));
-        assert_eq!(svg.matches("<polyline").count(), 0);
-
-        // Trends alone: axes from the trend, no samples note, no panic.
-        let svg = render(&chart(vec![], vec![Trend { label: "t", color: "", t0: 0.0, y0: 1.0, t1: 10.0, y1: 1.0 }]));
-        assert_valid(&svg);
-        assert!(svg.contains("no samples"));
-    }
-
-    #[test]
-    fn downsampling_bounds_points_and_keeps_extremes() {
-        let n = 100_000;
-        let mut pts: Vec<(f64, f64)> = (0..n).map(|i| (i as f64, 200.0 + (i as f64 * 0.01).sin())).collect();
-        pts[31_337].1 = 5_000.0; // a one-sample spike
-        pts[77_777].1 = -50.0; // and a dip
-        let out = downsample(&pts, MAX_POLYLINE_POINTS);
-        assert!(out.len() <= MAX_POLYLINE_POINTS && out.len() > MAX_POLYLINE_POINTS / 2, "len {}", out.len());
-        assert_eq!(out[0], pts[0]);
-        assert_eq!(out[out.len() - 1], pts[n - 1]);
-        assert!(out.contains(&pts[31_337]) && out.contains(&pts[77_777]));
-        assert!(out.windows(2).all(|w| w[0].0 < w[1].0), "order preserved");
-        assert_eq!(downsample(&pts[..10], MAX_POLYLINE_POINTS), pts[..10].to_vec());
-        for len in [2001, 2002, 2003, 4001, 5000] {
-            assert!(downsample(&pts[..len], MAX_POLYLINE_POINTS).len() <= MAX_POLYLINE_POINTS);
-        }
-
-        // Through render: the spike is the topmost polyline point.
-        let svg = render(&chart(vec![series("long", "", pts)], vec![]));
-        assert_valid(&svg);
-        let lines = polylines(&svg);
-        assert!(lines[0].len() <= MAX_POLYLINE_POINTS);
-        let top = lines[0].iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-        assert!(top < PLOT_TOP + 0.1 * (PLOT_BOTTOM - PLOT_TOP), "spike reaches the top: {top}");
-    }
-
-    #[test]
-    fn unsorted_points_and_long_legends() {
-        let many: Vec<Series<'_>> =
-            (0..30).map(|i| series("a very long series name that will be truncated", "", ramp(5 + i, 1.0))).collect();
-        let mut c = chart(many, vec![]);
-        c.series[0].points = vec![(3.0, 1.0), (1.0, 2.0), (2.0, 3.0)];
-        let svg = render(&c);
-        assert_valid(&svg);
-        assert_eq!(svg.matches("<polyline").count(), 30);
-        assert!(svg.contains("more</text>"));
-        assert!(svg.contains('…'));
-        let first = &polylines(&svg)[0];
-        assert!(first.windows(2).all(|w| w[0].0 <= w[1].0), "sorted by time");
-    }
-
-    #[test]
-    fn x_axis_starts_at_zero_or_first_sample() {
-        let (x, _) = axes(&[vec![(5.0, 1.0), (60.0, 2.0)]], &[]).expect("axes");
-        assert_eq!(x.lo, 0.0);
-        assert!(x.hi >= 60.0);
-        let (x, _) = axes(&[vec![(1.7e9, 1.0), (1.7e9 + 60.0, 2.0)]], &[]).expect("axes");
-        assert!(x.lo >= 1.7e9 - 20.0 && x.lo <= 1.7e9, "{x:?}");
-        let (_, y) = axes(&[vec![(0.0, 100.0), (1.0, 200.0)]], &[]).expect("axes");
-        assert!((y.lo - 95.0).abs() < 1e-9 && (y.hi - 205.0).abs() < 1e-9, "5% padding: {y:?}");
+    fn text_is_escaped_and_stripped_of_control_characters() {
+        let r = report(60, 300.0, 0.0, steady_heap);
+        let svg = memory_chart("leak <&> \"check\"\u{7}", &[("a<b>&c\u{0}", &r), ("d'e", &r)]);
+        let doc = parse(&svg);
+        let texts = texts(&doc);
+        assert!(texts.contains(&"leak <&> \"check\""), "{texts:?}");
+        assert!(texts.contains(&"a<b>&c RSS"), "{texts:?}");
+        assert!(texts.contains(&"d'e RSS fit"), "{texts:?}");
+        assert_eq!(shorten("abcdef", 4), "abc…");
+        assert!(parse(&error_chart("t <x>", "bad & worse")).root_element().has_children());
     }
 }

@@ -17,12 +17,12 @@ use kvrail_proto::v1 as pb;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use super::chart;
 use super::children::{control_at, AgentProcess, Launch};
 use super::crew::{AgentName, AtAgent, Crew, Failure, Probe};
 use super::progress::Progress;
 use super::workload::{Control, Outcome, Workload};
 use crate::cli::{Side, SoakArgs};
-use crate::drive::chart::{self, Chart, Series, Trend};
 use crate::memwatch::MemReport;
 
 /// How often the soak keeps a copy of both agents' Stats (their MemWatch
@@ -327,7 +327,7 @@ fn report(a: &SoakArgs, m: &Measured, failure: Option<Failure>, decode: Option<A
 fn agent_result(role: &str, a: &SoakArgs, s: &pb::StatsResponse, stats_age_secs: f64) -> anyhow::Result<AgentResult> {
     let mem = s.memory.clone().unwrap_or_default();
     let report: MemReport = serde_json::from_str(&mem.report_json).context("agent sent no MemWatch report")?;
-    let svg = render_chart(role, &report);
+    let svg = chart::memory_chart(&format!("kvrail soak — {role} agent memory"), &[(role, &report)]);
     let chart_path = a.report.join(format!("{role}.svg"));
     std::fs::write(&chart_path, svg).with_context(|| format!("writing {}", chart_path.display()))?;
     let asm = &report.assessment;
@@ -350,49 +350,6 @@ fn agent_result(role: &str, a: &SoakArgs, s: &pb::StatsResponse, stats_age_secs:
         chart: chart_path.display().to_string(),
         stats_age_secs,
         memwatch: report,
-    })
-}
-
-const MIB: f64 = (1u64 << 20) as f64;
-
-fn render_chart(role: &str, r: &MemReport) -> String {
-    let pts = |f: &dyn Fn(&crate::memwatch::sample::Sample) -> Option<u64>| -> Vec<(f64, f64)> {
-        r.samples.iter().filter_map(|s| f(s).map(|v| (s.t_secs, v as f64 / MIB))).collect()
-    };
-    let rss = pts(&|s| Some(s.vm_rss));
-    let a = &r.assessment;
-    let mut trends = Vec::new();
-    // The fitted RSS slope over the last window, anchored at the mean.
-    if let (Some(last), true) = (rss.last(), a.samples_in_window > 1) {
-        let t1 = last.0;
-        let t0 = (t1 - a.window_secs).max(0.0);
-        let inwin: Vec<&(f64, f64)> = rss.iter().filter(|p| p.0 >= t0).collect();
-        if !inwin.is_empty() {
-            let (mt, my) = inwin.iter().fold((0.0, 0.0), |acc, p| (acc.0 + p.0, acc.1 + p.1));
-            let (mt, my) = (mt / inwin.len() as f64, my / inwin.len() as f64);
-            let k = a.rss_slope_mib_per_min / 60.0;
-            trends.push(Trend { label: "RSS fit", color: "#d62728", t0, y0: my + k * (t0 - mt), t1, y1: my + k * (t1 - mt) });
-        }
-    }
-    let subtitle = format!(
-        "verdict {} — RSS slope {:.3} MiB/min over {:.0} s (threshold {:.2}), heap slope {}",
-        a.verdict.as_str(),
-        a.rss_slope_mib_per_min,
-        a.window_secs,
-        a.threshold_mib_per_min,
-        a.heap_slope_mib_per_min.map_or("n/a".into(), |h| format!("{h:.3} MiB/min"))
-    );
-    let title = format!("kvrail soak — {role} agent memory");
-    chart::render(&Chart {
-        title: &title,
-        subtitle: &subtitle,
-        series: vec![
-            Series { name: "RSS", color: "#1f77b4", points: rss },
-            Series { name: "RssAnon", color: "#ff7f0e", points: pts(&|s| Some(s.rss_anon)) },
-            Series { name: "heap", color: "#2ca02c", points: pts(&|s| s.heap) },
-        ],
-        trends,
-        shade_until: Some(r.config.trend.warmup_secs),
     })
 }
 

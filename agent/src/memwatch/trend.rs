@@ -108,6 +108,11 @@ pub struct Assessment {
     pub window_secs: f64,
     /// Number of samples in the window.
     pub samples_in_window: usize,
+    /// Intercept (bytes at `t_secs` = 0) of the least-squares RSS line whose
+    /// slope is `rss_slope_mib_per_min`, when the window holds a fit; with
+    /// the slope it draws the fitted line in charts.
+    #[serde(default)]
+    pub rss_intercept_bytes: Option<f64>,
     /// The threshold the verdict was judged against.
     pub threshold_mib_per_min: f64,
 }
@@ -127,6 +132,7 @@ impl Assessment {
             maps_slope_per_min: 0.0,
             window_secs: 0.0,
             samples_in_window: 0,
+            rss_intercept_bytes: None,
             threshold_mib_per_min: cfg.threshold_mib_per_min,
         }
     }
@@ -143,6 +149,8 @@ pub struct Fit {
     pub slope: f64,
     /// Standard error of the slope (0 with two points or a perfect fit).
     pub stderr: f64,
+    /// Value of the line at x = 0.
+    pub intercept: f64,
 }
 
 impl Fit {
@@ -191,7 +199,7 @@ where
     } else {
         0.0
     };
-    Some(Fit { slope, stderr })
+    Some(Fit { slope, stderr, intercept: my - slope * mx })
 }
 
 /// Least-squares slope (y per unit of x), see [`fit`].
@@ -223,7 +231,9 @@ pub fn assess(samples: &[Sample], cfg: &TrendConfig) -> Assessment {
     a.samples_in_window = window.len();
     a.window_secs = last.t_secs - first.t_secs;
 
-    a.rss_slope_mib_per_min = field_slope(window, |s| s.vm_rss);
+    let rss = fit(window.iter().map(|s| (s.t_secs, s.vm_rss as f64)));
+    a.rss_slope_mib_per_min = rss.map_or(0.0, |f| f.slope * BYTES_PER_SEC_TO_MIB_PER_MIN);
+    a.rss_intercept_bytes = rss.map(|f| f.intercept);
     a.anon_slope_mib_per_min = field_slope(window, |s| s.rss_anon);
     a.file_slope_mib_per_min = field_slope(window, |s| s.rss_file);
     a.shmem_slope_mib_per_min = field_slope(window, |s| s.rss_shmem);
@@ -349,8 +359,11 @@ mod tests {
         assert_eq!(slope(std::iter::empty::<(f64, f64)>()), None);
         let perfect = fit(pts).unwrap();
         assert_eq!((perfect.stderr, perfect.t_stat()), (0.0, f64::INFINITY));
+        assert!((perfect.intercept - 1.0).abs() < 1e-12);
         let noisy = fit([(0.0, 0.0), (1.0, 2.0), (2.0, 1.0), (3.0, 3.0)]).unwrap();
         assert!((noisy.slope - 0.8).abs() < 1e-12);
+        // Through the centroid (1.5, 1.5): 1.5 - 0.8 * 1.5.
+        assert!((noisy.intercept - 0.3).abs() < 1e-12);
         // Residuals -0.3, 0.9, -0.9, 0.3: SSR = 1.8, se = sqrt(1.8 / 2 / 5).
         assert!((noisy.stderr - 0.18f64.sqrt()).abs() < 1e-12);
     }
@@ -396,6 +409,8 @@ mod tests {
         assert_eq!(a.verdict, Verdict::Leak, "{a:?}");
         assert!((a.rss_slope_mib_per_min - 5.0).abs() < 0.5, "{a:?}");
         assert!((a.anon_slope_mib_per_min - 2.5).abs() < 0.5, "{a:?}");
+        let intercept_mib = a.rss_intercept_bytes.expect("a fit") / MIB;
+        assert!((intercept_mib - 300.0).abs() < 2.0, "{a:?}");
         assert!(a.rss_first_half_slope_mib_per_min > 0.5);
         assert!(a.rss_second_half_slope_mib_per_min > 0.5);
         let json = serde_json::to_value(&a).unwrap();
