@@ -107,7 +107,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         tokio::spawn(prefill::run(agent.clone(), addr.clone(), tx));
         match tokio::time::timeout(Duration::from_secs(120), rx).await {
             Ok(Ok(Ok(ms))) => handshake_ms = Some(ms),
-            Ok(Ok(Err(e))) => anyhow::bail!("decode agent {addr} refused the handshake: {e:#}"),
+            Ok(Ok(Err(e))) => anyhow::bail!("decode agent {addr} refused the handshake: {}", crate::diagnose::one_line(&e)),
             _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
         }
     }

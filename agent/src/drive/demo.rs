@@ -158,7 +158,7 @@ async fn start(args: &DemoArgs, crew: &Crew) -> anyhow::Result<[AgentProcess; 2]
     let (exe, timeout, verbose) = (std::env::current_exe()?, Duration::from_secs(120), args.out.verbose);
     let launch = |role: &str, extra: &[String]| {
         let mut a = vec![role.to_string(), "--agent-id".into(), format!("demo-{role}"), "--test-patterns".into()];
-        a.extend(args.geometry.to_args());
+        a.extend(args.geometry.on_one_host().to_args());
         a.extend_from_slice(extra);
         Launch { args: a, env: Vec::new(), verbose }
     };
@@ -265,7 +265,7 @@ fn report(args: &DemoArgs, m: &Measured, failure: Option<Failure>) -> DemoReport
         bad_blocks: m.total.bad_blocks,
         first_error: m.total.first_error.clone(),
         failed_requests: m.total.failed_requests,
-        transport: args.geometry.transport.to_string(),
+        transport: args.geometry.on_one_host().transport.to_string(),
         mode: args.mode.name().to_string(),
         ucx_version,
         ucx_library,

@@ -98,7 +98,7 @@ struct Measured {
 
 fn agent_args(role: &str, a: &SoakArgs, leak: bool) -> Vec<String> {
     let mut v: Vec<String> = vec![role.into(), "--agent-id".into(), format!("soak-{role}"), "--test-patterns".into()];
-    v.extend(a.geometry.to_args());
+    v.extend(a.geometry.on_one_host().to_args());
     v.extend([
         "--churn-rounds-per-sec".into(),
         a.churn_rounds_per_sec.to_string(),
@@ -307,7 +307,7 @@ fn report(a: &SoakArgs, m: &Measured, failure: Option<Failure>, decode: Option<A
         demo_ucx_mmap_hooks_on: a.demo_allow_ucx_mmap_hooks,
         demo_rcache_max_unreleased: a.demo_rcache_max_unreleased.clone(),
         duration_secs: m.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-        transport: m.info.as_ref().map_or_else(|| a.geometry.transport.to_string(), |i| i.transport.clone()),
+        transport: m.info.as_ref().map_or_else(|| a.geometry.on_one_host().transport.to_string(), |i| i.transport.clone()),
         mode: a.mode.name().to_string(),
         passes: m.passes,
         blocks: total.blocks,

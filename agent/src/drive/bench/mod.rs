@@ -116,6 +116,9 @@ pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
             "{}",
             serde_json::json!({ "ok": failure.is_none() && points.iter().all(|p| p.verified), "points": points.len(), "failure": failure })
         );
+        if let Some(f) = &failure {
+            eprintln!("kvrail bench: FAILED after {} point(s): {}", points.len(), f.human());
+        }
     } else {
         table::print_table(&points);
         if let Some(f) = &failure {
