@@ -118,10 +118,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// `"1.13.1"` -> `(1, 13)`.
 pub fn parse_version(v: &str) -> Option<(u32, u32)> {
-    let mut it = v.trim().split('.');
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next()?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
-    Some((major, minor))
+    // The FFI layer parses the loaded version itself (it decides which
+    // request fields that UCX reads); one parser serves both.
+    ffi::ucp::release(v)
 }
 
 /// 1.12 (the headers) up to the newest release tested.

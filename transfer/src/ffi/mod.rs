@@ -11,6 +11,7 @@
 //! a status, and every callback that receives one, is declared here with the
 //! status as a plain `i8` (the C type is a packed enum of one byte).
 
+pub(crate) mod am;
 mod decls;
 pub(crate) mod hooks;
 pub(crate) mod status;
