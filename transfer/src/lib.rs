@@ -15,6 +15,7 @@ pub mod hooks;
 mod inbox;
 pub mod layout;
 pub mod plan;
+mod proc_maps;
 pub mod raw;
 pub mod region;
 pub mod runtime;

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::ffi;
+use crate::proc_maps::loaded_object;
 
 /// The UCX release the bindings were generated from.
 pub const UCX_HEADERS_VERSION: &str = "1.12.1";
@@ -73,42 +74,6 @@ pub fn uct_has_assertions() -> bool {
         loaded_object(&maps, "libuct.so")
             .and_then(|path| std::fs::read(path).ok())
             .is_some_and(|text| contains(&text, COMPLETION_ASSERTION))
-    })
-}
-
-/// The path of the first mapped object whose file name starts with `prefix`,
-/// from `/proc/<pid>/maps` text.
-fn loaded_object<'a>(maps: &'a str, prefix: &str) -> Option<&'a str> {
-    file_mappings(maps).map(|m| m.path).find(|path| path.rsplit('/').next().is_some_and(|name| name.starts_with(prefix)))
-}
-
-/// One file-backed line of `/proc/<pid>/maps`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileMapping<'a> {
-    /// First and one-past-last address.
-    pub start: usize,
-    pub end: usize,
-    /// Offset in the file of `start`.
-    pub offset: u64,
-    /// Absolute path (spaces kept).
-    pub path: &'a str,
-}
-
-/// The file-backed mappings in `/proc/<pid>/maps` text; anonymous and
-/// special (`[heap]`, ...) lines and malformed ones are skipped.
-pub(crate) fn file_mappings(maps: &str) -> impl Iterator<Item = FileMapping<'_>> {
-    maps.lines().filter_map(|line| {
-        let mut fields = line.splitn(6, ' ');
-        let (range, _perms, offset, _dev, _inode) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-        let path = fields.next()?.trim_start();
-        let (start, end) = range.split_once('-')?;
-        Some(FileMapping {
-            start: usize::from_str_radix(start, 16).ok()?,
-            end: usize::from_str_radix(end, 16).ok()?,
-            offset: u64::from_str_radix(offset, 16).ok()?,
-            path,
-        })
-        .filter(|m| m.path.starts_with('/'))
     })
 }
 
@@ -214,18 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_loaded_libuct_and_its_assertion_text() {
-        let maps = "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libucp.so.0.0.0\n\
-                    7f02-7f03 r--p 00000000 08:01 2 /opt/ucx/lib/libuct.so.0\n\
-                    7f04-7f05 rw-p 00000000 00:00 0 \n";
-        assert_eq!(loaded_object(maps, "libuct.so"), Some("/opt/ucx/lib/libuct.so.0"));
-        assert_eq!(loaded_object(maps, "libucs.so"), None);
-        let with_space =
-            "7f06-7f08 r--p 00001000 08:01 3                          /opt/my ucx/libuct.so.0\n7f09-7f0a rw-p 00000000 00:00 0    [heap]\n";
-        assert_eq!(
-            file_mappings(with_space).collect::<Vec<_>>(),
-            [FileMapping { start: 0x7f06, end: 0x7f08, offset: 0x1000, path: "/opt/my ucx/libuct.so.0" }]
-        );
+    fn recognises_the_completion_assertion_text() {
         assert!(contains(b"..Assertion `comp->count > 0' failed..", COMPLETION_ASSERTION));
         assert!(!contains(b"comp->count >= 0", COMPLETION_ASSERTION));
     }
