@@ -577,7 +577,7 @@ fn chunked(ops: Vec<RmaOp>, chunk: u64) -> Vec<RmaOp> {
 /// Binds the calling thread to `cpu`, if one is given.
 pub(crate) fn pin(cpu: Option<usize>) -> Result<(), TransferError> {
     match cpu {
-        Some(cpu) => crate::ffi::sys::bind_this_thread(&[cpu]).map_err(|source| TransferError::Pin { cpu, source }),
+        Some(cpu) => crate::cpu::bind_this_thread(&[cpu]).map_err(|source| TransferError::Pin { cpu, source }),
         None => Ok(()),
     }
 }
@@ -615,7 +615,7 @@ pub(crate) struct OpenWorker {
 /// a fresh inbox, in the calling thread (which then owns the worker).
 /// Shared by the engine and the raw loop.
 pub(crate) fn open_worker(transport: Transport, region_len: usize, alloc: RegionAlloc) -> Result<OpenWorker, TransferError> {
-    let ctx = Context::new(&transport.ucx_settings(crate::runtime::uct_has_assertions()))?;
+    let ctx = Context::new(&transport.ucx_settings(crate::ucx_facts::uct_has_assertions()))?;
     let reg = match alloc {
         RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
         RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
@@ -868,17 +868,17 @@ mod tests {
 
     #[test]
     fn pins_a_thread_to_an_allowed_cpu_and_refuses_others() {
-        let cpus = crate::ffi::sys::allowed_cpus().expect("sched_getaffinity");
+        let cpus = crate::cpu::allowed_cpus().expect("sched_getaffinity");
         assert!(!cpus.is_empty());
         // In a thread of its own, so the test thread keeps its placement.
         std::thread::spawn(move || {
             pin(Some(cpus[0])).expect("an allowed CPU");
-            assert_eq!(crate::ffi::sys::allowed_cpus().unwrap(), vec![cpus[0]]);
+            assert_eq!(crate::cpu::allowed_cpus().unwrap(), vec![cpus[0]]);
             let not_allowed = cpus.iter().max().unwrap() + 1;
             let e = pin(Some(not_allowed)).unwrap_err();
             assert!(matches!(e, TransferError::Pin { cpu, .. } if cpu == not_allowed), "{e}");
             assert!(matches!(pin(Some(1 << 20)), Err(TransferError::Pin { .. })), "beyond CPU_SETSIZE");
-            assert_eq!(crate::ffi::sys::allowed_cpus().unwrap(), vec![cpus[0]], "a refused pin changes nothing");
+            assert_eq!(crate::cpu::allowed_cpus().unwrap(), vec![cpus[0]], "a refused pin changes nothing");
         })
         .join()
         .unwrap();

@@ -319,7 +319,7 @@ async fn point(b: &Bench, t: Transport, block: u64, mode: Mode, memcpy: f64, sta
         cpu_s_per_gb_prefill: outcome.cpu_secs[1] / gb,
         verified: outcome.verified() && warmups_verified,
         ucx_version,
-        ucx_assertions: kvrail_transfer::runtime::uct_has_assertions(),
+        ucx_assertions: kvrail_transfer::ucx_facts::uct_has_assertions(),
         gbps_runs,
         raw_ucx_gbps_runs,
         ratio_runs: ratios,
@@ -332,7 +332,7 @@ async fn point(b: &Bench, t: Transport, block: u64, mode: Mode, memcpy: f64, sta
 fn on_cpu<F: std::future::Future<Output = anyhow::Result<T>>, T: Send>(cpu: usize, f: impl FnOnce() -> F + Send) -> anyhow::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            kvrail_transfer::runtime::bind_this_thread(&[cpu]).with_context(|| format!("binding the bench client to CPU {cpu}"))?;
+            kvrail_transfer::cpu::bind_this_thread(&[cpu]).with_context(|| format!("binding the bench client to CPU {cpu}"))?;
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f())
         })
         .join()
@@ -519,7 +519,7 @@ fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
 fn bench_cpus(a: &BenchArgs) -> &'static [usize] {
     static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
     let cpus = CPUS.get_or_init(|| {
-        let c = kvrail_transfer::runtime::allowed_cpus().unwrap_or_default();
+        let c = kvrail_transfer::cpu::allowed_cpus().unwrap_or_default();
         if c.len() >= 2 {
             c[..2].to_vec()
         } else {

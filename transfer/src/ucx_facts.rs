@@ -1,5 +1,6 @@
-//! Facts about the UCX actually loaded in this process, and process memory
-//! figures only the FFI layer can read.
+//! Facts about the UCX actually loaded in this process: its version and
+//! library path, whether kvrail supports it, whether its libuct was built
+//! with assertions, and the transports a default context finds.
 
 use serde::Serialize;
 
@@ -25,19 +26,6 @@ pub struct UcxRuntime {
     /// Ubuntu's packages are; release builds such as PyPI's are not). See
     /// [`uct_has_assertions`].
     pub assertions: bool,
-}
-
-/// The CPUs this process may run on, in order.
-pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
-    ffi::sys::allowed_cpus()
-}
-
-/// Binds the calling thread, and every thread it starts afterwards, to
-/// `cpus` (an engine's progress thread then binds itself to its own CPU if
-/// it is given one). A CPU this process may not use is an error and
-/// changes nothing.
-pub fn bind_this_thread(cpus: &[usize]) -> std::io::Result<()> {
-    ffi::sys::bind_this_thread(cpus)
 }
 
 /// Version and path of the loaded libucp.
@@ -91,56 +79,6 @@ pub fn parse_version(v: &str) -> Option<(u32, u32)> {
 /// 1.12 (the headers) up to the newest release tested.
 pub fn is_supported((major, minor): (u32, u32)) -> bool {
     major == 1 && (12..=22).contains(&minor)
-}
-
-/// Bytes the C allocator has in use (glibc mallinfo2), Rust's heap included.
-pub fn heap_in_use() -> u64 {
-    ffi::sys::heap_in_use()
-}
-
-/// Anonymous memory outside the heap, mapped and touched, unmapped on drop:
-/// what a leak of mmap'd ranges looks like to `/proc` (used by the test-only
-/// leak injection that proves the memory self-check works).
-#[derive(Debug)]
-pub struct AnonMemory(ffi::sys::Mapping);
-
-impl AnonMemory {
-    /// Maps `len` bytes and writes one byte per page so they count in RSS.
-    pub fn touched(len: usize) -> std::io::Result<AnonMemory> {
-        let m = ffi::sys::Mapping::anonymous(len, false)?;
-        for off in (0..len).step_by(4096) {
-            ffi::sys::copy_in(m.addr(), m.len(), off, &[0xA5]);
-        }
-        Ok(AnonMemory(m))
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.len() == 0
-    }
-}
-
-/// Maps and immediately unmaps `count` anonymous ranges of `len` bytes with
-/// direct mmap/munmap calls (allocator churn of the kind UCX's hooks see).
-/// Returns how many munmap calls were made.
-pub fn map_unmap(count: usize, len: usize) -> u64 {
-    let mut n = 0;
-    for _ in 0..count {
-        if let Ok(m) = ffi::sys::Mapping::anonymous(len, false) {
-            ffi::sys::copy_in(m.addr(), m.len(), 0, &[1]);
-            drop(m);
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Sets the process's file-mode creation mask; returns the previous one.
-pub fn set_umask(mask: u32) -> u32 {
-    ffi::sys::set_umask(mask)
 }
 
 /// Transports (`tl/device`) a default UCP context finds on this machine.
