@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use super::children::{control_at, AgentProcess};
 use super::workload::{Control, Outcome, Workload};
-use crate::drive::chart::{self, Chart, Series, Trend};
 use crate::cli::{Side, SoakArgs};
+use crate::drive::chart::{self, Chart, Series, Trend};
 use crate::memwatch::MemReport;
 
 #[derive(Debug, Serialize)]
