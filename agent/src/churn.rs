@@ -74,7 +74,7 @@ fn round(rng: &mut impl Rng, stats: &ChurnStats, unmaps: usize) {
     drop(held);
     stats.allocations.fetch_add(n, Ordering::Relaxed);
     stats.munmaps.fetch_add(1, Ordering::Relaxed);
-    let unmapped = kvrail_transfer::runtime::map_unmap(unmaps, 4096);
+    let unmapped = kvrail_transfer::memory::map_unmap(unmaps, 4096);
     stats.munmaps.fetch_add(unmapped, Ordering::Relaxed);
 }
 
@@ -118,7 +118,7 @@ impl LeakInjector {
                 let mut kept = Vec::new();
                 let start = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok(m) = kvrail_transfer::runtime::AnonMemory::touched(CHUNK) {
+                    if let Ok(m) = kvrail_transfer::memory::AnonMemory::touched(CHUNK) {
                         kept.push(m);
                         leaked.fetch_add(CHUNK as u64, Ordering::Relaxed);
                     }

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     // Before the runtime starts: its threads (and the engine's, until the
     // progress thread binds itself) inherit this thread's CPUs.
     if let Some(a) = cli.cmd.agent_args().filter(|a| !a.runtime_cpus.is_empty()) {
-        if let Err(e) = kvrail_transfer::runtime::bind_this_thread(&a.runtime_cpus) {
+        if let Err(e) = kvrail_transfer::cpu::bind_this_thread(&a.runtime_cpus) {
             eprintln!("kvrail: cannot bind the agent's threads to CPUs {:?} (--runtime-cpus): {e}", a.runtime_cpus);
             return ExitCode::from(2);
         }

@@ -21,7 +21,7 @@ fn threads(pid: u32) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn progress_and_runtime_threads_run_where_they_are_told() {
-    let cpus = kvrail_transfer::runtime::allowed_cpus().expect("allowed cpus");
+    let cpus = kvrail_transfer::cpu::allowed_cpus().expect("allowed cpus");
     // Two distinct CPUs where the machine has them (CI has 2).
     let (progress, runtime) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
     let bin = kvrail_bin();
@@ -64,7 +64,7 @@ async fn progress_and_runtime_threads_run_where_they_are_told() {
 
 #[test]
 fn a_cpu_the_agent_may_not_use_is_refused_at_start() {
-    let beyond = kvrail_transfer::runtime::allowed_cpus().expect("allowed cpus").iter().max().copied().unwrap_or(0) + 1;
+    let beyond = kvrail_transfer::cpu::allowed_cpus().expect("allowed cpus").iter().max().copied().unwrap_or(0) + 1;
     for (flag, message) in
         [("--runtime-cpus", "cannot bind the agent's threads to CPUs"), ("--progress-cpu", "cannot bind the progress thread to CPU")]
     {

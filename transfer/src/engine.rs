@@ -45,7 +45,7 @@ use crate::ffi::status::Status;
 use crate::ffi::sys::{EventFd, Poller};
 use crate::ffi::ucp::{Context, Endpoint, OpCounter, Registration, RemoteRegion, Rma, Worker};
 use crate::hooks;
-use crate::inbox;
+use crate::inbox::{self, Inbox};
 use crate::plan::RmaOp;
 use crate::region::Region;
 use crate::transport::Transport;
@@ -217,7 +217,7 @@ impl Engine {
             std::thread::Builder::new().name("kvrail-ucx".into()).spawn(move || {
                 match pin(cfg.progress_cpu).and_then(|()| Progress::new(&cfg, region_len, wake, counters)) {
                     Ok((progress, info, region)) => {
-                        let _ = ready_tx.send(Ok((info, region, progress.worker.inbox().openings().clone())));
+                        let _ = ready_tx.send(Ok((info, region, progress.inbox.openings().clone())));
                         progress.run(rx, &stop);
                     }
                     Err(e) => {
@@ -577,7 +577,7 @@ fn chunked(ops: Vec<RmaOp>, chunk: u64) -> Vec<RmaOp> {
 /// Binds the calling thread to `cpu`, if one is given.
 pub(crate) fn pin(cpu: Option<usize>) -> Result<(), TransferError> {
     match cpu {
-        Some(cpu) => crate::ffi::sys::bind_this_thread(&[cpu]).map_err(|source| TransferError::Pin { cpu, source }),
+        Some(cpu) => crate::cpu::bind_this_thread(&[cpu]).map_err(|source| TransferError::Pin { cpu, source }),
         None => Ok(()),
     }
 }
@@ -601,29 +601,36 @@ pub(crate) fn connect_endpoint(worker: &Rc<Worker>, address: &[u8], peer_errors:
     Ok(ep)
 }
 
+/// A worker [`open_worker`] created, with what the caller keeps beside it.
+pub(crate) struct OpenWorker {
+    pub worker: Rc<Worker>,
+    /// Where the worker's deliveries land (the worker holds it too).
+    pub inbox: Rc<Inbox>,
+    pub region: Arc<Registration>,
+    pub local: LocalInfo,
+}
+
 /// Creates a UCP context for `transport`, registers one region of
-/// `region_len` bytes and creates a worker on it, in the calling thread
-/// (which then owns the worker). Shared by the engine and the raw loop.
-pub(crate) fn open_worker(
-    transport: Transport,
-    region_len: usize,
-    alloc: RegionAlloc,
-) -> Result<(Rc<Worker>, Arc<Registration>, LocalInfo), TransferError> {
-    let ctx = Context::new(&transport.ucx_settings(crate::runtime::uct_has_assertions()))?;
+/// `region_len` bytes and creates a worker on it whose deliveries land in
+/// a fresh inbox, in the calling thread (which then owns the worker).
+/// Shared by the engine and the raw loop.
+pub(crate) fn open_worker(transport: Transport, region_len: usize, alloc: RegionAlloc) -> Result<OpenWorker, TransferError> {
+    let ctx = Context::new(&transport.ucx_settings(crate::ucx_facts::uct_has_assertions()))?;
     let reg = match alloc {
         RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
         RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
     }
     .map_err(TransferError::Region)?;
     let reg = Arc::new(reg);
-    let worker = Worker::new(&ctx, reg.clone())?;
+    let inbox = Rc::new(Inbox::new(reg.clone()));
+    let worker = Worker::new(&ctx, reg.clone(), inbox.clone())?;
     let local = LocalInfo {
         worker_address: worker.address()?,
         region_base: reg.base() as u64,
         region_len: reg.len() as u64,
         rkey: reg.pack_rkey()?,
     };
-    Ok((worker, reg, local))
+    Ok(OpenWorker { worker, inbox, region: reg, local })
 }
 
 /// State owned by the progress thread. Field order is drop order: jobs and
@@ -639,6 +646,8 @@ struct Progress {
     next_peer: u64,
     poller: Poller,
     worker: Rc<Worker>,
+    /// Where the worker's deliveries land (the worker holds it too).
+    inbox: Rc<Inbox>,
     wake: Arc<Wake>,
     counters: Arc<EngineCounters>,
     window: usize,
@@ -655,7 +664,7 @@ impl Progress {
         wake: Arc<Wake>,
         counters: Arc<EngineCounters>,
     ) -> Result<(Progress, LocalInfo, Region), TransferError> {
-        let (worker, reg, local) = open_worker(cfg.transport, region_len, cfg.region_alloc)?;
+        let OpenWorker { worker, inbox, region: reg, local } = open_worker(cfg.transport, region_len, cfg.region_alloc)?;
         let poller = Poller::new(&[worker.event_fd(), wake.fd.raw()])?;
         tracing::info!(transport = %cfg.transport, region_bytes = reg.len(), base = format_args!("{:#x}", reg.base()), "UCX engine ready");
         let progress = Progress {
@@ -666,6 +675,7 @@ impl Progress {
             next_peer: 1,
             poller,
             worker,
+            inbox,
             wake,
             counters,
             window: cfg.window.max(1),
@@ -713,7 +723,7 @@ impl Progress {
             // within microseconds, and a sleep/wake per message costs more.
             if self.active.is_empty() && rx.is_empty() && last_event.elapsed() > Self::SPIN {
                 let (worker, poller) = (&self.worker, &self.poller);
-                let openings = worker.inbox().openings();
+                let openings = self.inbox.openings();
                 self.wake.sleep_unless(
                     || !rx.is_empty() || openings.any() || stopping.load(Ordering::Relaxed),
                     || match worker.arm() {
@@ -733,7 +743,7 @@ impl Progress {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Close(tag, done) => {
-                self.worker.inbox().close(tag);
+                self.inbox.close(tag);
                 if let Some(d) = done {
                     let _ = d.send(());
                 }
@@ -802,7 +812,7 @@ impl Progress {
     }
 
     fn drive(&mut self) {
-        let inbox = self.worker.inbox();
+        let inbox = &self.inbox;
         self.counters.deliveries_rejected.store(inbox.rejected(), Ordering::Relaxed);
         inbox.adopt();
         // A dropped or closed Expected closes its tag by Command::Close.
@@ -858,17 +868,17 @@ mod tests {
 
     #[test]
     fn pins_a_thread_to_an_allowed_cpu_and_refuses_others() {
-        let cpus = crate::ffi::sys::allowed_cpus().expect("sched_getaffinity");
+        let cpus = crate::cpu::allowed_cpus().expect("sched_getaffinity");
         assert!(!cpus.is_empty());
         // In a thread of its own, so the test thread keeps its placement.
         std::thread::spawn(move || {
             pin(Some(cpus[0])).expect("an allowed CPU");
-            assert_eq!(crate::ffi::sys::allowed_cpus().unwrap(), vec![cpus[0]]);
+            assert_eq!(crate::cpu::allowed_cpus().unwrap(), vec![cpus[0]]);
             let not_allowed = cpus.iter().max().unwrap() + 1;
             let e = pin(Some(not_allowed)).unwrap_err();
             assert!(matches!(e, TransferError::Pin { cpu, .. } if cpu == not_allowed), "{e}");
             assert!(matches!(pin(Some(1 << 20)), Err(TransferError::Pin { .. })), "beyond CPU_SETSIZE");
-            assert_eq!(crate::ffi::sys::allowed_cpus().unwrap(), vec![cpus[0]], "a refused pin changes nothing");
+            assert_eq!(crate::cpu::allowed_cpus().unwrap(), vec![cpus[0]], "a refused pin changes nothing");
         })
         .join()
         .unwrap();
@@ -884,7 +894,8 @@ mod tests {
         let am_send = |by_copy: bool| {
             let ctx = Context::new(&Transport::Tcp.ucx_settings(by_copy)).expect("UCX context");
             let region = Arc::new(Registration::map_anonymous(&ctx, 1 << 20, false).expect("region"));
-            let (a, b) = (Worker::new(&ctx, region.clone()).expect("worker"), Worker::new(&ctx, region).expect("worker"));
+            let worker = || Worker::new(&ctx, region.clone(), Rc::new(Inbox::new(region.clone()))).expect("worker");
+            let (a, b) = (worker(), worker());
             let text = Endpoint::connect(&a, &b.address().expect("address"), false).expect("endpoint").describe();
             text.lines()
                 .find(|l| l.trim_start_matches(['#', ' ']).starts_with("am_send:"))
@@ -901,7 +912,10 @@ mod tests {
             .and_then(|rest| rest.split("..").next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no short range in {by_copy}"));
-        assert!(short_up_to >= DEFAULT_AM_CHUNK + inbox::HEADER_LEN as u64, "a delivery chunk must fit one send buffer: {by_copy}");
+        assert!(
+            short_up_to >= DEFAULT_AM_CHUNK + crate::ffi::am::HEADER_LEN as u64,
+            "a delivery chunk must fit one send buffer: {by_copy}"
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! UCX's memory hooks: the environment that turns them off, and the run-time
-//! proof that they are off.
+//! proof that they are off. This is the safe half of the check; the raw
+//! readings (UCM's options, the unmap counter, libc's entry points) come
+//! from `ffi::hooks`.
 //!
 //! UCX reads `UCX_MEM_*` in libucs's load-time constructor, before `main`, so
 //! a process must be started with the variables already set (the `kvrail`
@@ -11,7 +13,9 @@
 
 use serde::Serialize;
 
-use crate::ffi::hooks as raw;
+use crate::ffi::hooks::{self as raw, ENTRY_BYTES};
+use crate::ffi::sys::object_of;
+use crate::proc_maps::file_mappings;
 
 /// Variables that must be in the environment before UCX loads.
 pub const GUARD_ENV: [(&str, &str); 3] = [
@@ -108,10 +112,46 @@ pub fn verify() -> HookReport {
     HookReport {
         mode: HookMode::from_raw(opts.mmap_hook_mode),
         malloc_hooks: opts.malloc_hooks,
-        patched: raw::patched_entry_points(),
+        patched: patched_entry_points(),
         rcache_max_unreleased: std::env::var("UCX_RCACHE_MAX_UNRELEASED").ok(),
         intercepted_unmaps: raw::unmap_events(),
     }
+}
+
+/// Why an entry point looks patched, one line per finding; empty when clean.
+fn patched_entry_points() -> Vec<String> {
+    let mut findings = Vec::new();
+    for call in raw::memory_calls() {
+        let (name, own_addr) = (call.name, call.called);
+        let Some((libc_addr, code)) = call.libc else {
+            findings.push(format!("{name}: not found in libc.so.6"));
+            continue;
+        };
+        if own_addr != libc_addr {
+            let owner = object_of(own_addr).map(|(f, _)| f).unwrap_or_else(|| "?".into());
+            findings.push(format!("{name}: the executable calls {own_addr:#x} in {owner}, not libc's {libc_addr:#x} (relocation hook)"));
+        }
+        match code_matches_file(libc_addr, &code) {
+            Ok(true) => {}
+            Ok(false) => findings.push(format!("{name}: first bytes of libc's {name} differ from the file on disk (code patched)")),
+            Err(e) => findings.push(format!("{name}: cannot compare with the file on disk: {e}")),
+        }
+    }
+    findings
+}
+
+/// Compares `code`, the bytes in memory at `addr`, with the bytes of the
+/// backing file at the matching offset (found through /proc/self/maps).
+fn code_matches_file(addr: usize, code: &[u8; ENTRY_BYTES]) -> Result<bool, String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+    if let Some(m) = file_mappings(&maps).find(|m| m.start <= addr && addr + ENTRY_BYTES <= m.end) {
+        let file_off = m.offset + (addr - m.start) as u64;
+        let mut disk = [0u8; ENTRY_BYTES];
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(m.path).and_then(|f| f.read_exact_at(&mut disk, file_off)).map_err(|e| format!("{}: {e}", m.path))?;
+        return Ok(*code == disk);
+    }
+    Err(format!("address {addr:#x} is in no file-backed mapping"))
 }
 
 /// Unmap events UCM delivered so far (see [`HookReport::intercepted_unmaps`]).

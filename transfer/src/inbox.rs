@@ -9,6 +9,8 @@
 //! copies it into its region and never sends anything back through UCX.
 //! Completion is counted here: the receiver opened the tag for an exact
 //! number of bytes and knows when all of them are in place.
+//! The worker's active-message handler (`ffi::am`) knows nothing of tags:
+//! it hands every message to the inbox, the worker's [`AmSink`].
 //!
 //! A caller opens a tag without a round trip through the progress thread:
 //! it queues the opening ([`Openings`]) and may tell its peer to send at
@@ -33,13 +35,12 @@ use tokio::sync::oneshot;
 
 use crate::engine::TransferDone;
 use crate::error::TransferError;
+use crate::ffi::am::{AmSink, Refused, HEADER_LEN};
 use crate::ffi::ucp::Registration;
 
-/// The active-message id of a block delivery.
-pub(crate) const AM_DELIVER: u32 = 0x6b76;
-
-/// Length of a delivery header: tag, then destination offset (little endian).
-pub(crate) const HEADER_LEN: usize = 16;
+// A delivery header is the tag, then the destination offset (both little
+// endian), and fills the fixed header the message layer carries.
+const _: () = assert!(HEADER_LEN == 8 + 8);
 
 /// The header of a chunk for `tag` landing at `dst_offset`.
 pub(crate) fn header(tag: u64, dst_offset: u64) -> [u8; HEADER_LEN] {
@@ -264,7 +265,7 @@ impl Inbox {
     }
 
     /// Counts a delivery the handler could not take.
-    pub(crate) fn reject(&self, why: Reject) {
+    fn reject(&self, why: Reject) {
         self.rejected.set(self.rejected.get() + 1);
         tracing::debug!(?why, "active-message delivery dropped");
     }
@@ -304,6 +305,23 @@ impl Inbox {
             self.complete.borrow_mut().push_back(tag);
         }
         Ok(())
+    }
+}
+
+/// The worker's delivery handler calls these, inside `ucp_worker_progress`
+/// on the progress thread: no `RefCell` of the inbox is borrowed across a
+/// progress call, so their borrows never collide.
+impl AmSink for Inbox {
+    fn receive(&self, header: &[u8], data: &[u8]) {
+        // A rejected delivery is counted (and logged) by deliver itself.
+        let _ = self.deliver(header, data);
+    }
+
+    fn refuse(&self, why: Refused) {
+        self.reject(match why {
+            Refused::Rendezvous => Reject::Rendezvous,
+            Refused::Malformed => Reject::Header,
+        });
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{Direction, LocalInfo, PeerSpec, RegionAlloc};
 use crate::error::TransferError;
 use crate::ffi::ucp::{OpCounter, RemoteRegion, Rma, Worker};
+use crate::inbox::Inbox;
 use crate::plan::RmaOp;
 use crate::region::Region;
 use crate::transport::Transport;
@@ -47,6 +48,8 @@ pub const RAW_TAG: u64 = 1;
 pub struct RawSide {
     // Drop order: worker (and everything on it) before the region handle.
     worker: Rc<Worker>,
+    /// Where the worker's deliveries land.
+    inbox: Rc<Inbox>,
     region: Region,
     local: LocalInfo,
 }
@@ -62,8 +65,8 @@ impl RawSide {
             return Err(TransferError::HooksOn(report.summary()));
         }
         let len = usize::try_from(region_bytes).map_err(|_| TransferError::Region("region too large".into()))?;
-        let (worker, reg, local) = crate::engine::open_worker(transport, len, alloc)?;
-        Ok(RawSide { worker, region: Region::new(reg), local })
+        let crate::engine::OpenWorker { worker, inbox, region: reg, local } = crate::engine::open_worker(transport, len, alloc)?;
+        Ok(RawSide { worker, inbox, region: Region::new(reg), local })
     }
 
     pub fn local_info(&self) -> &LocalInfo {
@@ -80,7 +83,7 @@ impl RawSide {
         // The raw loop counts nothing: the whole region, without end (the
         // tag opens on the first call; later calls find it open).
         let whole = std::iter::once(0..self.worker.region().len() as u64).collect();
-        self.worker.inbox().open(RAW_TAG, whole, u64::MAX);
+        self.inbox.open(RAW_TAG, whole, u64::MAX);
         while serving.load(Ordering::Relaxed) {
             if self.worker.progress() == 0 {
                 std::hint::spin_loop();

@@ -31,7 +31,7 @@ impl Transport {
 
     /// The UCX configuration for this transport (names without `UCX_`),
     /// applied on top of the environment. `uct_assertions`: the loaded
-    /// libuct was built with assertions ([`crate::runtime::uct_has_assertions`]).
+    /// libuct was built with assertions ([`crate::ucx_facts::uct_has_assertions`]).
     /// Such a build aborts a tcp sender whose peer dies in the middle of a
     /// zero-copy send, so there tcp sends by copy: every message goes out of
     /// one 64 KiB send buffer (tcp's `TX_SEG_SIZE`; a delivery chunk fits in

@@ -99,10 +99,10 @@ async fn sm_put_get_ucx_allocated() {
 
 #[test]
 fn runtime_reports_loaded_ucx() {
-    let rt = kvrail_transfer::runtime::ucx_runtime();
+    let rt = kvrail_transfer::ucx_facts::ucx_runtime();
     assert!(rt.supported, "{rt:?}");
     assert!(rt.library.contains("libucp"), "{rt:?}");
-    let t = kvrail_transfer::runtime::transports();
+    let t = kvrail_transfer::ucx_facts::transports();
     assert!(t.iter().any(|x| x.starts_with("tcp/")), "{t:?}");
 }
 

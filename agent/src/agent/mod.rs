@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use kvrail_proto::v1 as pb;
 use kvrail_transfer::hooks::HookMode;
-use kvrail_transfer::runtime::UcxRuntime;
+use kvrail_transfer::ucx_facts::UcxRuntime;
 use kvrail_transfer::{BlockLayout, Engine, EngineConfig, RegionAlloc, Transport};
 
 use crate::memwatch::MemWatch;
@@ -107,7 +107,7 @@ impl Agent {
     /// Verifies the UCX runtime, maps and registers the region, starts the
     /// progress thread and the memory watch. Blocking.
     pub fn start(cfg: AgentConfig, memwatch: Arc<MemWatch>) -> anyhow::Result<Arc<Agent>> {
-        let ucx = kvrail_transfer::runtime::ucx_runtime();
+        let ucx = kvrail_transfer::ucx_facts::ucx_runtime();
         if !ucx.supported {
             anyhow::bail!(
                 "UCX {} ({}) is not a release kvrail supports (1.12 to 1.22); point {} at a supported build",
@@ -200,7 +200,7 @@ impl Agent {
     /// MemWatch's verdict and series, with the figures read fresh now.
     fn memory(&self) -> pb::MemoryStats {
         let mut m = convert::memory_to_pb(&self.memwatch.report());
-        if let Ok(s) = crate::memwatch::sample::read_sample(0.0, Some(kvrail_transfer::runtime::heap_in_use())) {
+        if let Ok(s) = crate::memwatch::sample::read_sample(0.0, Some(kvrail_transfer::memory::heap_in_use())) {
             (m.vm_rss, m.rss_anon, m.rss_file, m.rss_shmem, m.maps, m.heap) =
                 (s.vm_rss, s.rss_anon, s.rss_file, s.rss_shmem, s.maps, s.heap.unwrap_or(0));
         }

@@ -22,7 +22,7 @@ struct Info {
 }
 
 pub fn run(args: &InfoArgs) -> anyhow::Result<i32> {
-    let ucx = kvrail_transfer::runtime::ucx_runtime();
+    let ucx = kvrail_transfer::ucx_facts::ucx_runtime();
     let hooks = kvrail_transfer::hooks::verify();
     let info = Info {
         kvrail_version: env!("CARGO_PKG_VERSION"),
@@ -31,8 +31,8 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<i32> {
         ucx_library: ucx.library.clone(),
         ucx_supported: ucx.supported,
         ucx_assertions: ucx.assertions,
-        ucx_headers: kvrail_transfer::runtime::UCX_HEADERS_VERSION,
-        transports: kvrail_transfer::runtime::transports(),
+        ucx_headers: kvrail_transfer::ucx_facts::UCX_HEADERS_VERSION,
+        transports: kvrail_transfer::ucx_facts::transports(),
         mmap_hook_mode: hooks.mode.to_string(),
         hooks_off: hooks.is_off(),
         guard_env_missing: kvrail_transfer::hooks::guard_env_missing().iter().map(|(k, v)| format!("{k}={v}")).collect(),

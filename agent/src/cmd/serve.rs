@@ -21,7 +21,7 @@ use crate::memwatch::{MemWatch, MemWatchConfig};
 pub const MAX_MESSAGE: usize = 64 << 20;
 
 fn heap_bytes() -> Option<u64> {
-    Some(kvrail_transfer::runtime::heap_in_use())
+    Some(kvrail_transfer::memory::heap_in_use())
 }
 
 pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::Result<i32> {
@@ -143,13 +143,13 @@ struct UmaskGuard(u32);
 
 impl UmaskGuard {
     fn owner_only() -> UmaskGuard {
-        UmaskGuard(kvrail_transfer::runtime::set_umask(0o077))
+        UmaskGuard(kvrail_transfer::umask::set_umask(0o077))
     }
 }
 
 impl Drop for UmaskGuard {
     fn drop(&mut self) {
-        kvrail_transfer::runtime::set_umask(self.0);
+        kvrail_transfer::umask::set_umask(self.0);
     }
 }
 

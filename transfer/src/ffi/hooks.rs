@@ -1,7 +1,8 @@
-//! Run-time proof that UCX's memory hooks are off: UCM's global options read
-//! back from libucm, libc's memory entry points compared byte for byte with
-//! the libc file on disk, the executable's own resolved addresses compared
-//! with libc's, and a counting UCM event handler that never installs hooks.
+//! The raw half of the hooks check (the safe half, which decides what the
+//! readings mean, is the crate's `hooks` module): UCM's global options read
+//! back from libucm, a counting UCM unmap handler that never installs hooks,
+//! and libc's memory entry points as this process sees them (where the
+//! executable's own calls go, where libc defines them, their first bytes).
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicI8, AtomicU64, Ordering};
@@ -28,41 +29,49 @@ pub(crate) fn ucm_options() -> UcmOptions {
     UcmOptions { mmap_hook_mode: head.mmap_hook_mode, malloc_hooks: head.enable_malloc_hooks != 0 }
 }
 
-/// Why an entry point looks patched, one line per finding; empty when clean.
-pub(crate) fn patched_entry_points() -> Vec<String> {
-    let mut findings = Vec::new();
-    let own = sys::own_memory_call_addresses();
-    for (name, own_addr) in sys::MEMORY_CALLS.iter().zip(own) {
-        let Some(libc_addr) = sys::symbol_in("libc.so.6", name) else {
-            findings.push(format!("{name}: not found in libc.so.6"));
-            continue;
-        };
-        if own_addr != libc_addr {
-            let owner = sys::object_of(own_addr).map(|(f, _)| f).unwrap_or_else(|| "?".into());
-            findings.push(format!("{name}: the executable calls {own_addr:#x} in {owner}, not libc's {libc_addr:#x} (relocation hook)"));
-        }
-        match code_matches_file(libc_addr) {
-            Ok(true) => {}
-            Ok(false) => findings.push(format!("{name}: first bytes of libc's {name} differ from the file on disk (code patched)")),
-            Err(e) => findings.push(format!("{name}: cannot compare with the file on disk: {e}")),
-        }
-    }
-    findings
+/// Bytes of an entry point read for comparison with the file on disk.
+pub(crate) const ENTRY_BYTES: usize = 16;
+
+/// One libc memory call UCM hooks (by relocation or by patching code).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MemoryCall {
+    pub name: &'static str,
+    /// The address the executable itself calls (its GOT entry as resolved
+    /// now).
+    pub called: usize,
+    /// libc's own definition (looked up in libc.so.6, past any interposer)
+    /// and its first [`ENTRY_BYTES`] bytes as they are in memory now; `None`
+    /// if libc.so.6 does not define it.
+    pub libc: Option<(usize, [u8; ENTRY_BYTES])>,
 }
 
-/// Compares the first 16 bytes at `addr` with the bytes of the backing file
-/// at the matching offset (found through /proc/self/maps).
-fn code_matches_file(addr: usize) -> Result<bool, String> {
-    const N: usize = 16;
-    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
-    if let Some(m) = crate::runtime::file_mappings(&maps).find(|m| m.start <= addr && addr + N <= m.end) {
-        let file_off = m.offset + (addr - m.start) as u64;
-        let mut disk = [0u8; N];
-        use std::os::unix::fs::FileExt;
-        std::fs::File::open(m.path).and_then(|f| f.read_exact_at(&mut disk, file_off)).map_err(|e| format!("{}: {e}", m.path))?;
-        return Ok(sys::read_code(addr, N) == disk);
-    }
-    Err(format!("address {addr:#x} is in no file-backed mapping"))
+/// mmap, munmap, mremap and madvise as this process sees them.
+pub(crate) fn memory_calls() -> [MemoryCall; 4] {
+    let called = [
+        libc::mmap as *const () as usize,
+        libc::munmap as *const () as usize,
+        libc::mremap as *const () as usize,
+        libc::madvise as *const () as usize,
+    ];
+    let names = ["mmap", "munmap", "mremap", "madvise"];
+    std::array::from_fn(|i| MemoryCall {
+        name: names[i],
+        called: called[i],
+        libc: sys::symbol_in("libc.so.6", names[i]).map(|addr| (addr, entry_bytes(addr))),
+    })
+}
+
+/// The first [`ENTRY_BYTES`] bytes of code at `addr`, an address dlsym
+/// returned for a function of libc.so.6 (private: no other address may
+/// reach the read).
+fn entry_bytes(addr: usize) -> [u8; ENTRY_BYTES] {
+    let mut out = [0u8; ENTRY_BYTES];
+    // SAFETY: addr is the entry of a function of a loaded object that never
+    // unloads (libc.so.6, resolved by dlsym in memory_calls), so at least
+    // ENTRY_BYTES (16) bytes of mapped, readable text follow it; we copy
+    // them into our own buffer and never form a reference to the text.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), ENTRY_BYTES) };
+    out
 }
 
 static MUNMAP_EVENTS: AtomicU64 = AtomicU64::new(0);

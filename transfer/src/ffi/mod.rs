@@ -10,7 +10,13 @@
 //! adds some) would be undefined behaviour. So every UCX function that returns
 //! a status, and every callback that receives one, is declared here with the
 //! status as a plain `i8` (the C type is a packed enum of one byte).
+//!
+//! This module is a leaf: it knows libc, UCX (ucx1-sys) and its own files,
+//! nothing of the crate above it. What the layers above decide reaches it as
+//! data or through a trait it defines ([`am::AmSink`], which the engine's
+//! inbox implements), never as an import of theirs.
 
+pub(crate) mod am;
 mod decls;
 pub(crate) mod hooks;
 pub(crate) mod status;

@@ -1,6 +1,7 @@
-//! libc pieces of the data plane: anonymous memory for the region, an eventfd
-//! and an epoll set for the progress thread, copies in and out of region
-//! memory, and the allocator's in-use byte count.
+//! libc pieces of the data plane: anonymous memory for the region and
+//! copies in and out of it, an eventfd and an epoll set for the progress
+//! thread, the allocator's in-use byte count, the dynamic loader's view of
+//! an address or a symbol, CPU affinity and the umask.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -216,31 +217,6 @@ pub(crate) fn symbol_in(lib: &str, symbol: &str) -> Option<usize> {
     unsafe { libc::dlclose(handle) };
     (!addr.is_null()).then_some(addr as usize)
 }
-
-/// Reads `len` bytes of this process's memory at `addr`; the caller passes an
-/// address inside a mapped, readable code page (a libc function entry).
-pub(crate) fn read_code(addr: usize, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    // SAFETY: addr is the entry of a function in a loaded object (resolved
-    // by dlsym), so at least `len` (16) bytes of mapped executable text
-    // follow it; we copy them into our own buffer.
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), len) };
-    out
-}
-
-/// The addresses the executable itself uses for libc's memory calls (its GOT
-/// entries, as resolved now), in the order of [`MEMORY_CALLS`].
-pub(crate) fn own_memory_call_addresses() -> [usize; 4] {
-    [
-        libc::mmap as *const () as usize,
-        libc::munmap as *const () as usize,
-        libc::mremap as *const () as usize,
-        libc::madvise as *const () as usize,
-    ]
-}
-
-/// libc entry points UCM hooks (by relocation or by patching code).
-pub(crate) const MEMORY_CALLS: [&str; 4] = ["mmap", "munmap", "mremap", "madvise"];
 
 /// Binds the calling thread to the CPUs in `cpus` (`sched_setaffinity(2)`
 /// on the thread itself); threads it starts afterwards inherit the set.

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use ucx1_sys as sys_ucx;
 
+use super::am::{self, AmSink, HEADER_LEN};
 use super::decls::{self, ErrCallback, SendCallback};
 use super::status::{decode_ptr, PtrStatus, Status};
 use super::sys::{self, Mapping};
-use crate::inbox::{Inbox, Reject, AM_DELIVER, HEADER_LEN};
 
 /// A UCX failure: the call that failed and its raw status.
 #[derive(Debug, Clone)]
@@ -51,6 +51,15 @@ pub(crate) fn loaded_version() -> String {
     }
     // SAFETY: non-null static C string (above).
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// The release (major, minor) of a UCX version string: `"1.13.1"` ->
+/// `(1, 13)`, `"1.22.0-rc1"` -> `(1, 22)`.
+pub(crate) fn release(version: &str) -> Option<(u32, u32)> {
+    let mut it = version.trim().split('.');
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// Path of the libucp object the process resolved `ucp_init_version` to.
@@ -347,60 +356,22 @@ unsafe extern "C" fn op_done(request: *mut c_void, status: i8, user_data: *mut c
     unsafe { sys_ucx::ucp_request_free(request) };
 }
 
-/// The active-message handler of block deliveries (see [`Inbox`]).
-unsafe extern "C" fn am_deliver(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: sys_ucx::size_t,
-    data: *mut c_void,
-    length: sys_ucx::size_t,
-    param: *const sys_ucx::ucp_am_recv_param_t,
-) -> i8 {
-    // Called by UCX inside ucp_worker_progress on the worker's thread; no
-    // panics below (bounds-checked copy, RefCell never borrowed across a
-    // progress call).
-    // SAFETY: arg is Rc::as_ptr of the Inbox the Worker holds; the worker
-    // is destroyed (no more callbacks) before that Rc is dropped.
-    let inbox = unsafe { &*(arg as *const Inbox) };
-    // SAFETY: UCX passes a valid parameter struct for the call's duration.
-    let attr = unsafe { (*param).recv_attr };
-    if attr & sys_ucx::ucp_am_recv_attr_t::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
-        // A rendezvous descriptor, not data: kvrail's senders always force
-        // eager, so this is a foreign sender. Returning OK without receiving
-        // releases the descriptor (UCX completes the sender's call).
-        inbox.reject(Reject::Rendezvous);
-        return 0;
-    }
-    if header.is_null() || (data.is_null() && length > 0) {
-        inbox.reject(Reject::Header);
-        return 0;
-    }
-    // SAFETY: UCX guarantees header_length readable header bytes and, for
-    // an eager message, length readable data bytes until the callback
-    // returns; both slices are dropped before that and never written.
-    let (h, d) = unsafe {
-        (
-            std::slice::from_raw_parts(header.cast::<u8>(), header_length as usize),
-            if length == 0 { &[][..] } else { std::slice::from_raw_parts(data.cast::<u8>(), length as usize) },
-        )
-    };
-    let _ = inbox.deliver(h, d);
-    0
-}
-
 /// A UCP worker owned by one thread (`!Send`), with the one region it serves
-/// and the inbox its active-message deliveries land in.
+/// and the sink its active-message deliveries land in.
 #[derive(Debug)]
 pub(crate) struct Worker {
     h: sys_ucx::ucp_worker_h,
     efd: c_int,
-    inbox: Rc<Inbox>,
+    /// Kept until after `ucp_worker_destroy`: the delivery handler points
+    /// at it (see [`am::register`]).
+    _sink: Rc<dyn AmSink>,
     region: Arc<Registration>,
     _ctx: Arc<Context>,
 }
 
 impl Worker {
-    pub(crate) fn new(ctx: &Arc<Context>, region: Arc<Registration>) -> Result<Rc<Worker>, UcxFailure> {
+    /// A worker on `ctx` serving `region`, whose deliveries go to `sink`.
+    pub(crate) fn new<S: AmSink + 'static>(ctx: &Arc<Context>, region: Arc<Registration>, sink: Rc<S>) -> Result<Rc<Worker>, UcxFailure> {
         // SAFETY: zeroed params = nothing set; thread mode single (one
         // thread owns the worker; Worker is !Send).
         let mut p: sys_ucx::ucp_worker_params_t = unsafe { std::mem::zeroed() };
@@ -409,32 +380,18 @@ impl Worker {
         let mut h: sys_ucx::ucp_worker_h = std::ptr::null_mut();
         // SAFETY: live context and params; out-pointer to a local.
         check("ucp_worker_create", unsafe { decls::ucp_worker_create(ctx.h, &p, &mut h) })?;
-        let inbox = Rc::new(Inbox::new(region.clone()));
-        let mut w = Worker { h, efd: -1, inbox, region, _ctx: ctx.clone() };
+        let mut w = Worker { h, efd: -1, _sink: sink.clone(), region, _ctx: ctx.clone() };
         let mut efd: c_int = -1;
         // SAFETY: live worker (context has WAKEUP); out-pointer to a local.
         check("ucp_worker_get_efd", unsafe { decls::ucp_worker_get_efd(w.h, &mut efd) })?;
         w.efd = efd;
-        // SAFETY: zeroed = nothing set; the fields set are named in the mask.
-        let mut am: sys_ucx::ucp_am_handler_param_t = unsafe { std::mem::zeroed() };
-        am.field_mask = (sys_ucx::ucp_am_handler_param_field::UCP_AM_HANDLER_PARAM_FIELD_ID
-            | sys_ucx::ucp_am_handler_param_field::UCP_AM_HANDLER_PARAM_FIELD_CB
-            | sys_ucx::ucp_am_handler_param_field::UCP_AM_HANDLER_PARAM_FIELD_ARG)
-            .0 as u64;
-        am.id = AM_DELIVER;
-        // SAFETY: identical C ABI; the status is returned as a raw i8 (0 = OK).
-        am.cb = Some(unsafe { std::mem::transmute::<AmCallback, AmRecvCb>(am_deliver) });
-        am.arg = Rc::as_ptr(&w.inbox) as *mut c_void;
-        // SAFETY: live worker on its thread (context has AM); the inbox the
-        // argument points to lives as long as the worker (field, dropped
-        // after ucp_worker_destroy).
-        check("ucp_worker_set_am_recv_handler", unsafe { decls::ucp_worker_set_am_recv_handler(w.h, &am) })?;
+        // SAFETY: live worker on this thread, of a context with AM (see
+        // Context::new); `w._sink` is a clone of `sink`, dropped only after
+        // Drop::drop ran ucp_worker_destroy (fields drop after it). If
+        // registration fails, `w` drops here: the worker is destroyed
+        // before the sink, as in every other case.
+        check("ucp_worker_set_am_recv_handler", unsafe { am::register(w.h, &sink) })?;
         Ok(Rc::new(w))
-    }
-
-    /// Where active-message deliveries to this worker land.
-    pub(crate) fn inbox(&self) -> &Rc<Inbox> {
-        &self.inbox
     }
 
     pub(crate) fn region(&self) -> &Arc<Registration> {
@@ -585,23 +542,6 @@ impl Endpoint {
 
 type ErrHandlerCb = unsafe extern "C" fn(*mut c_void, sys_ucx::ucp_ep_h, sys_ucx::ucs_status_t);
 type SendCb = unsafe extern "C" fn(*mut c_void, sys_ucx::ucs_status_t, *mut c_void);
-type AmCallback = unsafe extern "C" fn(
-    *mut c_void,
-    *const c_void,
-    sys_ucx::size_t,
-    *mut c_void,
-    sys_ucx::size_t,
-    *const sys_ucx::ucp_am_recv_param_t,
-) -> i8;
-type AmRecvCb = unsafe extern "C" fn(
-    *mut c_void,
-    *const c_void,
-    sys_ucx::size_t,
-    *mut c_void,
-    sys_ucx::size_t,
-    *const sys_ucx::ucp_am_recv_param_t,
-) -> sys_ucx::ucs_status_t;
-
 impl Drop for Endpoint {
     fn drop(&mut self) {
         // SAFETY: zeroed request params plus the FLAGS field: force-close,
@@ -709,7 +649,7 @@ pub(crate) enum Rma {
     /// Remote region -> local region.
     Get,
     /// Local region -> remote region as eager active messages the peer's
-    /// inbox copies (see [`Inbox`]); the header must stay valid until the
+    /// inbox copies (see [`AmSink`]); the header must stay valid until the
     /// request completes.
     Deliver,
 }
@@ -811,7 +751,15 @@ impl RemoteRegion {
                 // keeps alive until its callback ran, so UCX may read it for
                 // as long as the request exists.
                 let ret = unsafe {
-                    sys_ucx::ucp_am_send_nbx(self.ep.h, AM_DELIVER, header.as_ptr().cast(), HEADER_LEN as _, local, len as _, &param.base)
+                    sys_ucx::ucp_am_send_nbx(
+                        self.ep.h,
+                        am::DELIVERY_ID,
+                        header.as_ptr().cast(),
+                        HEADER_LEN as _,
+                        local,
+                        len as _,
+                        &param.base,
+                    )
                 };
                 (ret, "ucp_am_send_nbx")
             }
@@ -864,7 +812,7 @@ const OP_ATTR_FIELD_MEMH: u32 = 1 << 8;
 /// Whether the loaded UCX takes a memory handle in request parameters.
 fn takes_memh() -> bool {
     static TAKES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TAKES.get_or_init(|| crate::runtime::parse_version(&loaded_version()).is_some_and(|(major, minor)| major > 1 || minor >= 18))
+    *TAKES.get_or_init(|| release(&loaded_version()).is_some_and(|(major, minor)| major > 1 || minor >= 18))
 }
 
 /// Parameters of a request reporting to `counter`; with `memh` (and a UCX

@@ -220,7 +220,7 @@ async fn point(b: &Bench, t: Transport, block: u64, mode: Mode, memcpy: f64, sta
         cpu_s_per_gb_prefill: outcome.cpu_secs[1] / gb,
         verified: outcome.verified() && warmups_verified,
         ucx_version,
-        ucx_assertions: kvrail_transfer::runtime::uct_has_assertions(),
+        ucx_assertions: kvrail_transfer::ucx_facts::uct_has_assertions(),
         gbps_runs,
         raw_ucx_gbps_runs,
         ratio_runs: ratios,

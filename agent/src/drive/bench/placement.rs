@@ -15,7 +15,7 @@ pub(super) fn on_cpu<F: std::future::Future<Output = anyhow::Result<T>>, T: Send
 ) -> anyhow::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            kvrail_transfer::runtime::bind_this_thread(&[cpu]).with_context(|| format!("binding the bench client to CPU {cpu}"))?;
+            kvrail_transfer::cpu::bind_this_thread(&[cpu]).with_context(|| format!("binding the bench client to CPU {cpu}"))?;
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f())
         })
         .join()
@@ -29,7 +29,7 @@ pub(super) fn on_cpu<F: std::future::Future<Output = anyhow::Result<T>>, T: Send
 pub(super) fn bench_cpus(a: &BenchArgs) -> &'static [usize] {
     static CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
     let cpus = CPUS.get_or_init(|| {
-        let c = kvrail_transfer::runtime::allowed_cpus().unwrap_or_default();
+        let c = kvrail_transfer::cpu::allowed_cpus().unwrap_or_default();
         if c.len() >= 2 {
             c[..2].to_vec()
         } else {
