@@ -20,11 +20,15 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::effects::{carry_out, RequestWaiter, SessionIo};
 use super::error::{AgentError, ErrorKind, Failure};
-use super::session::{Cancel, CloseReason, Completion, Epoch, Moved, RequestKind, SessionTable};
+use super::session::{Cancel, CloseReason, Completion, Effect, Epoch, Moved, RequestKind, SessionTable};
 use super::{convert, Agent};
 
 /// How this side names its peers.
 pub const PEER_KIND: &str = "decode agent";
+
+/// Longest a stopping agent waits for a decode agent to end its side of
+/// the session after the goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 /// The prefill side's handle of one decode agent's session.
 #[derive(Debug)]
@@ -34,6 +38,17 @@ pub struct Link {
     up: Mutex<Option<mpsc::Sender<pb::SessionUp>>>,
     /// Set when the table closes the session, with why.
     closed: watch::Sender<Option<CloseReason>>,
+    /// Set once the session's task is done with its stream.
+    finished: watch::Sender<bool>,
+}
+
+/// Marks a link's stream finished when its session's task lets go of it.
+struct Finished(Arc<Link>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.send_replace(true);
+    }
 }
 
 impl Link {
@@ -98,10 +113,23 @@ impl PrefillSide {
     }
 
     /// This agent stops: every decode agent is told goodbye and its session
-    /// closes; the dialer stops re-dialling.
+    /// closes; the dialer stops re-dialling. Returns once each decode agent
+    /// has ended its side of the stream (so the goodbye reached it), or
+    /// after a bound.
     pub async fn goodbye(&self, agent: &Agent) {
         let effects = self.links.lock().expect("lock").close_all("the prefill agent is shutting down", Instant::now());
+        let links: Vec<Arc<Link>> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Drop { io, .. } => Some(io.clone()),
+                _ => None,
+            })
+            .collect();
         carry_out(agent, PEER_KIND, effects).await;
+        for link in links {
+            let mut finished = link.finished.subscribe();
+            let _ = tokio::time::timeout(GOODBYE_WAIT, finished.wait_for(|f| *f)).await;
+        }
     }
 }
 
@@ -151,8 +179,11 @@ pub async fn run(agent: Arc<Agent>, addr: String, ready: tokio::sync::oneshot::S
 /// Refusals that retrying cannot fix (version, layout, hooks, bad input, a
 /// TLS peer that does not accept our certificate or that we do not accept).
 fn is_permanent(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<tonic::Status>()
-        .is_some_and(|s| matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated))
+    let permanent = |k: ErrorKind| matches!(k, ErrorKind::FailedPrecondition | ErrorKind::InvalidArgument | ErrorKind::Unauthenticated);
+    // The decode agent's refusals arrive as statuses, this agent's own as
+    // AgentError.
+    e.downcast_ref::<tonic::Status>().is_some_and(|s| permanent(convert::kind_of_code(s.code() as i32)))
+        || e.downcast_ref::<AgentError>().is_some_and(|e| permanent(e.kind()))
         || crate::tls::is_tls_refusal(e)
 }
 
@@ -180,8 +211,8 @@ async fn session_once(
     let decode = resp.agent.ok_or_else(|| anyhow::anyhow!("decode agent answered the handshake without its AgentInfo"))?;
     if let Some(secret) = &agent.cfg.secret {
         if !secret.check("decode", &nonce, &decode, &resp.auth_proof) {
-            return Err(tonic::Status::unauthenticated(
-                "the decode agent did not prove the cluster secret; refusing to write into its region",
+            return Err(AgentError::Unauthenticated(
+                "the decode agent did not prove the cluster secret; refusing to write into its region".into(),
             )
             .into());
         }
@@ -200,7 +231,14 @@ async fn session_once(
         }
     };
     let (closed, mut on_close) = watch::channel(None);
-    let link = Arc::new(Link { decode_agent: decode.agent_id.clone(), engine_peer, up: Mutex::new(Some(up)), closed });
+    let link = Arc::new(Link {
+        decode_agent: decode.agent_id.clone(),
+        engine_peer,
+        up: Mutex::new(Some(up)),
+        closed,
+        finished: watch::channel(false).0,
+    });
+    let _finished = Finished(link.clone());
     let p = side(agent);
     let (epoch, replaced) = {
         let mut t = p.links.lock().expect("lock");
@@ -216,11 +254,22 @@ async fn session_once(
     }
     let reason = loop {
         let msg = tokio::select! {
-            r = on_close.wait_for(|r| r.is_some()) => {
+            r = on_close.wait_for(|r| r.is_some()) => Err(r.ok().and_then(|r| r.clone()).unwrap_or(CloseReason::StreamEnded)),
+            m = down.message() => Ok(m),
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(reason) => {
                 // The table closed it (lease, shutdown); its effects ran there.
-                return Ok(r.ok().and_then(|r| r.clone()).unwrap_or(CloseReason::StreamEnded));
+                if !reason.is_failure() {
+                    // Our goodbye is on its way up: the decode agent ends its
+                    // side once it has it. Dropping the stream before would
+                    // reset it, goodbye and all.
+                    let drained = async { while let Ok(Some(_)) = down.message().await {} };
+                    let _ = tokio::time::timeout(GOODBYE_WAIT, drained).await;
+                }
+                return Ok(reason);
             }
-            m = down.message() => m,
         };
         let msg = match msg {
             Ok(Some(pb::SessionDown { msg })) => msg,

@@ -276,8 +276,13 @@ proptest! {
         let mut started: Vec<(String, u8, Epoch, u64, bool)> = Vec::new();
         let mut ended_ids: BTreeSet<u32> = BTreeSet::new();
         let mut io = 0u32;
-        let on_effects = |fx: Vec<Effect<u32, u32>>, ended_ids: &mut BTreeSet<u32>| {
+        // Effects end requests of the sessions they drop, each once.
+        let on_effects = |fx: Vec<Effect<u32, u32>>, started: &[(String, u8, Epoch, u64, bool)], ended_ids: &mut BTreeSet<u32>| {
+            let gone: BTreeSet<Epoch> = fx.iter().filter_map(|e| match e { Effect::Drop { epoch, .. } => Some(*epoch), _ => None }).collect();
             for e in fx {
+                if let Effect::End { waiter, .. } | Effect::Stop { waiter, .. } = &e {
+                    prop_assert!(gone.contains(&started[*waiter as usize].2), "request {} ended by another session's close", waiter);
+                }
                 if let Effect::End { waiter, .. } = e {
                     prop_assert!(ended_ids.insert(waiter), "request {} ended twice", waiter);
                 }
@@ -289,7 +294,7 @@ proptest! {
                 Step::Restart(p) => {
                     io += 1;
                     let (e, fx) = open(&mut t, &format!("p{p}"), io, now);
-                    on_effects(fx, &mut ended_ids)?;
+                    on_effects(fx, &started, &mut ended_ids)?;
                     let before = epochs.get(&p).map(|x| x.0);
                     epochs.insert(p, (e, before));
                 }
@@ -327,18 +332,18 @@ proptest! {
                 Step::Tick(tenths) => {
                     now += LEASE * u32::from(tenths) / 10;
                     let fx = t.poll(now);
-                    on_effects(fx, &mut ended_ids)?;
+                    on_effects(fx, &started, &mut ended_ids)?;
                 }
                 Step::Break(p) => {
                     if let Some(&(e, _)) = epochs.get(&p) {
                         let fx = t.close(e, CloseReason::Broken("reset".into()), now);
-                        on_effects(fx, &mut ended_ids)?;
+                        on_effects(fx, &started, &mut ended_ids)?;
                     }
                 }
             }
         }
         let fx = t.close_all("bye", now);
-        on_effects(fx, &mut ended_ids)?;
+        on_effects(fx, &started, &mut ended_ids)?;
         // Local work ends when its task reports, even after its session closed.
         for (i, (id, _, _, order, local)) in started.iter().enumerate() {
             if *local && t.is_pending(id, *order) {
