@@ -11,6 +11,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::error::AgentError;
 use super::{convert, decode, Agent};
 use crate::pattern;
 
@@ -47,7 +48,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 impl pb::control_server::Control for ControlService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         // Peers that can take orders: handshaked and with their session stream open.
-        let peers = self.agent.sessions.lock().expect("lock").values().filter(|s| s.is_open()).map(|s| s.peer_agent.clone()).collect();
+        let peers = self.agent.open_peers();
         Ok(Response::new(pb::InfoResponse {
             agent: Some(self.agent.info()),
             ucx_library: self.agent.ucx.library.clone(),
@@ -57,15 +58,15 @@ impl pb::control_server::Control for ControlService {
     }
 
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
-        decode::submit(&self.agent, req.into_inner(), None).await.map(Response::new)
+        Ok(Response::new(decode::submit(&self.agent, req.into_inner(), None).await?))
     }
 
     async fn wait(&self, req: Request<pb::WaitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
         let req = req.into_inner();
         super::validate::check_id("request_id", &req.request_id)?;
         let timeout = Duration::from_millis(req.timeout_ms as u64).min(MAX_WAIT);
-        let st = self.agent.requests.wait(&req.request_id, timeout).await?;
-        Ok(Response::new(wait_response(req.request_id, st)))
+        let st = self.agent.decode()?.requests.wait(&req.request_id, timeout).await?;
+        Ok(Response::new(convert::wait_response(req.request_id, st)))
     }
 
     async fn transfer(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::WaitResponse>, Status> {
@@ -75,7 +76,7 @@ impl pb::control_server::Control for ControlService {
         });
         let id = decode::submit(&self.agent, req.into_inner(), Some(answer)).await?.request_id;
         let st = rx.await.map_err(|_| Status::internal(format!("request {id:?} ended without a final state")))?;
-        Ok(Response::new(wait_response(id, st)))
+        Ok(Response::new(convert::wait_response(id, st)))
     }
 
     type TransfersStream = Answers;
@@ -108,11 +109,11 @@ impl pb::control_server::Control for ControlService {
                 };
                 let (id, answers) = (req.request_id.clone(), tx.clone());
                 let answer: decode::Answer = Box::new(move |st| {
-                    let _ = answers.send(wait_response(id, st));
+                    let _ = answers.send(convert::wait_response(id, st));
                 });
                 let id = req.request_id.clone();
-                if let Err(s) = decode::submit(&agent, req, Some(answer)).await {
-                    let _ = tx.send(refused(id, &s));
+                if let Err(e) = decode::submit(&agent, req, Some(answer)).await {
+                    let _ = tx.send(convert::refused(id, &e));
                 }
             }
         });
@@ -126,8 +127,8 @@ impl pb::control_server::Control for ControlService {
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let req = req.into_inner();
         super::validate::check_id("request_id", &req.request_id)?;
-        let state = self.agent.requests.cancel(&req.request_id)?;
-        Ok(Response::new(pb::CancelResponse { state }))
+        let state = decode::cancel(&self.agent, &req.request_id)?;
+        Ok(Response::new(pb::CancelResponse { state: convert::request_state_to_pb(&state) as i32 }))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
@@ -137,7 +138,7 @@ impl pb::control_server::Control for ControlService {
     async fn fill_pattern(&self, req: Request<pb::FillPatternRequest>) -> Result<Response<pb::FillPatternResponse>, Status> {
         self.require_patterns()?;
         let (agent, seed) = (self.agent.clone(), req.into_inner().seed);
-        let bytes = blocking(move || pattern::fill(agent.engine.region(), &agent.layout, seed).map_err(|e| convert::status_of(&e))).await?;
+        let bytes = blocking(move || pattern::fill(agent.engine.region(), &agent.layout, seed).map_err(transfer_status)).await?;
         Ok(Response::new(pb::FillPatternResponse { blocks: self.agent.layout.num_blocks() as u64, bytes }))
     }
 
@@ -146,7 +147,7 @@ impl pb::control_server::Control for ControlService {
         let blocks = req.into_inner().blocks;
         check_blocks(&self.agent, &blocks)?;
         let agent = self.agent.clone();
-        blocking(move || pattern::poison(agent.engine.region(), &agent.layout, &blocks).map_err(|e| convert::status_of(&e))).await?;
+        blocking(move || pattern::poison(agent.engine.region(), &agent.layout, &blocks).map_err(transfer_status)).await?;
         Ok(Response::new(pb::PoisonBlocksResponse {}))
     }
 
@@ -158,8 +159,7 @@ impl pb::control_server::Control for ControlService {
         check_blocks(&self.agent, &req.dst_blocks)?;
         let agent = self.agent.clone();
         let v = blocking(move || {
-            pattern::verify(agent.engine.region(), &agent.layout, req.seed, &req.src_blocks, &req.dst_blocks)
-                .map_err(|e| convert::status_of(&e))
+            pattern::verify(agent.engine.region(), &agent.layout, req.seed, &req.src_blocks, &req.dst_blocks).map_err(transfer_status)
         })
         .await?;
         Ok(Response::new(pb::VerifyPatternResponse {
@@ -171,28 +171,8 @@ impl pb::control_server::Control for ControlService {
     }
 }
 
-/// The answer in a `Transfers` stream to a request that did not run: the
-/// code and message its `Submit` would have failed with.
-fn refused(request_id: String, s: &Status) -> pb::WaitResponse {
-    pb::WaitResponse {
-        request_id,
-        state: pb::RequestState::Failed as i32,
-        code: s.code() as i32,
-        error: s.message().to_string(),
-        ..Default::default()
-    }
-}
-
-fn wait_response(request_id: String, st: decode::ReqStatus) -> pb::WaitResponse {
-    pb::WaitResponse {
-        request_id,
-        state: st.state,
-        bytes: st.bytes,
-        ops: st.ops,
-        latency_us: st.latency_us,
-        code: st.code,
-        error: st.error,
-    }
+fn transfer_status(e: kvrail_transfer::TransferError) -> Status {
+    AgentError::from(e).into()
 }
 
 fn check_blocks(agent: &Agent, blocks: &[u32]) -> Result<(), Status> {

@@ -1,17 +1,23 @@
-//! A running kvrail agent: its engine (one registered region), its layout,
-//! its peers, and the requests it coordinates. Both roles share this state;
-//! `decode` and `prefill` hold what is particular to each.
+//! A running kvrail agent: what both roles share (its engine with the one
+//! registered region, its layout, memory watch, configuration and UCX
+//! facts), and what is particular to its role: a decode agent's sessions
+//! with prefill agents, requests and nonces (`decode`), a prefill agent's
+//! sessions with decode agents (`prefill`). The session protocol itself is
+//! a pure state machine (`session`); soak-only load sits apart (`SoakLoad`).
 
 pub mod auth;
 pub mod control;
 pub mod convert;
 pub mod decode;
+pub mod effects;
+pub mod error;
 pub mod peer_service;
 pub mod prefill;
+pub mod session;
 pub mod validate;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,7 +83,7 @@ pub fn heartbeat() -> pb::Heartbeat {
     pb::Heartbeat { sent_unix_ms: ms }
 }
 
-/// Shared state of one agent; services hold it in an `Arc`.
+/// One agent; services hold it in an `Arc`.
 #[derive(Debug)]
 pub struct Agent {
     pub cfg: AgentConfig,
@@ -87,19 +93,27 @@ pub struct Agent {
     pub hook_mode: HookMode,
     pub memwatch: Arc<MemWatch>,
     pub started: Instant,
-    /// Decode side: sessions with prefill agents, by session id.
-    pub sessions: Mutex<HashMap<String, Arc<decode::Session>>>,
-    /// Decode side: requests by id.
-    pub requests: decode::Requests,
-    /// Prefill side: the link to the decode agent, once handshaken.
-    pub link: Mutex<Option<Arc<prefill::Link>>>,
-    /// Milliseconds the last handshake took (prefill side).
-    pub handshake_ms: Mutex<Option<f64>>,
-    /// Decode side: one-time nonces for handshake proofs.
-    pub nonces: auth::Nonces,
-    /// Allocator churn (soak load), when enabled.
+    /// What only this agent's role holds.
+    pub side: Side,
+    /// Soak-only load on this agent.
+    pub soak: SoakLoad,
+    /// Set once the agent has begun to shut down.
+    stopping: AtomicBool,
+}
+
+/// The state particular to an agent's role.
+#[derive(Debug)]
+pub enum Side {
+    Decode(decode::DecodeSide),
+    Prefill(prefill::PrefillSide),
+}
+
+/// Load a soak puts on an agent, when enabled.
+#[derive(Debug, Default)]
+pub struct SoakLoad {
+    /// Allocator churn.
     pub churn: Mutex<Option<crate::churn::Churn>>,
-    /// Test-only leak injection, when enabled.
+    /// Test-only leak injection.
     pub leak: Mutex<Option<crate::churn::LeakInjector>>,
 }
 
@@ -139,21 +153,67 @@ impl Agent {
             "agent started"
         );
         Ok(Arc::new(Agent {
-            cfg,
             engine,
             layout,
             ucx,
             hook_mode,
             memwatch,
             started: Instant::now(),
-            sessions: Mutex::new(HashMap::new()),
-            requests: decode::Requests::default(),
-            link: Mutex::new(None),
-            handshake_ms: Mutex::new(None),
-            nonces: auth::Nonces::default(),
-            churn: Mutex::new(None),
-            leak: Mutex::new(None),
+            side: match cfg.role {
+                Role::Decode => Side::Decode(decode::DecodeSide::new(cfg.lease)),
+                Role::Prefill => Side::Prefill(prefill::PrefillSide::new(cfg.lease)),
+            },
+            cfg,
+            soak: SoakLoad::default(),
+            stopping: AtomicBool::new(false),
         }))
+    }
+
+    /// The decode side, or `WrongRole` on a prefill agent.
+    pub fn decode(&self) -> Result<&decode::DecodeSide, error::AgentError> {
+        match &self.side {
+            Side::Decode(d) => Ok(d),
+            Side::Prefill(_) => Err(error::AgentError::WrongRole { actual: "prefill", hint: "call the decode agent" }),
+        }
+    }
+
+    /// The prefill side, or `WrongRole` on a decode agent.
+    pub fn prefill(&self) -> Result<&prefill::PrefillSide, error::AgentError> {
+        match &self.side {
+            Side::Prefill(p) => Ok(p),
+            Side::Decode(_) => Err(error::AgentError::WrongRole { actual: "decode", hint: "call the prefill agent" }),
+        }
+    }
+
+    /// Peers with an open session: prefill agents that take orders (on a
+    /// decode agent), decode agents served (on a prefill agent).
+    pub fn open_peers(&self) -> Vec<String> {
+        match &self.side {
+            Side::Decode(d) => d.open_peers(),
+            Side::Prefill(p) => p.open_peers(),
+        }
+    }
+
+    /// Starts the session tasks (heartbeats and leases) of the agent's role.
+    pub fn spawn_session_tasks(self: &Arc<Self>) {
+        match &self.side {
+            Side::Decode(_) => effects::spawn_ticker(self.clone(), |a| &a.decode().expect("decode agent").sessions),
+            Side::Prefill(_) => effects::spawn_ticker(self.clone(), |a| &a.prefill().expect("prefill agent").links),
+        };
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The agent stops: every peer is told goodbye and its session closes,
+    /// so peers log an orderly close, not a failure.
+    pub async fn goodbye(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        match &self.side {
+            Side::Decode(d) => d.goodbye(self).await,
+            Side::Prefill(p) => p.goodbye(self).await,
+        }
     }
 
     /// This agent as a handshake presents it.
@@ -192,8 +252,8 @@ impl Agent {
             memory: Some(self.memory()),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             ucx_intercepted_munmaps: kvrail_transfer::hooks::intercepted_unmaps(),
-            churn_munmaps: self.churn.lock().expect("lock").as_ref().map_or(0, |c| c.stats.munmaps.load(Relaxed)),
-            injected_leak_bytes: self.leak.lock().expect("lock").as_ref().map_or(0, |l| l.leaked.load(Relaxed)),
+            churn_munmaps: self.soak.churn.lock().expect("lock").as_ref().map_or(0, |c| c.stats.munmaps.load(Relaxed)),
+            injected_leak_bytes: self.soak.leak.lock().expect("lock").as_ref().map_or(0, |l| l.leaked.load(Relaxed)),
         }
     }
 

@@ -5,29 +5,31 @@
 
 use kvrail_proto::v1 as pb;
 use kvrail_transfer::plan::{self, TransferPlan};
+use std::ops::Range;
+
 use kvrail_transfer::{BlockLayout, PeerSpec, RmaOp};
-use tonic::Status;
 
 use super::convert;
+use super::error::AgentError;
 
 /// Longest request or agent id accepted, bytes.
 pub const MAX_ID_LEN: usize = 256;
 
 /// Ids are non-empty and bounded.
-pub fn check_id(field: &str, id: &str) -> Result<(), Status> {
+pub fn check_id(field: &str, id: &str) -> Result<(), AgentError> {
     if id.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is empty")));
+        return Err(AgentError::Invalid(format!("{field} is empty")));
     }
     if id.len() > MAX_ID_LEN {
-        return Err(Status::invalid_argument(format!("{field} is {} bytes long; the limit is {MAX_ID_LEN}", id.len())));
+        return Err(AgentError::Invalid(format!("{field} is {} bytes long; the limit is {MAX_ID_LEN}", id.len())));
     }
     Ok(())
 }
 
 /// The protocol versions must be equal; the message names both.
-pub fn protocol_version(peer: u32) -> Result<(), Status> {
+pub fn protocol_version(peer: u32) -> Result<(), AgentError> {
     if peer != kvrail_proto::PROTOCOL_VERSION {
-        return Err(Status::failed_precondition(format!(
+        return Err(AgentError::Precondition(format!(
             "protocol version mismatch: the peer speaks kvrail protocol v{peer}, this agent speaks v{}; run the same kvrail release on both sides",
             kvrail_proto::PROTOCOL_VERSION
         )));
@@ -37,9 +39,9 @@ pub fn protocol_version(peer: u32) -> Result<(), Status> {
 
 /// The fields of a Submit that need no session: id and mode (an unknown
 /// enum value is refused; UNSPECIFIED means the default, write).
-pub fn submit_header(req: &pb::SubmitRequest) -> Result<pb::TransferMode, Status> {
+pub fn submit_header(req: &pb::SubmitRequest) -> Result<pb::TransferMode, AgentError> {
     check_id("request_id", &req.request_id)?;
-    pb::TransferMode::try_from(req.mode).map_err(|_| Status::invalid_argument(format!("mode {} is not a TransferMode", req.mode)))
+    pb::TransferMode::try_from(req.mode).map_err(|_| AgentError::Invalid(format!("mode {} is not a TransferMode", req.mode)))
 }
 
 /// The block lists of a Submit against the two layouts (`peer` holds the
@@ -50,12 +52,12 @@ pub fn submit_blocks(
     mode: pb::TransferMode,
     peer: &BlockLayout,
     local: &BlockLayout,
-) -> Result<Option<Vec<RmaOp>>, Status> {
-    plan::validate(peer, &req.src_blocks, local, &req.dst_blocks).map_err(|e| Status::invalid_argument(e.to_string()))?;
+) -> Result<Option<Vec<RmaOp>>, AgentError> {
+    plan::validate(peer, &req.src_blocks, local, &req.dst_blocks).map_err(|e| AgentError::Invalid(e.to_string()))?;
     Ok(match mode {
         pb::TransferMode::Read => Some(
             TransferPlan::build(peer, &req.src_blocks, local, &req.dst_blocks, 0)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .map_err(|e| AgentError::Invalid(e.to_string()))?
                 .into_ops(),
         ),
         _ => None,
@@ -63,26 +65,60 @@ pub fn submit_blocks(
 }
 
 /// A whole Submit, header then blocks.
-pub fn submit(req: &pb::SubmitRequest, peer: &BlockLayout, local: &BlockLayout) -> Result<Option<Vec<RmaOp>>, Status> {
+pub fn submit(req: &pb::SubmitRequest, peer: &BlockLayout, local: &BlockLayout) -> Result<Option<Vec<RmaOp>>, AgentError> {
     let mode = submit_header(req)?;
     submit_blocks(req, mode, peer, local)
+}
+
+/// How a validated Submit moves its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferPath {
+    /// The prefill agent writes by RMA puts.
+    Write,
+    /// The prefill agent sends the blocks as active messages, accepted only
+    /// into these byte ranges of this agent's region.
+    Delivery(Vec<Range<u64>>),
+    /// This agent reads with these RMA ops.
+    Read(Vec<RmaOp>),
+}
+
+/// The block lists of a Submit checked against the two layouts, and the
+/// path its bytes take. Where UCX emulates RMA in software (`deliver`:
+/// tcp) the target of an emulated get is the prefill agent, which UCX can
+/// abort if this agent dies mid-read; there both modes are deliveries: the
+/// prefill agent sends, this agent never answers in UCX, and accepts the
+/// bytes only into this request's destination blocks (the byte ranges a
+/// read plan would fill).
+pub fn transfer_path(
+    req: &pb::SubmitRequest,
+    mode: pb::TransferMode,
+    deliver: bool,
+    peer: &BlockLayout,
+    local: &BlockLayout,
+) -> Result<TransferPath, AgentError> {
+    let plan_mode = if deliver { pb::TransferMode::Read } else { mode };
+    Ok(match submit_blocks(req, plan_mode, peer, local)? {
+        Some(ops) if deliver => TransferPath::Delivery(ops.iter().map(|o| o.dst_offset..o.dst_offset + o.len).collect()),
+        Some(ops) => TransferPath::Read(ops),
+        None => TransferPath::Write,
+    })
 }
 
 /// What a decode agent checks of a prefill agent's AgentInfo once the peer
 /// is authenticated: id, role, layout (valid, compatible, hash), hook mode,
 /// and a reachable region that holds the layout.
-pub fn admit(peer: &pb::AgentInfo, local: &BlockLayout, allow_hooks: bool) -> Result<(BlockLayout, PeerSpec), Status> {
+pub fn admit(peer: &pb::AgentInfo, local: &BlockLayout, allow_hooks: bool) -> Result<(BlockLayout, PeerSpec), AgentError> {
     check_id("agent.agent_id", &peer.agent_id)?;
     if peer.role != pb::Role::Prefill as i32 {
-        return Err(Status::invalid_argument(format!("agent.role must be ROLE_PREFILL, got {}", peer.role)));
+        return Err(AgentError::Invalid(format!("agent.role must be ROLE_PREFILL, got {}", peer.role)));
     }
     let layout = convert::layout_from_pb(peer.layout.as_ref())?;
-    local.check_compatible(&layout).map_err(|e| Status::failed_precondition(format!("incompatible KV layouts: {e}")))?;
+    local.check_compatible(&layout).map_err(|e| AgentError::Precondition(format!("incompatible KV layouts: {e}")))?;
     if peer.compat_hash != layout.compat_hash() {
-        return Err(Status::invalid_argument("agent.compat_hash does not match agent.layout"));
+        return Err(AgentError::Invalid("agent.compat_hash does not match agent.layout".into()));
     }
     if peer.hook_mode != pb::HookMode::None as i32 && !allow_hooks {
-        return Err(Status::failed_precondition(format!(
+        return Err(AgentError::Precondition(format!(
             "peer {} runs with UCX mmap hook mode {}; kvrail requires none on both sides",
             peer.agent_id,
             convert::hook_mode_name(peer.hook_mode)
@@ -141,6 +177,7 @@ pub fn fuzz_one(bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::error::ErrorKind;
     use proptest::prelude::*;
     use prost::Message as _;
 
@@ -152,18 +189,18 @@ mod tests {
     fn unknown_mode_and_bad_ids_are_invalid_argument() {
         let req = pb::SubmitRequest { request_id: "r".into(), mode: 7, src_blocks: vec![1], dst_blocks: vec![1], ..Default::default() };
         let e = submit(&req, &layout(), &layout()).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("mode 7"));
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("mode 7"));
         let long = pb::SubmitRequest { request_id: "x".repeat(MAX_ID_LEN + 1), ..req };
-        assert!(submit(&long, &layout(), &layout()).unwrap_err().message().contains("limit is 256"));
+        assert!(submit(&long, &layout(), &layout()).unwrap_err().to_string().contains("limit is 256"));
     }
 
     #[test]
     fn version_mismatch_names_both_versions() {
         let e = protocol_version(kvrail_proto::PROTOCOL_VERSION + 1).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(e.message().contains(&format!("v{}", kvrail_proto::PROTOCOL_VERSION + 1)));
-        assert!(e.message().contains(&format!("v{}", kvrail_proto::PROTOCOL_VERSION)));
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(e.to_string().contains(&format!("v{}", kvrail_proto::PROTOCOL_VERSION + 1)));
+        assert!(e.to_string().contains(&format!("v{}", kvrail_proto::PROTOCOL_VERSION)));
     }
 
     proptest! {

@@ -65,10 +65,11 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     let leak = args.test_inject_leak_mib_per_min.map(crate::churn::LeakInjector::start).transpose()?;
     let memwatch = MemWatch::start(mw, heap_bytes);
     let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
-    *agent.leak.lock().expect("lock") = leak;
+    *agent.soak.leak.lock().expect("lock") = leak;
     if args.churn_rounds_per_sec > 0 {
-        *agent.churn.lock().expect("lock") = Some(crate::churn::Churn::start(args.churn_rounds_per_sec, args.churn_unmaps_per_round));
+        *agent.soak.churn.lock().expect("lock") = Some(crate::churn::Churn::start(args.churn_rounds_per_sec, args.churn_unmaps_per_round));
     }
+    agent.spawn_session_tasks();
     let metrics = match args.metrics {
         Some(addr) => Some(crate::metrics::serve(addr, agent.clone()).await?),
         None => None,
@@ -95,7 +96,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         .add_service(health_service)
         .add_service(peer_svc)
         .add_service(control_svc)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal());
+        .serve_with_incoming_shutdown(incoming, goodbye_on_signal(agent.clone()));
     let server = tokio::spawn(server);
     if let Some(path) = &args.local_socket {
         serve_local(path, agent.clone()).await?;
@@ -179,6 +180,13 @@ fn ready_line(
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+/// On SIGINT/SIGTERM the agent says goodbye to its peers (they see an
+/// orderly close, not a failure) before the server stops.
+async fn goodbye_on_signal(agent: Arc<Agent>) {
+    shutdown_signal().await;
+    agent.goodbye().await;
 }
 
 async fn shutdown_signal() {
