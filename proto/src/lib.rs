@@ -10,5 +10,8 @@ pub mod v1 {
 }
 
 /// Protocol version spoken by this build. Bumped on any incompatible change;
-/// peers with a different version are refused at handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// peers with a different version are refused at handshake. v4: write
+/// orders and completions carry an order number (a late completion of an
+/// earlier run of a reused request id is fenced), and sessions end with a
+/// goodbye.
+pub const PROTOCOL_VERSION: u32 = 4;
