@@ -107,23 +107,31 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
     d
 }
 
-/// Kills `role` of a 60 s soak three seconds into its transfers.
+/// Runs the driver `args` until both its agents are up, waits `settle`,
+/// kills its `role` agent and checks the driver exits 1 within
+/// [`FAIL_FAST`]. Returns the victim's pid, the driver's stdout and stderr.
+fn kill_mid_run(args: &[String], role: &str, settle: Duration, context: &str) -> (u32, String, String) {
+    let (mut driver, stdout) = start(args);
+    let victim = agent_of(driver.id(), role, Duration::from_secs(60));
+    agent_of(driver.id(), if role == "decode" { "prefill" } else { "decode" }, Duration::from_secs(30));
+    std::thread::sleep(settle);
+    kill9(victim);
+    let killed = Instant::now();
+    let (code, took) = exited(&mut driver, killed, Duration::from_secs(60));
+    let err = stderr_of(&mut driver);
+    assert!(took < FAIL_FAST, "{context}: exited {took:?} after the kill\n{err}");
+    assert_eq!(code, 1, "{context}: {err}");
+    let out = stdout.recv_timeout(Duration::from_secs(5)).unwrap();
+    (victim, out, err)
+}
+
+/// Kills `role` of a 60 s soak a few seconds into its transfers.
 fn soak_loses(transport: &str, role: &str) {
     let context = format!("soak over {transport}, {role} killed");
     let dir = tmpdir(&format!("soak-kill-{transport}-{role}"));
     let args = kvrail_integration::soak_args(&dir, &[("--duration", "60s"), ("--transport", transport), ("--churn-rounds-per-sec", "5")]);
-    let (mut soak, stdout) = start(&args);
-    let victim = agent_of(soak.id(), role, Duration::from_secs(30));
     // Both agents up, the pattern filled, passes running.
-    agent_of(soak.id(), if role == "decode" { "prefill" } else { "decode" }, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(6));
-    kill9(victim);
-    let killed = Instant::now();
-    let (code, took) = exited(&mut soak, killed, Duration::from_secs(60));
-    let err = stderr_of(&mut soak);
-    assert!(took < FAIL_FAST, "{context}: exited {took:?} after the kill\n{err}");
-    assert_eq!(code, 1, "{context}: {err}");
-    let out = stdout.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (victim, out, err) = kill_mid_run(&args, role, Duration::from_secs(6), &context);
     let printed: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{context}: no JSON ({e}): {out}\n{err}"));
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(printed, written, "{context}: the printed report is the written one");
@@ -173,17 +181,7 @@ fn bench_loses(transport: &str, role: &str) {
     ]
     .map(String::from)
     .to_vec();
-    let (mut bench, stdout) = start(&args);
-    let victim = agent_of(bench.id(), role, Duration::from_secs(60));
-    agent_of(bench.id(), if role == "decode" { "prefill" } else { "decode" }, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(4));
-    kill9(victim);
-    let killed = Instant::now();
-    let (code, took) = exited(&mut bench, killed, Duration::from_secs(60));
-    let err = stderr_of(&mut bench);
-    assert!(took < FAIL_FAST, "{context}: exited {took:?} after the kill\n{err}");
-    assert_eq!(code, 1, "{context}: {err}");
-    let out = stdout.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (victim, out, err) = kill_mid_run(&args, role, Duration::from_secs(4), &context);
     let last = out.lines().last().unwrap_or_else(|| panic!("{context}: no output\n{err}"));
     let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{context}: last line not JSON ({e}): {out}\n{err}"));
     assert_eq!((v["ok"].as_bool(), v["points"].as_u64()), (Some(false), Some(0)), "{context}: {v:#}");

@@ -265,6 +265,7 @@ impl AgentProcess {
             // Its last words may still be in the pipe.
             tokio::time::sleep(Duration::from_millis(100)).await;
             let e = e.expect("ended");
+            tracing::debug!(agent = %name.describe(), how = %e.how, "agent ended while the run needed it");
             crew.fail(Failure::agent_ended(&name, &e, log.lines(), crew.elapsed()));
         });
     }
@@ -304,6 +305,13 @@ impl AgentProcess {
     /// Stops the agent (SIGTERM, then SIGKILL after 5 s).
     pub async fn stop(self) {
         self.stop_within(Duration::from_secs(5)).await
+    }
+}
+
+impl Drop for AgentProcess {
+    /// Dropping the handle kills the agent on purpose: no failure.
+    fn drop(&mut self) {
+        self.watch.expected.store(true, Ordering::SeqCst);
     }
 }
 
