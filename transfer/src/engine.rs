@@ -143,13 +143,7 @@ pub enum Direction {
     Deliver { tag: u64 },
 }
 
-/// A completed transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TransferDone {
-    pub bytes: u64,
-    pub ops: u64,
-    pub elapsed: Duration,
-}
+pub use crate::done::TransferDone;
 
 /// Counters the engine keeps (read at any time).
 #[derive(Debug, Default)]

@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::engine::TransferDone;
+use crate::done::TransferDone;
 use crate::error::TransferError;
 use crate::ffi::am::{AmSink, Refused, HEADER_LEN};
 use crate::ffi::ucp::Registration;

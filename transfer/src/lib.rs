@@ -16,6 +16,7 @@
 mod ffi;
 
 pub mod cpu;
+mod done;
 pub mod engine;
 pub mod error;
 pub mod hooks;

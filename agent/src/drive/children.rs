@@ -5,10 +5,9 @@
 //! driver's [`Crew`] at once, named, with how it ended. Dropping an
 //! [`AgentProcess`] kills its agent.
 
-use std::collections::VecDeque;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,12 +17,9 @@ use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 
-use super::crew::{AgentName, Crew, Ended, Failure};
+use super::crew::{AgentName, Crew, Ended, Failure, LogTail};
 use crate::cmd::serve::MAX_MESSAGE;
 use crate::drive::workload::Control;
-
-/// Lines of an agent's log kept for a failure report.
-const LOG_TAIL: usize = 40;
 
 /// A gRPC channel over the Unix socket at `path`.
 pub async fn unix_channel(path: std::path::PathBuf) -> anyhow::Result<Channel> {
@@ -72,25 +68,6 @@ pub fn drain<R: AsyncRead + Unpin + Send + 'static>(mut lines: Lines<BufReader<R
 /// warnings and errors (kvrail's and UCX's own), panics, assertions.
 fn loud(line: &str) -> bool {
     ["WARN", "ERROR", "panicked", "Assertion", "fatal"].iter().any(|w| line.contains(w))
-}
-
-/// The last [`LOG_TAIL`] lines of an agent's stderr.
-#[derive(Debug, Clone, Default)]
-pub struct LogTail(Arc<Mutex<VecDeque<String>>>);
-
-impl LogTail {
-    fn push(&self, line: String) {
-        let mut g = self.0.lock().expect("lock");
-        if g.len() == LOG_TAIL {
-            g.pop_front();
-        }
-        g.push_back(line);
-    }
-
-    /// The kept lines, oldest first.
-    pub fn lines(&self) -> Vec<String> {
-        self.0.lock().expect("lock").iter().cloned().collect()
-    }
 }
 
 /// A running agent process.
@@ -255,6 +232,7 @@ impl AgentProcess {
 
     /// Reports this agent's end to `crew` unless this driver stopped it.
     pub fn enlist(&self, crew: &Crew) {
+        crew.enlist(self.name.clone(), self.watch.expected.clone(), self.log.clone());
         let (mut ended, expected, crew) = (self.watch.ended.clone(), self.watch.expected.clone(), crew.clone());
         let (name, log) = (self.name.clone(), self.log.clone());
         tokio::spawn(async move {
@@ -309,9 +287,15 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
-    /// Dropping the handle kills the agent on purpose: no failure.
+    /// Dropping the handle kills a running agent on purpose: no failure.
+    /// One that has already ended (reaped, or a zombie still) ended on its
+    /// own, and stays a failure: a run that unwinds on its broken
+    /// connection drops its agents before the crew has heard why.
     fn drop(&mut self) {
-        self.watch.expected.store(true, Ordering::SeqCst);
+        let alive = self.watch.ended.borrow().is_none() && self.name.pid.is_some_and(|p| super::crew::proc_end(p).is_none());
+        if alive {
+            self.watch.expected.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -339,18 +323,6 @@ pub async fn prefaulted(control: &mut Control, limit: Duration) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_log_tail_keeps_the_last_lines() {
-        let t = LogTail::default();
-        for i in 0..LOG_TAIL + 5 {
-            t.push(format!("line {i}"));
-        }
-        let l = t.lines();
-        assert_eq!(l.len(), LOG_TAIL);
-        assert_eq!(l[0], "line 5");
-        assert_eq!(l.last().unwrap(), &format!("line {}", LOG_TAIL + 4));
-    }
 
     #[test]
     fn only_warnings_and_worse_are_loud() {

@@ -7,6 +7,9 @@
 //! [`Crew::failed`], so a run stops within moments of losing an agent and
 //! still writes its report, with the [`Failure`] in it.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -55,6 +58,28 @@ impl AgentName {
     }
 }
 
+/// Lines of an agent's log kept for a failure report.
+pub const LOG_TAIL: usize = 40;
+
+/// The last [`LOG_TAIL`] lines of an agent's stderr.
+#[derive(Debug, Clone, Default)]
+pub struct LogTail(Arc<Mutex<VecDeque<String>>>);
+
+impl LogTail {
+    pub fn push(&self, line: String) {
+        let mut g = self.0.lock().expect("lock");
+        if g.len() == LOG_TAIL {
+            g.pop_front();
+        }
+        g.push_back(line);
+    }
+
+    /// The kept lines, oldest first.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().expect("lock").iter().cloned().collect()
+    }
+}
+
 /// How a process ended.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Ended {
@@ -78,6 +103,22 @@ impl Ended {
             Err(e) => Ended { exit_code: None, signal: None, how: format!("could not be waited for ({e})") },
         }
     }
+}
+
+/// How process `pid` ended, if it has: a zombie's exit status from
+/// /proc/PID/stat (field 52, in waitpid's form), or "ended" once it is
+/// gone. `None` while it runs.
+pub fn proc_end(pid: u32) -> Option<Ended> {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Some(Ended { exit_code: None, signal: None, how: "ended".into() });
+    };
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if !matches!(rest.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    let status: i32 = rest.get(49).and_then(|v| v.parse().ok()).unwrap_or(0);
+    use std::os::unix::process::ExitStatusExt as _;
+    Some(Ended::from_status(Ok(std::process::ExitStatus::from_raw(status))))
 }
 
 /// The usual name of a Linux signal number.
@@ -195,6 +236,18 @@ impl std::error::Error for Failure {}
 pub struct Crew {
     failure: watch::Sender<Option<Failure>>,
     started: Instant,
+    /// The processes enlisted, for a look at /proc when a call fails
+    /// before their end was heard.
+    members: Arc<Mutex<Vec<Member>>>,
+}
+
+/// An enlisted agent process.
+#[derive(Debug)]
+struct Member {
+    name: AgentName,
+    /// Set when the driver ends it on purpose.
+    expected: Arc<AtomicBool>,
+    log: LogTail,
 }
 
 impl Default for Crew {
@@ -208,7 +261,7 @@ const REMOTE_PROBE: Duration = Duration::from_secs(1);
 
 impl Crew {
     pub fn new() -> Crew {
-        Crew { failure: watch::channel(None).0, started: Instant::now() }
+        Crew { failure: watch::channel(None).0, started: Instant::now(), members: Arc::default() }
     }
 
     /// Time since the run started.
@@ -250,7 +303,24 @@ impl Crew {
     /// the broken connection before the driver sees the process end), so
     /// wait up to `grace` for one; otherwise the error itself.
     pub async fn explain(&self, err: &anyhow::Error, grace: Duration) -> Failure {
-        match tokio::time::timeout(grace, self.failed()).await {
+        let dead = async {
+            // The end of a process reaches the crew through its reaper;
+            // /proc says at once that it is gone or a zombie.
+            loop {
+                if let Some(f) = self.dead_member() {
+                    self.fail(f);
+                    return self.failure().expect("just failed");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let first = async {
+            tokio::select! {
+                f = self.failed() => f,
+                f = dead => f,
+            }
+        };
+        match tokio::time::timeout(grace, first).await {
             Ok(f) => f,
             Err(_) => {
                 let mut f = Failure::error(crate::diagnose::one_line(err), self.elapsed());
@@ -262,6 +332,23 @@ impl Crew {
                 self.failure().unwrap_or(f)
             }
         }
+    }
+
+    /// Enlists an agent process: `explain` looks it up in /proc.
+    pub fn enlist(&self, name: AgentName, expected: Arc<AtomicBool>, log: LogTail) {
+        self.members.lock().expect("lock").push(Member { name, expected, log });
+    }
+
+    /// An enlisted process that has ended (a zombie) though the driver did
+    /// not end it.
+    fn dead_member(&self) -> Option<Failure> {
+        let members = self.members.lock().expect("lock");
+        members.iter().filter(|m| !m.expected.load(Ordering::SeqCst)).find_map(|m| {
+            // A zombie: its status is there. One already reaped is its
+            // reaper's to report, with that status.
+            let ended = proc_end(m.name.pid?).filter(|e| e.exit_code.is_some() || e.signal.is_some())?;
+            Some(Failure::agent_ended(&m.name, &ended, m.log.lines(), self.elapsed()))
+        })
     }
 
     /// Probes the agent behind `control` every second; once it has not
@@ -343,6 +430,39 @@ mod tests {
         let f = Failure::agent_ended(&name(), &killed, vec!["a".into()], Duration::from_millis(12_300));
         assert_eq!(f.message, "the prefill agent soak-prefill (pid 42, 127.0.0.1:7000) was killed by signal 9 (SIGKILL) 12.3 s into the run; see the end of its log below");
         assert_eq!(f.human(), format!("{}\n    | a", f.message));
+    }
+
+    #[test]
+    fn the_log_tail_keeps_the_last_lines() {
+        let t = LogTail::default();
+        for i in 0..super::LOG_TAIL + 5 {
+            t.push(format!("line {i}"));
+        }
+        let l = t.lines();
+        assert_eq!(l.len(), super::LOG_TAIL);
+        assert_eq!(l[0], "line 5");
+        assert_eq!(l.last().unwrap(), &format!("line {}", super::LOG_TAIL + 4));
+    }
+
+    #[test]
+    fn a_running_process_has_not_ended_and_a_killed_one_reads_as_killed() {
+        assert!(proc_end(std::process::id()).is_none(), "this test runs");
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        assert!(proc_end(pid).is_none());
+        child.kill().unwrap();
+        // A zombie until waited for: /proc has its status.
+        let t0 = Instant::now();
+        let ended = loop {
+            if let Some(e) = proc_end(pid) {
+                break e;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "killed, never a zombie");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!((ended.signal, ended.how.as_str()), (Some(9), "was killed by signal 9 (SIGKILL)"));
+        child.wait().unwrap();
+        assert_eq!(proc_end(pid).map(|e| e.how), Some("ended".into()), "reaped: gone");
     }
 
     #[tokio::test]

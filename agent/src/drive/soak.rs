@@ -307,7 +307,12 @@ fn report(a: &SoakArgs, m: &Measured, failure: Option<Failure>, decode: Option<A
         demo_ucx_mmap_hooks_on: a.demo_allow_ucx_mmap_hooks,
         demo_rcache_max_unreleased: a.demo_rcache_max_unreleased.clone(),
         duration_secs: m.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-        transport: m.info.as_ref().map_or_else(|| a.geometry.on_one_host().transport.to_string(), |i| i.transport.clone()),
+        // What the decode agent serves; before it was read, what it would be.
+        transport: match (&m.info, &a.decode) {
+            (Some(i), _) => i.transport.clone(),
+            (None, Some(_)) => a.geometry.transport.to_string(),
+            (None, None) => a.geometry.on_one_host().transport.to_string(),
+        },
         mode: a.mode.name().to_string(),
         passes: m.passes,
         blocks: total.blocks,
