@@ -246,7 +246,7 @@ fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
     v
 }
 
-/// [`one_run`], raced against the crew. The failure is made here, on the
+/// [`one_run`] on its own runtime's terms: the failure is made here, on the
 /// runtime the run's agents are watched from (with a CPU for the client,
 /// that runtime ends with the run).
 async fn watched_run(b: &Bench, t: Transport, block: u64, mode: Mode, i: usize) -> anyhow::Result<Run> {
@@ -255,7 +255,9 @@ async fn watched_run(b: &Bench, t: Transport, block: u64, mode: Mode, i: usize) 
 
 /// One run (`i` counts from 1): fresh kvrail agents and raw-UCX processes,
 /// both set up (connected, pattern filled, peer mappings pre-faulted)
-/// before anything is timed, then taking turns pass by pass.
+/// before anything is timed, then taking turns pass by pass. The passes
+/// race against the crew while both sides are still held, so an agent that
+/// died is found and named before its survivors are let go.
 async fn one_run(b: &Bench, t: Transport, block: u64, mode: Mode, i: usize) -> anyhow::Result<Run> {
     let a = &b.a;
     // Which pair starts (and so allocates its regions) first alternates
@@ -269,6 +271,15 @@ async fn one_run(b: &Bench, t: Transport, block: u64, mode: Mode, i: usize) -> a
         let raw = RawLoop::start(a, t, block, mode).await?;
         (Agents::start(b, t, block, mode, i).await?, raw)
     };
+    let run = race(&b.crew, take_turns(a, &mut kvrail, &mut raw, block, i)).await.map_err(anyhow::Error::new)?;
+    kvrail.stop().await;
+    raw.stop().await;
+    Ok(run)
+}
+
+/// The passes of run `i`: one untimed warm-up pass each, then kvrail's and
+/// the raw loop's passes by turns.
+async fn take_turns(a: &BenchArgs, kvrail: &mut Agents, raw: &mut RawLoop, block: u64, i: usize) -> anyhow::Result<Run> {
     let passes = passes((a.total_bytes / block) as usize, kvrail.num_blocks as usize);
     // One untimed pass each first: the first pass after the processes'
     // set-up runs up to twice as slow, for either side, and a long-running
@@ -302,8 +313,6 @@ async fn one_run(b: &Bench, t: Transport, block: u64, mode: Mode, i: usize) -> a
             }
         }
     }
-    kvrail.stop().await;
-    raw.stop().await;
     Ok(run)
 }
 
