@@ -146,10 +146,18 @@ pub struct AgentArgs {
     /// handshake and write into its region.
     #[arg(long)]
     pub insecure_no_auth: bool,
-    /// Also serve the local Control API (for the inference engine's
-    /// connector) on this Unix socket, created owner-only (0600).
+    /// Also serve the local API (Control, and Sidecar for the inference
+    /// engine's KV connector) on this Unix socket, created owner-only
+    /// (0600), with the side socket for region descriptors at PATH.fd.
     #[arg(long)]
     pub local_socket: Option<std::path::PathBuf>,
+    /// Start with no region and take the engine's: its KV cache as a shared
+    /// file, handed over by the Sidecar API's AttachRegion on
+    /// `--local-socket` (the file's descriptor on PATH.fd). The geometry
+    /// flags are then the engine's; the agent's TCP port opens once the
+    /// region is attached.
+    #[arg(long, requires = "local_socket")]
+    pub region_from_client: bool,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
     /// Serve Prometheus metrics at http://ADDR/metrics.

@@ -66,7 +66,9 @@ fn soak_is_ok_without_leak_and_catches_an_injected_leak() {
     assert!(d["rss_slope_mib_per_min"].as_f64().unwrap() > 2.5, "{d:#}");
     assert!(d["injected_leak_bytes"].as_u64().unwrap() >= 8 << 20, "{d:#}");
     let f = d["forensics"].as_str().expect("forensics on a leak");
-    assert!(f.contains("RSS grows but the heap does not"), "{f}");
+    // Either diagnosis names growth outside the heap (the heap may grow a
+    // little too on a loaded machine).
+    assert!(f.contains("RSS grows but the heap does not") || f.contains("RSS grows faster than the heap"), "{f}");
     assert!(f.contains("anonymous"), "{f}");
     assert_eq!(leak["prefill"]["verdict"], "ok", "{leak:#}");
     let _ = std::fs::remove_dir_all(clean_dir);

@@ -363,3 +363,16 @@ def test_real_base_catches_missing_and_mismatched_methods() -> None:
     )
     report = c.check_class(base, wrong_kind, "Stub")
     assert [(p.kind, p.method) for p in report.problems] == [("kind_mismatch", "get_required_kvcache_layout")]
+
+
+@needs_wheel
+def test_kvrail_connector_conforms_to_the_pinned_base_and_hma() -> None:
+    """KvrailConnector against the wheel's own KVConnectorBase_V1 and SupportsHMA:
+    every abstract method, and every override with the base's names, kinds,
+    defaults and annotations."""
+    source = (Path(__file__).resolve().parents[1] / "kvrail_vllm" / "connector.py").read_text()
+    for cls_name in (c.BASE_CLASS, c.HMA_CLASS):
+        base = c.load_base(WHEEL, cls_name)
+        report = c.check_class(base, source, "KvrailConnector", filename="connector.py")
+        assert report.ok, str(report)
+        assert set(base.abstract_methods) <= set(report.checked), cls_name

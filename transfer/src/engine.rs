@@ -31,6 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,13 +52,19 @@ use crate::region::Region;
 use crate::transport::Transport;
 
 /// How the region's memory is obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum RegionAlloc {
     /// kvrail maps anonymous memory and registers it (`populate` faults it in).
     Mapped { populate: bool },
     /// UCX allocates and registers the memory itself (`UCP_MEM_MAP_ALLOCATE`),
     /// which some UCX releases serve with one-sided shared-memory puts.
     Ucx,
+    /// A file another process shares (a memfd or a /dev/shm file, its
+    /// descriptor passed over a Unix socket): kvrail maps it `MAP_SHARED`
+    /// and registers that mapping, so the engine process and the network
+    /// use the same pages with no copy. The region starts `offset` bytes
+    /// into the file (a whole number of pages), which must hold it.
+    SharedFile { fd: Arc<OwnedFd>, offset: u64 },
 }
 
 /// Engine settings.
@@ -613,6 +620,7 @@ pub(crate) fn open_worker(transport: Transport, region_len: usize, alloc: Region
     let reg = match alloc {
         RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
         RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
+        RegionAlloc::SharedFile { fd, offset } => Registration::map_shared(&ctx, fd.as_fd(), offset, region_len),
     }
     .map_err(TransferError::Region)?;
     let reg = Arc::new(reg);
@@ -658,7 +666,7 @@ impl Progress {
         wake: Arc<Wake>,
         counters: Arc<EngineCounters>,
     ) -> Result<(Progress, LocalInfo, Region), TransferError> {
-        let OpenWorker { worker, inbox, region: reg, local } = open_worker(cfg.transport, region_len, cfg.region_alloc)?;
+        let OpenWorker { worker, inbox, region: reg, local } = open_worker(cfg.transport, region_len, cfg.region_alloc.clone())?;
         let poller = Poller::new(&[worker.event_fd(), wake.fd.raw()])?;
         tracing::info!(transport = %cfg.transport, region_bytes = reg.len(), base = format_args!("{:#x}", reg.base()), "UCX engine ready");
         let progress = Progress {

@@ -33,8 +33,8 @@ fn block_of(e: &Engine, block: u32) -> Vec<u8> {
 }
 
 async fn roundtrip(transport: Transport, alloc: RegionAlloc) {
-    let a = engine(transport, alloc);
-    let b = engine(transport, alloc);
+    let a = engine(transport, alloc.clone());
+    let b = engine(transport, alloc.clone());
     assert!(a.hook_report().is_off(), "{}", a.hook_report().summary());
     let layout = BlockLayout::contiguous(BLOCK, (REGION / BLOCK) as u32).unwrap();
     let b_on_a = a.connect(spec(&b)).await.expect("connect a->b");
@@ -42,7 +42,7 @@ async fn roundtrip(transport: Transport, alloc: RegionAlloc) {
     // Pre-faulting the peer mapping happens where UCX maps the peer's region
     // into this process (sm, UCX-allocated region), never on tcp, and once.
     let started = a.prefault(b_on_a).await.expect("prefault");
-    match (transport, alloc) {
+    match (transport, &alloc) {
         (Transport::Sm, RegionAlloc::Ucx) => assert!(started, "sm peer region not mapped into this process"),
         (Transport::Tcp, _) => assert!(!started, "nothing to pre-fault over tcp"),
         _ => {}
@@ -95,6 +95,45 @@ async fn tcp_put_get_mapped() {
 #[tokio::test]
 async fn sm_put_get_ucx_allocated() {
     roundtrip(Transport::Sm, RegionAlloc::Ucx).await;
+}
+
+/// A region that is another process's shared file: the engine maps the
+/// file's own pages (at an offset), so bytes written through the file are
+/// what a peer reads, and a peer's writes are in the file, with no copy.
+#[tokio::test]
+async fn a_shared_file_region_is_the_files_own_pages() {
+    use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+    use rustix::io::{pread, pwrite};
+    const OFFSET: u64 = 2 * 4096;
+    let fd = std::sync::Arc::new(memfd_create("kvrail-region", MemfdFlags::CLOEXEC).unwrap());
+    ftruncate(&*fd, OFFSET + REGION).unwrap();
+    pwrite(&*fd, &[0x5a; BLOCK as usize], OFFSET + 3 * BLOCK).unwrap();
+    let a = engine(Transport::Tcp, RegionAlloc::SharedFile { fd: fd.clone(), offset: OFFSET });
+    let b = engine(Transport::Tcp, RegionAlloc::Mapped { populate: false });
+    assert!(a.hook_report().is_off(), "{}", a.hook_report().summary());
+    assert_eq!(block_of(&a, 3), vec![0x5a; BLOCK as usize], "the region starts at the file's offset");
+    let layout = BlockLayout::contiguous(BLOCK, (REGION / BLOCK) as u32).unwrap();
+    let a_on_b = b.connect(spec(&a)).await.expect("connect b->a");
+    let plan = TransferPlan::build(&layout, &[3], &layout, &[0], 0).unwrap();
+    b.transfer(a_on_b, Direction::Read, plan.into_ops()).await.expect("read");
+    assert_eq!(block_of(&b, 0), vec![0x5a; BLOCK as usize], "the peer read the file's bytes");
+    fill(&b, 1, 0xc3);
+    let plan = TransferPlan::build(&layout, &[1], &layout, &[5], 0).unwrap();
+    b.transfer(a_on_b, Direction::Write, plan.into_ops()).await.expect("write");
+    let mut got = vec![0u8; BLOCK as usize];
+    pread(&*fd, &mut got, OFFSET + 5 * BLOCK).unwrap();
+    assert_eq!(got, vec![0xc3; BLOCK as usize], "the peer's write is in the file");
+
+    // A file that does not hold the region, or an offset off a page, is
+    // refused before anything is registered.
+    for (len, offset, text) in [(REGION, OFFSET, "fewer than the region's"), (OFFSET + REGION, 100, "not a multiple")] {
+        let small = std::sync::Arc::new(memfd_create("kvrail-small", MemfdFlags::CLOEXEC).unwrap());
+        ftruncate(&*small, len).unwrap();
+        let cfg =
+            EngineConfig { region_bytes: REGION, region_alloc: RegionAlloc::SharedFile { fd: small, offset }, ..EngineConfig::default() };
+        let err = Engine::start(cfg).expect_err("refused").to_string();
+        assert!(err.contains(text), "{err}");
+    }
 }
 
 #[test]

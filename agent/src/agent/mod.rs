@@ -75,6 +75,9 @@ pub struct AgentConfig {
     pub secret: Option<auth::ClusterSecret>,
     /// TLS for the gRPC port (served and dialled); `None` = plain HTTP/2.
     pub tls: Option<crate::tls::Tls>,
+    /// The engine's region, when it handed the agent one (Sidecar's
+    /// AttachRegion): its layout replaces the geometry flags.
+    pub attached: Option<crate::sidecar::attach::Wanted>,
 }
 
 /// A heartbeat stamped now.
@@ -97,6 +100,8 @@ pub struct Agent {
     pub side: Side,
     /// Soak-only load on this agent.
     pub soak: SoakLoad,
+    /// What the engine's connector has published or pulled (Sidecar).
+    pub sidecar: crate::sidecar::SidecarState,
     /// Set once the agent has begun to shut down.
     stopping: AtomicBool,
 }
@@ -130,11 +135,14 @@ impl Agent {
                 crate::guard::UCX_LIB_VAR
             );
         }
-        let layout = BlockLayout::fit_region(cfg.region_bytes, cfg.block_bytes, cfg.layers)?;
+        let layout = match &cfg.attached {
+            Some(w) => w.layout,
+            None => BlockLayout::fit_region(cfg.region_bytes, cfg.block_bytes, cfg.layers)?,
+        };
         let engine = Engine::start(EngineConfig {
             transport: cfg.transport,
             region_bytes: layout.region_bytes(),
-            region_alloc: cfg.region_alloc,
+            region_alloc: cfg.region_alloc.clone(),
             window: cfg.window,
             progress_cpu: cfg.progress_cpu,
             allow_hooks: cfg.allow_hooks,
@@ -163,6 +171,7 @@ impl Agent {
                 Role::Decode => Side::Decode(decode::DecodeSide::new(cfg.lease)),
                 Role::Prefill => Side::Prefill(prefill::PrefillSide::new(cfg.lease)),
             },
+            sidecar: crate::sidecar::SidecarState::new(cfg.attached.clone()),
             cfg,
             soak: SoakLoad::default(),
             stopping: AtomicBool::new(false),

@@ -289,6 +289,7 @@ async fn session_once(
             Some(pb::session_down::Msg::ReadDone(done)) => {
                 tracing::debug!(request_id = %done.request_id, ok = done.ok, "decode agent finished reading; blocks may be freed");
             }
+            Some(pb::session_down::Msg::Leases(u)) => agent.sidecar.lease_update(&decode.agent_id, u),
             Some(pb::session_down::Msg::Goodbye(g)) => break CloseReason::Goodbye(g.reason),
             Some(pb::session_down::Msg::Heartbeat(_)) | None => {}
         }

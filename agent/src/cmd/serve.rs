@@ -5,17 +5,21 @@
 //! `kvrail demo` wait for. Logs go to stderr.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kvrail_proto::v1 as pb;
 use kvrail_transfer::RegionAlloc;
 
 use crate::agent::control::ControlService;
+use crate::agent::error::AgentError;
 use crate::agent::peer_service::PeerService;
 use crate::agent::{prefill, Agent, AgentConfig, Role};
 use crate::cli::AgentArgs;
 use crate::memwatch::{MemWatch, MemWatchConfig};
+use crate::sidecar::fdpass::{self, FdInbox};
+use crate::sidecar::{AttachCall, SidecarService};
+use tokio::sync::mpsc;
 
 /// Largest gRPC message accepted (a request naming a million blocks fits).
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -57,6 +61,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         stall_timeout: Duration::from_secs_f64(args.stall_secs.max(0.01)),
         secret,
         tls: args.tls.load()?,
+        attached: None,
     };
     let mut mw = MemWatchConfig::default();
     mw.trend.warmup_secs = args.memwatch.memwatch_warmup_secs;
@@ -64,7 +69,19 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     mw.trend.threshold_mib_per_min = args.memwatch.memwatch_threshold_mib_per_min;
     let leak = args.test_inject_leak_mib_per_min.map(crate::churn::LeakInjector::start).transpose()?;
     let memwatch = MemWatch::start(mw, heap_bytes);
-    let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
+    let agent = if args.region_from_client {
+        let path = args.local_socket.as_deref().ok_or_else(|| anyhow::anyhow!("--region-from-client needs --local-socket PATH"))?;
+        start_on_engine_region(cfg, memwatch, path).await?
+    } else {
+        let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
+        if let Some(path) = &args.local_socket {
+            let control = pb::control_server::ControlServer::new(ControlService { agent: agent.clone() })
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+            serve_local(path, SidecarService::started(agent.clone()), Some(control))?;
+        }
+        agent
+    };
     *agent.soak.leak.lock().expect("lock") = leak;
     if args.churn_rounds_per_sec > 0 {
         *agent.soak.churn.lock().expect("lock") = Some(crate::churn::Churn::start(args.churn_rounds_per_sec, args.churn_unmaps_per_round));
@@ -98,9 +115,6 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         .add_service(control_svc)
         .serve_with_incoming_shutdown(incoming, goodbye_on_signal(agent.clone()));
     let server = tokio::spawn(server);
-    if let Some(path) = &args.local_socket {
-        serve_local(path, agent.clone()).await?;
-    }
 
     let mut handshake_ms = None;
     if let Some(addr) = peer {
@@ -118,25 +132,100 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     Ok(0)
 }
 
-/// The local Control API on a Unix socket, owner-only.
-async fn serve_local(path: &std::path::Path, agent: Arc<Agent>) -> anyhow::Result<()> {
+/// Serves the Sidecar API (before the region is attached: AttachRegion
+/// only) and the descriptor side socket, waits for the engine's region and
+/// starts the agent on it. A region the agent cannot start on is refused to
+/// the engine, which may attach another; the agent keeps waiting.
+async fn start_on_engine_region(cfg: AgentConfig, memwatch: Arc<MemWatch>, path: &std::path::Path) -> anyhow::Result<Arc<Agent>> {
+    let inbox = FdInbox::default();
+    let fd_path = fd_socket(path);
+    fdpass::serve(&fd_path, inbox.clone())?;
+    let cell = Arc::new(OnceLock::new());
+    let (gate, mut calls) = mpsc::channel::<AttachCall>(1);
+    serve_local(path, SidecarService::waiting(cell.clone(), cfg.role, gate, inbox), None)?;
+    let line = serde_json::json!({
+        "event": "waiting_for_region",
+        "role": cfg.role.as_str(),
+        "agent_id": cfg.agent_id,
+        "pid": std::process::id(),
+        "local_socket": path.display().to_string(),
+        "fd_socket": fd_path.display().to_string(),
+    });
+    println!("{line}");
+    tracing::info!(socket = %path.display(), "waiting for the engine's region (Sidecar AttachRegion)");
+    loop {
+        let call = calls.recv().await.ok_or_else(|| anyhow::anyhow!("the local API stopped before a region was attached"))?;
+        let mut c = cfg.clone();
+        c.region_bytes = call.wanted.layout.region_bytes();
+        c.block_bytes = call.wanted.layout.block_bytes();
+        c.layers = call.wanted.layout.num_layers();
+        c.region_alloc = RegionAlloc::SharedFile { fd: Arc::new(call.fd), offset: call.wanted.offset };
+        c.attached = Some(call.wanted);
+        let mw = memwatch.clone();
+        match tokio::task::spawn_blocking(move || Agent::start(c, mw)).await? {
+            Ok(agent) => {
+                let _ = cell.set(agent.clone());
+                let resp = pb::AttachRegionResponse { agent_id: agent.cfg.agent_id.clone(), agent_address: advertised(agent.cfg.listen) };
+                let _ = call.reply.send(Ok(resp));
+                return Ok(agent);
+            }
+            Err(e) => {
+                let msg = format!("the agent cannot start on this region: {}", crate::diagnose::one_line(&e));
+                tracing::warn!("{msg}");
+                let _ = call.reply.send(Err(AgentError::Precondition(msg)));
+            }
+        }
+    }
+}
+
+/// The side socket for region descriptors beside the local socket `path`.
+pub fn fd_socket(path: &std::path::Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".fd");
+    p.into()
+}
+
+/// The address peers should dial: the listen address, with this host's
+/// name for an unspecified IP.
+fn advertised(listen: SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        format!("{}:{}", hostname(), listen.port())
+    } else {
+        listen.to_string()
+    }
+}
+
+/// The local API on a Unix socket, owner-only: Sidecar, and Control once
+/// the agent has its region.
+fn serve_local(
+    path: &std::path::Path,
+    sidecar: SidecarService,
+    control: Option<pb::control_server::ControlServer<ControlService>>,
+) -> anyhow::Result<()> {
+    let listener = bind_owner_only(path, |p| tokio::net::UnixListener::bind(p))?;
+    let sidecar =
+        pb::sidecar_server::SidecarServer::new(sidecar).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let router = tonic::transport::Server::builder().add_service(sidecar).add_optional_service(control);
+    tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown_signal()));
+    tracing::info!(socket = %path.display(), "local API on a Unix socket (0600)");
+    Ok(())
+}
+
+/// Binds a Unix socket at `path` (replacing a stale one) that only this
+/// user can connect to: created under a 0077 umask, so no other user can
+/// connect in between, then set to 0600.
+pub fn bind_owner_only<L>(path: &std::path::Path, bind: impl FnOnce(&std::path::Path) -> std::io::Result<L>) -> anyhow::Result<L> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         std::fs::remove_file(path).map_err(|e| anyhow::anyhow!("removing stale socket {}: {e}", path.display()))?;
     }
-    // Created under a 0077 umask so no other user can connect in between.
     let listener = {
         let _umask = UmaskGuard::owner_only();
-        tokio::net::UnixListener::bind(path).map_err(|e| anyhow::anyhow!("binding local socket {}: {e}", path.display()))?
+        bind(path).map_err(|e| anyhow::anyhow!("binding local socket {}: {e}", path.display()))?
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let control = pb::control_server::ControlServer::new(ControlService { agent })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    tokio::spawn(tonic::transport::Server::builder().add_service(control).serve_with_incoming_shutdown(incoming, shutdown_signal()));
-    tracing::info!(socket = %path.display(), "local Control API on a Unix socket (0600)");
-    Ok(())
+    Ok(listener)
 }
 
 /// Sets the process umask to 0077 for its lifetime (socket creation).

@@ -1,13 +1,13 @@
-//! libc pieces of the data plane: anonymous memory for the region and
+//! libc pieces of the data plane: anonymous or shared-file memory for the region and
 //! copies in and out of it, an eventfd and an epoll set for the progress
 //! thread, the allocator's in-use byte count, the dynamic loader's view of
 //! an address or a symbol, CPU affinity and the umask.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
-/// One anonymous, page-aligned mapping, unmapped on drop.
+/// One page-aligned mapping (anonymous, or of a shared file), unmapped on drop.
 #[derive(Debug)]
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
@@ -36,6 +36,47 @@ impl Mapping {
         // SAFETY: a fresh anonymous mapping at an address the kernel picks:
         // it aliases nothing, and we check the result before using it.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Maps `len` bytes at `offset` (a whole number of pages) of the file
+    /// behind `fd` (a memfd or a /dev/shm file another process shares)
+    /// read-write and shared, so that both processes see the same pages.
+    /// The file must hold `offset + len` bytes: a shorter one is refused
+    /// here, since touching a page past its end would raise SIGBUS. With
+    /// `populate`, every page is faulted in now.
+    pub(crate) fn shared_file(fd: BorrowedFd<'_>, offset: u64, len: usize, populate: bool) -> io::Result<Mapping> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        if len == 0 {
+            return Err(invalid("region length is zero".into()));
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+        if !offset.is_multiple_of(page) {
+            return Err(invalid(format!("offset {offset} is not a multiple of the {page}-byte page")));
+        }
+        let size = std::fs::File::from(fd.try_clone_to_owned()?).metadata()?.len();
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(invalid(format!("the shared file holds {size} bytes, fewer than the region's {len} at offset {offset}")));
+        }
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid(format!("offset {offset} does not fit an off_t")))?;
+        let mut flags = libc::MAP_SHARED;
+        if populate {
+            flags |= libc::MAP_POPULATE;
+        }
+        // SAFETY: a new mapping at an address the kernel picks, so it
+        // aliases no Rust memory; the file covers all `len` bytes from the
+        // page-aligned offset (checked above), and the result is checked
+        // before use. Other processes writing the same pages is what the
+        // mapping is for: its bytes are only ever copied through raw
+        // pointers (see `Send`). The file is the engine's, run by the same
+        // user; were it truncated later, touching the lost pages would
+        // raise SIGBUS, as for any shared mapping.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd.as_raw_fd(), offset) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }

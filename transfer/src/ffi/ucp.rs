@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::ffi::{CStr, CString};
+use std::os::fd::BorrowedFd;
 use std::os::raw::{c_int, c_void};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -166,8 +167,8 @@ impl Drop for ConfigGuard {
 /// Where a registration's memory comes from.
 #[derive(Debug)]
 pub(crate) enum Backing {
-    /// Our own anonymous mmap, registered with UCX; unmapped after UCX's
-    /// registration is gone (drop order).
+    /// Our own mmap (anonymous, or of a shared file), registered with UCX;
+    /// unmapped after UCX's registration is gone (drop order).
     Mapped(#[allow(dead_code)] Mapping),
     /// Allocated by UCX itself (`UCP_MEM_MAP_ALLOCATE`), freed on unmap.
     UcxAllocated,
@@ -194,6 +195,18 @@ impl Registration {
     /// Maps `len` bytes of anonymous memory and registers it.
     pub(crate) fn map_anonymous(ctx: &Arc<Context>, len: usize, populate: bool) -> Result<Registration, String> {
         let mapping = Mapping::anonymous(len, populate).map_err(|e| format!("mmap of {len} bytes failed: {e}"))?;
+        Self::register_mapping(ctx, mapping)
+    }
+
+    /// Maps `len` bytes at `offset` of the shared file `fd` (the region an
+    /// engine process shares with its agent) and registers them.
+    pub(crate) fn map_shared(ctx: &Arc<Context>, fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Registration, String> {
+        let mapping = Mapping::shared_file(fd, offset, len, true)
+            .map_err(|e| format!("mapping the shared region ({len} bytes at offset {offset}) failed: {e}"))?;
+        Self::register_mapping(ctx, mapping)
+    }
+
+    fn register_mapping(ctx: &Arc<Context>, mapping: Mapping) -> Result<Registration, String> {
         // SAFETY: zeroed params = nothing set; fields set below are named in
         // the mask.
         let mut p: sys_ucx::ucp_mem_map_params_t = unsafe { std::mem::zeroed() };

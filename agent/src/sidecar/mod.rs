@@ -1,0 +1,276 @@
+//! The `kvrail.v1.Sidecar` service (`proto/kvrail/v1/sidecar.proto`): the
+//! local API an inference engine's KV connector calls on its own agent, over
+//! the agent's owner-only Unix socket (docs/design/vllm-sidecar.md).
+//!
+//! - AttachRegion hands the agent the engine's KV cache: a shared file sent
+//!   over the side socket (`fdpass`), mapped `MAP_SHARED` and registered
+//!   with UCX once. An agent started with `--region-from-client` waits for
+//!   it before it starts its engine and its TCP port.
+//! - A prefill agent holds Published requests under a lease (`published`)
+//!   until the decode side has read them, released them, or the lease ran
+//!   out; Poll reports each as `finished_sending` once.
+//! - A decode agent Pulls a request's blocks from the prefill agent that
+//!   holds them (a read over the session with that agent), then tells it
+//!   they were read; Release and Heartbeat reach it the same way. Poll
+//!   reports each pull once in `finished_recving`, and failed ones also in
+//!   `failed_recving` with their local blocks as invalid.
+
+pub mod attach;
+pub mod fdpass;
+pub mod published;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use kvrail_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::agent::decode::RequestState;
+use crate::agent::error::AgentError;
+use crate::agent::{decode, Agent, Role};
+use published::{Ended, Published};
+
+/// What an agent keeps for its engine's connector.
+#[derive(Debug, Default)]
+pub struct SidecarState {
+    /// The engine whose region this agent serves, when it attached one.
+    pub attached: Option<attach::Wanted>,
+    published: Mutex<Published>,
+    pulls: Mutex<Pulls>,
+}
+
+/// Pulls that ended since the last Poll.
+#[derive(Debug, Default)]
+struct Pulls {
+    finished: Vec<String>,
+    failed: Vec<pb::FailedRequest>,
+    invalid: Vec<u32>,
+}
+
+impl SidecarState {
+    pub fn new(attached: Option<attach::Wanted>) -> SidecarState {
+        SidecarState { attached, ..SidecarState::default() }
+    }
+
+    /// A decode agent's word on requests this (prefill) agent published.
+    pub fn lease_update(&self, from: &str, u: pb::LeaseUpdate) {
+        let mut p = self.published.lock().expect("lock");
+        let now = Instant::now();
+        for (ids, how) in [(u.read, Ended::Read), (u.released, Ended::Released)] {
+            for id in ids {
+                if let Err(e) = p.end(&id, how) {
+                    tracing::info!(decode_agent = from, error = %e, "a decode agent named a request that is not held");
+                }
+            }
+        }
+        for id in p.extend(&u.extend, now) {
+            tracing::info!(decode_agent = from, request_id = %id, "heartbeat for a request that is not held");
+        }
+    }
+}
+
+/// A region an engine attached before the agent started, with where to
+/// say how starting on it went.
+#[derive(Debug)]
+pub struct AttachCall {
+    pub wanted: attach::Wanted,
+    pub fd: std::os::fd::OwnedFd,
+    pub reply: oneshot::Sender<Result<pb::AttachRegionResponse, AgentError>>,
+}
+
+/// The service. Before an agent with `--region-from-client` has its region
+/// the only call it takes is AttachRegion, which it passes to `gate`.
+#[derive(Debug, Clone)]
+pub struct SidecarService {
+    agent: Arc<OnceLock<Arc<Agent>>>,
+    role: Role,
+    gate: Option<mpsc::Sender<AttachCall>>,
+    inbox: fdpass::FdInbox,
+    attaching: Arc<Mutex<bool>>,
+}
+
+impl SidecarService {
+    /// For an agent that has its region already.
+    pub fn started(agent: Arc<Agent>) -> SidecarService {
+        let role = agent.cfg.role;
+        SidecarService {
+            agent: Arc::new(OnceLock::from(agent)),
+            role,
+            gate: None,
+            inbox: Default::default(),
+            attaching: Default::default(),
+        }
+    }
+
+    /// For an agent that waits for its engine's region: AttachRegion calls
+    /// go to `gate` with the descriptor from `inbox`; the agent is set in
+    /// `agent` once it runs.
+    pub fn waiting(agent: Arc<OnceLock<Arc<Agent>>>, role: Role, gate: mpsc::Sender<AttachCall>, inbox: fdpass::FdInbox) -> SidecarService {
+        SidecarService { agent, role, gate: Some(gate), inbox, attaching: Default::default() }
+    }
+
+    fn agent(&self) -> Result<&Arc<Agent>, Status> {
+        self.agent.get().ok_or_else(|| Status::failed_precondition("no region is attached yet: call AttachRegion first"))
+    }
+
+    fn in_role(&self, role: Role, call: &str) -> Result<&Arc<Agent>, Status> {
+        let agent = self.agent()?;
+        if agent.cfg.role != role {
+            return Err(Status::failed_precondition(format!(
+                "{call} is a {} agent's call; this is a {} agent",
+                role.as_str(),
+                agent.cfg.role.as_str()
+            )));
+        }
+        Ok(agent)
+    }
+
+    async fn attach(&self, req: pb::AttachRegionRequest) -> Result<pb::AttachRegionResponse, AgentError> {
+        if let Some(agent) = self.agent.get() {
+            return Err(match &agent.sidecar.attached {
+                Some(w) => AgentError::Failed(crate::agent::error::Failure::new(
+                    crate::agent::error::ErrorKind::AlreadyExists,
+                    format!("engine {:?} attached this agent's region already; one region per agent", w.engine_id),
+                )),
+                None => AgentError::Precondition("this agent has a region of its own (started without --region-from-client)".into()),
+            });
+        }
+        let wanted = attach::check(&req, self.role)?;
+        let gate = self.gate.as_ref().ok_or_else(|| AgentError::Precondition("this agent takes no region from its client".into()))?;
+        {
+            let mut busy = self.attaching.lock().expect("lock");
+            if *busy {
+                return Err(AgentError::Precondition("another AttachRegion is being served; wait for its answer".into()));
+            }
+            *busy = true;
+        }
+        let result = async {
+            let fd = self.inbox.take(&wanted.fd_token).ok_or_else(|| {
+                AgentError::Precondition(format!(
+                    "no descriptor waits under token {:?}: send it to the side socket first (it waits {} s)",
+                    wanted.fd_token,
+                    fdpass::TOKEN_TTL.as_secs()
+                ))
+            })?;
+            let (reply, answer) = oneshot::channel();
+            gate.send(AttachCall { wanted, fd, reply }).await.map_err(|_| AgentError::ShuttingDown(self.role.as_str()))?;
+            answer.await.map_err(|_| AgentError::ShuttingDown(self.role.as_str()))?
+        }
+        .await;
+        *self.attaching.lock().expect("lock") = false;
+        result
+    }
+}
+
+/// A group list as the one group kvrail maps, or why not.
+fn one_group(what: &str, groups: &[pb::BlockIds]) -> Result<Vec<u32>, Status> {
+    match groups {
+        [g] => Ok(g.ids.clone()),
+        _ => Err(Status::invalid_argument(format!("{what}: {} block groups given; the region has one", groups.len()))),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::sidecar_server::Sidecar for SidecarService {
+    async fn attach_region(&self, req: Request<pb::AttachRegionRequest>) -> Result<Response<pb::AttachRegionResponse>, Status> {
+        Ok(Response::new(self.attach(req.into_inner()).await?))
+    }
+
+    async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let agent = self.in_role(Role::Prefill, "Publish")?;
+        let req = req.into_inner();
+        let blocks = req.blocks.into_iter().map(|g| g.ids).collect();
+        let lease = std::time::Duration::from_millis(u64::from(req.lease_ms));
+        let mut p = agent.sidecar.published.lock().expect("lock");
+        p.publish(&req.request_id, blocks, &[agent.layout.num_blocks()], lease, Instant::now())?;
+        Ok(Response::new(pb::PublishResponse {}))
+    }
+
+    async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
+        let agent = self.in_role(Role::Decode, "Pull")?.clone();
+        let req = req.into_inner();
+        let local = one_group("local_blocks", &req.local_blocks)?;
+        let remote = one_group("remote_blocks", &req.remote_blocks)?;
+        crate::agent::validate::check_id("remote_request_id", &req.remote_request_id)?;
+        let submit = pb::SubmitRequest {
+            request_id: req.request_id.clone(),
+            peer: req.remote_agent_id.clone(),
+            mode: pb::TransferMode::Read as i32,
+            src_blocks: remote,
+            dst_blocks: local.clone(),
+        };
+        let (peer, published) = (req.remote_agent_id, req.remote_request_id);
+        let answered = agent.clone();
+        let answer: decode::Answer = Box::new(move |st: RequestState| {
+            let id = req.request_id;
+            let failed = match st {
+                RequestState::Done { .. } => None,
+                RequestState::Failed { message, .. } | RequestState::Cancelled { message, .. } => Some(message),
+                RequestState::Pending => Some("the pull ended while still pending".into()),
+            };
+            if failed.is_none() {
+                lease_update(&answered, &peer, pb::LeaseUpdate { read: vec![published], ..Default::default() });
+            }
+            let mut pulls = answered.sidecar.pulls.lock().expect("lock");
+            if let Some(reason) = failed {
+                pulls.failed.push(pb::FailedRequest { request_id: id.clone(), reason });
+                pulls.invalid.extend(local);
+            }
+            pulls.finished.push(id);
+        });
+        decode::submit(&agent, submit, Some(answer)).await?;
+        Ok(Response::new(pb::PullResponse {}))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let agent = self.in_role(Role::Decode, "Release")?;
+        let req = req.into_inner();
+        crate::agent::validate::check_id("remote_request_id", &req.remote_request_id)?;
+        send_update(agent, &req.remote_agent_id, pb::LeaseUpdate { released: vec![req.remote_request_id], ..Default::default() })?;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let agent = self.in_role(Role::Decode, "Heartbeat")?;
+        let req = req.into_inner();
+        for id in &req.remote_request_ids {
+            crate::agent::validate::check_id("remote_request_ids", id)?;
+        }
+        send_update(agent, &req.remote_agent_id, pb::LeaseUpdate { extend: req.remote_request_ids, ..Default::default() })?;
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn poll(&self, _req: Request<pb::PollRequest>) -> Result<Response<pb::PollResponse>, Status> {
+        let agent = self.agent()?;
+        let mut resp = pb::PollResponse::default();
+        {
+            let mut p = agent.sidecar.published.lock().expect("lock");
+            p.expire(Instant::now());
+            resp.finished_sending = p.take_finished().into_iter().map(|(id, _)| id).collect();
+        }
+        let mut pulls = agent.sidecar.pulls.lock().expect("lock");
+        resp.finished_recving = std::mem::take(&mut pulls.finished);
+        resp.failed_recving = std::mem::take(&mut pulls.failed);
+        let invalid = std::mem::take(&mut pulls.invalid);
+        if !invalid.is_empty() {
+            resp.invalid_blocks = vec![pb::BlockIds { ids: invalid }];
+        }
+        Ok(Response::new(resp))
+    }
+}
+
+/// Sends `u` to the prefill agent `peer` over its session, or says why not.
+fn send_update(agent: &Agent, peer: &str, u: pb::LeaseUpdate) -> Result<(), AgentError> {
+    let d = agent.decode()?;
+    let target = d.sessions.lock().expect("lock").pick(peer)?;
+    target.io.send(pb::session_down::Msg::Leases(u))
+}
+
+/// [`send_update`] after a pull, when nobody waits for the answer: the
+/// prefill agent frees the blocks at its lease's end if this is lost.
+fn lease_update(agent: &Agent, peer: &str, u: pb::LeaseUpdate) {
+    if let Err(e) = send_update(agent, peer, u) {
+        tracing::info!(prefill_agent = peer, error = %e, "could not tell the prefill agent a pull is done; its lease frees the blocks");
+    }
+}

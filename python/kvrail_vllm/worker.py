@@ -1,0 +1,109 @@
+"""The worker side of kvrail's vLLM connector: one agent session per rank, over
+the agent's local API (``kvrail_vllm.client``). It carries out the scheduler's
+step plan (``kvrail_vllm.scheduler``) and gathers what finished.
+
+No vLLM or torch import here: the connector (``kvrail_vllm.connector``) turns
+vLLM's KV cache tensors into a :class:`~kvrail_vllm.client.Layout` with
+:func:`layout_of` and hands the shared file to :meth:`KvrailWorker.attach_host`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvrail_vllm.client import Layout, SidecarClient
+from kvrail_vllm.scheduler import StepPlan
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """Where one layer's KV cache lies in the shared buffer: its first byte's
+    offset, the bytes of one block (page) and the distance between blocks."""
+
+    offset: int
+    num_blocks: int
+    page_bytes: int
+    block_stride: int
+
+
+def layout_of(layers: Sequence[LayerView]) -> Layout:
+    """The one kvrail layout covering every layer: all layers alike and evenly
+    spaced (vLLM's one backing allocation, viewed per layer). Anything else is
+    refused with what differs."""
+    if not layers:
+        raise ValueError("no KV cache layers to register")
+    ordered = sorted(layers, key=lambda v: v.offset)
+    first = ordered[0]
+    for v in ordered[1:]:
+        if (v.num_blocks, v.page_bytes, v.block_stride) != (first.num_blocks, first.page_bytes, first.block_stride):
+            raise ValueError(f"KV cache layers differ in geometry ({first} vs {v}); kvrail maps one uniform region")
+    stride = ordered[1].offset - first.offset if len(ordered) > 1 else 0
+    for a, b in zip(ordered, ordered[1:]):
+        if b.offset - a.offset != stride:
+            raise ValueError(f"KV cache layers are not evenly spaced (at {a.offset} and {b.offset}, expected a stride of {stride})")
+    return Layout(
+        block_bytes=first.page_bytes,
+        num_blocks=first.num_blocks,
+        num_layers=len(ordered),
+        block_stride=first.block_stride,
+        layer_stride=stride,
+        offset=first.offset,
+    )
+
+
+class KvrailWorker:
+    """One rank's view of its agent."""
+
+    def __init__(self, client: SidecarClient):
+        self.client = client
+        self.agent_id: str | None = None
+        self.agent_address: str | None = None
+        self._invalid: set[int] = set()
+        self._refused: dict[str, str] = {}
+
+    def attach_host(self, *, fd: int, region_bytes: int, layout: Layout, engine_id: str, role: str, model_hash: str, tp_rank: int = 0, tp_size: int = 1) -> tuple[str, str]:
+        self.agent_id, self.agent_address = self.client.attach_host_region(
+            fd=fd, region_bytes=region_bytes, tensors=[layout], engine_id=engine_id, role=role, model_hash=model_hash, tp_rank=tp_rank, tp_size=tp_size
+        )
+        return self.agent_id, self.agent_address
+
+    def run_step(self, plan: StepPlan) -> set[str]:
+        """Carries out one step's plan; returns the requests whose pull the agent
+        refused at once (they are reported as failed by :meth:`results`)."""
+        for p in plan.publishes:
+            self.client.publish(p.request_id, [p.blocks], p.lease_ms)
+        for remote, remote_id in plan.releases:
+            self.client.release(remote_agent_id=remote.agent_id, remote_address=remote.address, remote_request_id=remote_id)
+        for remote, ids in plan.heartbeats.items():
+            self.client.heartbeat(remote_agent_id=remote.agent_id, remote_address=remote.address, remote_request_ids=ids)
+        refused: dict[str, str] = {}
+        for p in plan.pulls:
+            try:
+                self.client.pull(
+                    p.request_id,
+                    remote_agent_id=p.remote.agent_id,
+                    remote_address=p.remote.address,
+                    remote_request_id=p.remote_request_id,
+                    local_blocks=[p.local_blocks],
+                    remote_blocks=[p.remote_blocks],
+                )
+            except Exception as e:  # noqa: BLE001 - any refusal fails only this request
+                refused[p.request_id] = str(e)
+                self._invalid.update(p.local_blocks)
+        self._refused |= refused
+        return set(refused)
+
+    def results(self) -> tuple[set[str], set[str], dict[str, str]]:
+        """(finished_sending, finished_recving, failed_recving with reasons);
+        a failed receive is in finished_recving too, as vLLM requires."""
+        f = self.client.poll()
+        refused, self._refused = self._refused, {}
+        failed = dict(f.failed) | refused
+        for group in f.invalid_blocks:
+            self._invalid.update(group)
+        return f.sending, f.recving | set(failed), failed
+
+    def take_invalid_blocks(self) -> set[int]:
+        invalid, self._invalid = self._invalid, set()
+        return invalid
