@@ -13,5 +13,6 @@ pub mod guard;
 pub mod memwatch;
 pub mod metrics;
 pub mod pattern;
+pub mod registry;
 pub mod tls;
 pub mod units;
