@@ -40,11 +40,8 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         tracing::warn!("running WITHOUT authentication: any peer that can reach this agent may write into its region");
     }
     // Before the region is allocated: a registry that cannot work fails the start now.
+    let entry = args.registry.registry.is_some().then(|| registry_entry(role, args, &agent_id, listen)).transpose()?;
     let registry = open_registry(args, &agent_id).await?;
-    let entry = match &registry {
-        Some((r, _)) if r.etcd().is_some() => Some(registry_entry(role, args, &agent_id, listen)?),
-        _ => None,
-    };
     let cfg = AgentConfig {
         role,
         agent_id,

@@ -56,7 +56,11 @@ impl Etcd {
     }
 
     fn unreachable(&self, e: impl std::fmt::Display) -> RegistryError {
-        RegistryError::Unreachable { url: self.url.to_string(), detail: e.to_string() }
+        let mut detail = e.to_string();
+        if !detail.contains("running") {
+            detail.push_str(" (is etcd running there?)");
+        }
+        RegistryError::Unreachable { url: self.url.to_string(), detail }
     }
 
     /// Whether etcd answers now.

@@ -86,7 +86,7 @@ pub enum RegistryError {
     NotFound { id: String, source_name: String },
     #[error("registry entry {key} refused: {reason}")]
     Refused { key: String, reason: Refused },
-    #[error("registry {url} unreachable: {detail} (is etcd running there?)")]
+    #[error("registry {url} unreachable: {detail}")]
     Unreachable { url: String, detail: String },
 }
 
@@ -176,8 +176,8 @@ impl Registry {
         }
     }
 
-    /// Every usable entry (of `role`, if given), sorted by role, rank and
-    /// id; with a file and etcd, etcd's entry wins for an id in both.
+    /// Every usable entry (of `role`, if given), sorted by role, rank (none
+    /// last) and id; with a file and etcd, etcd's entry wins for an id in both.
     pub async fn list(&self, role: Option<Role>) -> Result<Listing, RegistryError> {
         let mut listing = Listing::default();
         if let Some(etcd) = &self.etcd {
@@ -198,7 +198,7 @@ impl Registry {
             }
         }
         listing.entries.retain(|e| role.is_none_or(|r| e.role == r.as_str()));
-        listing.entries.sort_by(|a, b| (&a.role, a.rank, &a.agent_id).cmp(&(&b.role, b.rank, &b.agent_id)));
+        listing.entries.sort_by_key(|e| (e.role.clone(), e.rank.is_none(), e.rank, e.agent_id.clone()));
         Ok(listing)
     }
 
