@@ -375,3 +375,31 @@ fn bad_registry_flags_are_one_actionable_line() {
     assert_eq!(one_error_line(&out.stderr), "kvrail: no registry: give --registry etcd://HOST:PORT/PREFIX and/or --peers FILE");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_the_same_id_replaces_the_entry_and_the_old_instance_stops_publishing() {
+    let etcd = EtcdServer::start("restart");
+    let url = etcd.url("restart");
+    let old = spawn(agent_args("decode", "d0", &url, "2s")).await;
+    let reg = registry(&url).await;
+    let first = reg.resolve("d0").await.unwrap();
+    let watch = {
+        let (reg, first) = (reg.clone(), first.clone());
+        tokio::spawn(async move { reg.gone(&first).await })
+    };
+    // The old instance still runs (a hung process, a partition that heals).
+    let new = spawn(agent_args("decode", "d0", &url, "2s")).await;
+    let gone = tokio::time::timeout(Duration::from_secs(5), watch).await.expect("replacement seen").unwrap();
+    let second = reg.resolve("d0").await.unwrap();
+    assert_eq!(second.address, new.listen);
+    assert!(second.epoch > first.epoch);
+    assert_eq!(gone, Gone::Replaced { agent_id: "d0".into(), old_epoch: first.epoch, new_epoch: second.epoch });
+    // The old one gives up its claim instead of fighting over the key.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reg.resolve("d0").await.unwrap(), second);
+    assert!(old.log.lines().iter().any(|l| l.contains("a newer instance of agent `d0`")), "{:?}", old.log.lines());
+    // Its orderly stop leaves the new instance's key alone.
+    old.stop().await;
+    assert_eq!(reg.resolve("d0").await.unwrap(), second);
+    new.stop().await;
+}
