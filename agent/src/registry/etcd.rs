@@ -252,6 +252,7 @@ async fn publish(etcd: &Etcd, entry: &Entry, ttl_secs: i64) -> anyhow::Result<i6
     let lease = with_limit(c.lease_grant(ttl_secs, None)).await?.id();
     let opts = PutOptions::new().with_lease(lease);
     with_limit(c.put(etcd.key(&entry.agent_id), entry.to_json(), Some(opts))).await?;
+    tracing::info!(key = %etcd.key(&entry.agent_id), address = %entry.address, lease, ttl_secs, "published in the registry");
     Ok(lease)
 }
 
