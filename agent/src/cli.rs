@@ -35,6 +35,8 @@ pub enum Command {
     Soak(SoakArgs),
     /// Throughput of kvrail against a raw-UCX loop, memcpy and ucx_perftest, measured side by side.
     Bench(BenchArgs),
+    /// The agents in a registry (etcd or a --peers file), one line each.
+    Peers(PeersArgs),
     /// One process of the raw-UCX baseline (used by `kvrail bench`).
     #[command(hide = true)]
     RawUcx(RawArgs),
@@ -175,6 +177,52 @@ pub struct AgentArgs {
     /// heap, to prove the self-check; refused unless KVRAIL_ENABLE_TEST_FAULTS=1.
     #[arg(long)]
     pub test_inject_leak_mib_per_min: Option<f64>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Lease of this agent's registry entry: an agent that dies leaves the
+    /// registry within it (renewed every third of it).
+    #[arg(long, default_value = "5s", value_parser = crate::units::parse_duration)]
+    pub registry_ttl: std::time::Duration,
+    /// The address peers dial, as published in the registry (default: the
+    /// bound --listen address; needed when listening on 0.0.0.0).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// This agent's rank in its job, published in the registry.
+    #[arg(long, env = "SLURM_PROCID")]
+    pub rank: Option<u32>,
+}
+
+fn registry_url(s: &str) -> Result<crate::registry::RegistryUrl, String> {
+    s.parse()
+}
+
+/// Where peers are found: etcd, a static file, or etcd with the file as
+/// its fallback.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RegistryArgs {
+    /// etcd that agents publish themselves in and find each other through:
+    /// etcd://HOST:PORT[,HOST:PORT...]/PREFIX.
+    #[arg(long, value_name = "URL", value_parser = registry_url)]
+    pub registry: Option<crate::registry::RegistryUrl>,
+    /// Static peers, one JSON entry per line (docs/cluster.md): for
+    /// clusters without etcd, or the fallback when etcd does not answer.
+    #[arg(long, value_name = "FILE")]
+    pub peers: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PeersArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Only agents of this role.
+    #[arg(long, value_enum)]
+    pub role: Option<Side>,
+    /// Resolve this one agent (exit 1 if it is missing or refused).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The transport and region geometry of an agent: the same flags and
@@ -249,11 +297,21 @@ pub struct MemWatchArgs {
     pub memwatch_threshold_mib_per_min: f64,
 }
 
-/// Which agent gets the test-only leak.
+/// An agent's role, as a flag's value (which agent gets the test-only
+/// leak; which agents `peers` lists).
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Side {
     Decode,
     Prefill,
+}
+
+impl Side {
+    pub fn role(self) -> crate::agent::Role {
+        match self {
+            Side::Decode => crate::agent::Role::Decode,
+            Side::Prefill => crate::agent::Role::Prefill,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]

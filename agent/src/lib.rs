@@ -13,6 +13,7 @@ pub mod guard;
 pub mod memwatch;
 pub mod metrics;
 pub mod pattern;
+pub mod registry;
 pub mod sidecar;
 pub mod tls;
 pub mod units;

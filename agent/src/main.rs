@@ -42,6 +42,7 @@ fn main() -> ExitCode {
             Command::Demo(a) => drive::demo::run(a).await,
             Command::Soak(a) => drive::soak::run(a).await,
             Command::Bench(a) => drive::bench::run(a).await,
+            Command::Peers(a) => cmd::peers::run(a).await,
             Command::RawUcx(a) => drive::raw::run(a),
         }
     });

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use kvrail_proto::v1 as pb;
 
+pub mod etcd;
+
 pub use kvrail_agent::drive::children::AgentProcess;
 
 /// The `kvrail` binary of this build (`cargo build --bins` puts it beside the

@@ -3,4 +3,5 @@
 //! clients (demo, bench, soak, raw-ucx) live in [`crate::drive`].
 
 pub mod info;
+pub mod peers;
 pub mod serve;

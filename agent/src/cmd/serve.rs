@@ -17,6 +17,7 @@ use crate::agent::peer_service::PeerService;
 use crate::agent::{prefill, Agent, AgentConfig, Role};
 use crate::cli::AgentArgs;
 use crate::memwatch::{MemWatch, MemWatchConfig};
+use crate::registry::{Entry, Registry};
 use crate::sidecar::fdpass::{self, FdInbox};
 use crate::sidecar::{AttachCall, SidecarService};
 use tokio::sync::mpsc;
@@ -42,6 +43,9 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     if secret.is_none() {
         tracing::warn!("running WITHOUT authentication: any peer that can reach this agent may write into its region");
     }
+    // Before the region is allocated: a registry that cannot work fails the start now.
+    let entry = args.registry.registry.is_some().then(|| registry_entry(role, args, &agent_id, listen)).transpose()?;
+    let registry = open_registry(args, &agent_id).await?;
     let cfg = AgentConfig {
         role,
         agent_id,
@@ -126,8 +130,16 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
             _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
         }
     }
-    ready_line(&agent, listen, handshake_ms, metrics, args.local_socket.as_deref());
+    let publisher = match (&registry, entry) {
+        (Some((r, etcd_up)), Some(e)) => r.publish(e, args.registry_ttl, *etcd_up).await?,
+        _ => None,
+    };
+    let registry_desc = registry.as_ref().map(|(r, _)| r.describe());
+    ready_line(&agent, listen, handshake_ms, metrics, args.local_socket.as_deref(), registry_desc.as_deref());
     server.await??;
+    if let Some(p) = publisher {
+        p.withdraw().await;
+    }
     tracing::info!(agent_id = %agent.cfg.agent_id, "agent stopped");
     Ok(0)
 }
@@ -249,6 +261,7 @@ fn ready_line(
     handshake_ms: Option<f64>,
     metrics: Option<SocketAddr>,
     local: Option<&std::path::Path>,
+    registry: Option<&str>,
 ) {
     let line = serde_json::json!({
         "event": "ready",
@@ -263,8 +276,54 @@ fn ready_line(
         "ucx_library": agent.ucx.library,
         "mmap_hook_mode": agent.hook_mode.as_str(),
         "tls": agent.cfg.tls.is_some(),
+        "registry": registry,
     });
     println!("{line}");
+}
+
+/// The registry of `--registry`/`--peers`, and whether its etcd answered
+/// (an etcd that does not is fatal unless a peers file stands in for it).
+async fn open_registry(args: &AgentArgs, agent_id: &str) -> anyhow::Result<Option<(Registry, bool)>> {
+    let Some(reg) = Registry::open(args.registry.registry.as_ref(), args.registry.peers.as_deref()).await? else {
+        return Ok(None);
+    };
+    crate::registry::check_agent_id(agent_id)?;
+    let up = match reg.etcd() {
+        None => false,
+        Some(etcd) => match etcd.probe().await {
+            Ok(()) => true,
+            Err(e) if reg.has_file() => {
+                tracing::warn!("{e}; lookups use {} until it answers, and this agent publishes itself when it does", reg.describe());
+                false
+            }
+            Err(e) => anyhow::bail!("{e}; or give --peers FILE to start from a static list"),
+        },
+    };
+    Ok(Some((reg, up)))
+}
+
+/// What this agent publishes about itself.
+fn registry_entry(role: Role, args: &AgentArgs, agent_id: &str, listen: SocketAddr) -> anyhow::Result<Entry> {
+    let address = match &args.advertise {
+        Some(a) => a.clone(),
+        None if listen.ip().is_unspecified() => {
+            anyhow::bail!("--listen {listen} is not an address peers can dial: give --advertise HOST:PORT for the registry")
+        }
+        None => listen.to_string(),
+    };
+    let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let entry = Entry {
+        agent_id: agent_id.into(),
+        role: role.as_str().into(),
+        address,
+        rank: args.rank,
+        host: hostname(),
+        memory: "host".into(),
+        protocol_version: kvrail_proto::PROTOCOL_VERSION,
+        epoch,
+    };
+    entry.check(None).map_err(|e| anyhow::anyhow!("this agent's registry entry: {e} (--advertise, --agent-id)"))?;
+    Ok(entry)
 }
 
 fn hostname() -> String {
