@@ -24,7 +24,7 @@ fn heap_bytes() -> Option<u64> {
     Some(kvrail_transfer::memory::heap_in_use())
 }
 
-pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::Result<i32> {
+pub async fn run(role: Role, args: &AgentArgs, peers: Vec<String>) -> anyhow::Result<i32> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let listen: SocketAddr = listener.local_addr()?;
     let agent_id = args.agent_id.clone().unwrap_or_else(|| format!("{}-{}-{}", role.as_str(), hostname(), std::process::id()));
@@ -42,7 +42,8 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         role,
         agent_id,
         listen,
-        peer: peer.clone(),
+        peers: peers.clone(),
+        idle_timeout: args.idle_timeout,
         transport: args.geometry.transport,
         region_bytes: args.geometry.region_bytes,
         block_bytes: args.geometry.block_bytes,
@@ -102,12 +103,18 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         serve_local(path, agent.clone()).await?;
     }
 
+    // Every --peer is dialled at once; the agent is ready once each has
+    // its first session (the ready line gives the slowest handshake).
     let mut handshake_ms = None;
-    if let Some(addr) = peer {
+    let mut dials = Vec::new();
+    for addr in peers {
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(prefill::run(agent.clone(), addr.clone(), tx));
+        dials.push((addr, rx));
+    }
+    for (addr, rx) in dials {
         match tokio::time::timeout(Duration::from_secs(120), rx).await {
-            Ok(Ok(Ok(ms))) => handshake_ms = Some(ms),
+            Ok(Ok(Ok(ms))) => handshake_ms = Some(handshake_ms.map_or(ms, |m: f64| m.max(ms))),
             Ok(Ok(Err(e))) => anyhow::bail!("decode agent {addr} refused the handshake: {}", crate::diagnose::one_line(&e)),
             _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
         }

@@ -35,7 +35,7 @@ pub async fn open(agent: &Arc<Agent>, session_id: &str, inbound: Streaming<pb::S
 
 /// Reads the session's stream until it ends, or until the table closes the
 /// session (lease, a newer handshake, shutdown).
-async fn read_up(agent: Arc<Agent>, target: Target<Link>, mut inbound: Streaming<pb::SessionUp>) {
+pub(super) async fn read_up(agent: Arc<Agent>, target: Target<Link>, mut inbound: Streaming<pb::SessionUp>) {
     let d = side(&agent);
     let mut closed = target.io.closed.subscribe();
     let reason = loop {
