@@ -237,7 +237,10 @@ async fn a_dialled_session_is_reused_checked_and_closed_when_idle() {
     let out = kvrail_integration::run_kvrail(&["info", "--agent", &decode.listen], Duration::from_secs(20));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("i-prefill") && text.contains(&addr) && text.contains("open"), "{text}");
+    // A decode agent that stops says goodbye on the session it dialled too.
     decode.stop().await;
+    let s = prefill.control.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert!(s.peer_stats[0].state.contains("said goodbye: the decode agent is shutting down"), "{:?}", s.peer_stats);
     prefill.stop().await;
 }
 

@@ -24,10 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
 
-use super::effects::{carry_out, RequestWaiter, SessionIo};
+use super::effects::{carry_out, say_goodbye, RequestWaiter, SessionIo};
 use super::error::{AgentError, ErrorKind, Failure};
 use super::handshake::{self, Dial};
-use super::session::{Cancel, CloseReason, Completion, Effect, Epoch, Moved, RequestKind, SessionTable, Target};
+use super::session::{Cancel, CloseReason, Completion, Epoch, Moved, RequestKind, SessionTable, Target};
 use super::{convert, Agent};
 
 /// How this side names its peers.
@@ -146,19 +146,8 @@ impl PrefillSide {
     /// has ended its side of the stream (so the goodbye reached it), or
     /// after a bound.
     pub async fn goodbye(&self, agent: &Agent) {
-        let effects = self.links.lock().expect("lock").close_all("the prefill agent is shutting down", Instant::now());
-        let links: Vec<Arc<Link>> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Drop { io, .. } => Some(io.clone()),
-                _ => None,
-            })
-            .collect();
-        carry_out(agent, PEER_KIND, effects).await;
-        for link in links {
-            let mut finished = link.finished.subscribe();
-            let _ = tokio::time::timeout(GOODBYE_WAIT, finished.wait_for(|f| *f)).await;
-        }
+        let reason = "the prefill agent is shutting down";
+        say_goodbye(agent, &self.links, reason, GOODBYE_WAIT, |link: &Arc<Link>| link.finished.subscribe()).await;
     }
 }
 

@@ -264,7 +264,7 @@ async fn open(agent: &Arc<Agent>, addr: &str) -> Result<String, AgentError> {
         }
     };
     let target = Target { peer: peer.agent_id.clone(), epoch, layout: admitted.layout, io: link };
-    tokio::spawn(stream::read_up(agent.clone(), target, up));
+    tokio::spawn(stream::read_up(agent.clone(), target, up, true));
     tracing::info!(peer = %peer.agent_id, %addr, %epoch, handshake_ms, peer_ucx = %peer.ucx_version, "dialled prefill agent; session open");
     Ok(peer.agent_id)
 }

@@ -25,7 +25,7 @@ use tonic::Status;
 use requests::Running;
 pub use requests::{Answer, RequestState, Requests};
 
-use super::effects::{carry_out, RequestWaiter, SessionIo};
+use super::effects::{carry_out, say_goodbye, RequestWaiter, SessionIo};
 use super::error::{AgentError, ErrorKind, Failure};
 use super::handshake::{self, Admitted};
 use super::session::{Cancel, CloseReason, Moved, Outcome, RequestKind, SessionTable, Target};
@@ -37,6 +37,10 @@ pub const PEER_KIND: &str = "prefill agent";
 
 /// Orders queued for one prefill agent before back-pressure refuses more.
 const SESSION_QUEUE: usize = 4096;
+
+/// Longest a stopping agent waits for a prefill agent it dialled to end
+/// its side of the session after the goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 /// What goes down a session stream (its item type is the gRPC edge's).
 pub type DownItem = Result<pb::SessionDown, Status>;
@@ -51,14 +55,32 @@ pub struct PeerLink {
     /// The receiving end of `down`, until the session's stream takes it.
     stream: Mutex<Option<mpsc::Receiver<DownItem>>>,
     closed: watch::Sender<bool>,
+    /// Set once the session's reader is done with its stream.
+    finished: watch::Sender<bool>,
 }
 
 pub type Link = Arc<PeerLink>;
 
+/// Marks a link's reader finished when it lets go of the stream.
+struct Finished(Link);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.send_replace(true);
+    }
+}
+
 impl PeerLink {
     fn new(peer_agent: String, engine_peer: PeerId) -> PeerLink {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        PeerLink { peer_agent, engine_peer, down: Mutex::new(Some(tx)), stream: Mutex::new(Some(rx)), closed: watch::channel(false).0 }
+        PeerLink {
+            peer_agent,
+            engine_peer,
+            down: Mutex::new(Some(tx)),
+            stream: Mutex::new(Some(rx)),
+            closed: watch::channel(false).0,
+            finished: watch::channel(false).0,
+        }
     }
 
     /// Queues `msg` down the session stream.
@@ -151,10 +173,12 @@ impl DecodeSide {
     }
 
     /// This agent stops: every prefill agent is told goodbye and its
-    /// session closes (its pending requests fail, UNAVAILABLE).
+    /// session closes (its pending requests fail, UNAVAILABLE). Returns once
+    /// the readers of the sessions it dialled are done (the prefill agent
+    /// ended its side, so the goodbye reached it), or after a bound.
     pub async fn goodbye(&self, agent: &Agent) {
-        let effects = self.sessions.lock().expect("lock").close_all("the decode agent is shutting down", Instant::now());
-        carry_out(agent, PEER_KIND, effects).await;
+        let reason = "the decode agent is shutting down";
+        say_goodbye(agent, &self.sessions, reason, GOODBYE_WAIT, |link: &Link| link.finished.subscribe()).await;
     }
 }
 
