@@ -328,3 +328,40 @@ async fn an_extra_peer_session_costs_the_decode_agent_under_a_mib() {
         p.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialled_prefill_agent_restarted_under_its_id_gets_a_new_epoch_and_only_its_own_blocks_land() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut decode = spawn(args("decode", "e-decode", &[])).await;
+    let prefill_args = args("prefill", "e-prefill", &["--listen", &addr]);
+    let blocks: Vec<u32> = (0..16).collect();
+    let dst: Vec<u32> = (100..116).collect();
+    let mut epochs = Vec::new();
+    for round in 0..2 {
+        let mut prefill = spawn(prefill_args.clone()).await;
+        prefill.control.fill_pattern(pb::FillPatternRequest { seed: 40 + round }).await.unwrap();
+        decode.control.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await.unwrap();
+        let w = decode.control.transfer(write(&format!("e{round}"), "", &addr, blocks.clone(), dst.clone())).await.unwrap().into_inner();
+        assert_eq!(w.state, pb::RequestState::Done as i32, "round {round}: {w:?}");
+        // The blocks are the new process's: nothing of the old one landed.
+        let v = decode
+            .control
+            .verify_pattern(pb::VerifyPatternRequest { seed: 40 + round, src_blocks: blocks.clone(), dst_blocks: dst.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((v.verified_blocks, v.bad_blocks), (16, 0), "round {round}: {v:?}");
+        let s = decode.control.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+        let p = s.peer_stats.iter().find(|p| p.agent_id == "e-prefill").expect("listed");
+        assert_eq!((p.state.as_str(), p.requests_ok), ("open", 1), "round {round}: {p:?}");
+        epochs.push(p.epoch);
+        if round == 0 {
+            prefill.kill().await;
+        } else {
+            prefill.stop().await;
+        }
+    }
+    assert!(epochs[1] > epochs[0], "the restarted agent's session is a new epoch: {epochs:?}");
+    decode.stop().await;
+}
