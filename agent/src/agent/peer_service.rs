@@ -45,11 +45,12 @@ impl pb::peer_server::Peer for PeerService {
 
     async fn session(&self, req: Request<Streaming<pb::SessionUp>>) -> Result<Response<DownStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("session stream closed before SessionOpen"))?;
-        let Some(pb::session_up::Msg::Open(open)) = first.msg else {
-            return Err(Status::invalid_argument("the first message of a session must be SessionOpen"));
-        };
-        let rx = decode::stream::open(&self.agent, &open.session_id, inbound).await?;
+        let session_id = opened(&mut inbound, "Session", |m| match m.msg {
+            Some(pb::session_up::Msg::Open(open)) => Some(open.session_id),
+            _ => None,
+        })
+        .await?;
+        let rx = decode::stream::open(&self.agent, &session_id, inbound).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -57,15 +58,23 @@ impl pb::peer_server::Peer for PeerService {
 
     async fn serve(&self, req: Request<Streaming<pb::SessionDown>>) -> Result<Response<UpStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("serve stream closed before SessionOpen"))?;
-        let Some(pb::session_down::Msg::Open(open)) = first.msg else {
-            return Err(Status::invalid_argument("the first message of a Serve stream must be SessionOpen"));
-        };
-        let up = prefill::serve(&self.agent, &open.session_id, inbound).await?;
+        let session_id = opened(&mut inbound, "Serve", |m| match m.msg {
+            Some(pb::session_down::Msg::Open(open)) => Some(open.session_id),
+            _ => None,
+        })
+        .await?;
+        let up = prefill::serve(&self.agent, &session_id, inbound).await?;
         Ok(Response::new(Box::pin(up)))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         Ok(Response::new(self.agent.stats()))
     }
+}
+
+/// The session id of a session stream's first message, which must be a
+/// SessionOpen (`open` finds it in a message of the stream's kind).
+async fn opened<T>(inbound: &mut Streaming<T>, rpc: &str, open: impl FnOnce(T) -> Option<String>) -> Result<String, Status> {
+    let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument(format!("{rpc} stream closed before SessionOpen")))?;
+    open(first).ok_or_else(|| Status::invalid_argument(format!("the first message of a {rpc} stream must be SessionOpen")))
 }
