@@ -365,3 +365,21 @@ async fn a_dialled_prefill_agent_restarted_under_its_id_gets_a_new_epoch_and_onl
     assert!(epochs[1] > epochs[0], "the restarted agent's session is a new epoch: {epochs:?}");
     decode.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_to_a_prefill_agent_with_another_secret_is_refused_and_changes_nothing() {
+    let mut decode = spawn(args("decode", "x-decode", &[])).await;
+    let other = vec![(kvrail_agent::agent::auth::SECRET_VAR.to_string(), Some("another-secret-of-32-bytes-000000".to_string()))];
+    let stranger =
+        AgentProcess::spawn_env(&kvrail_bin(), &args("prefill", "x-stranger", &[]), &other, false, Duration::from_secs(60)).await.unwrap();
+    let blocks: Vec<u32> = (0..4).collect();
+    for i in 0..2 {
+        let e = decode.control.transfer(write(&format!("x{i}"), "", &stranger.listen, blocks.clone(), blocks.clone())).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains(&stranger.listen) && e.message().contains("cluster secret"), "{}", e.message());
+    }
+    let s = decode.control.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert!(s.peer_stats.is_empty() && s.peers == 0, "nothing admitted: {:?}", s.peer_stats);
+    decode.stop().await;
+    stranger.stop().await;
+}
