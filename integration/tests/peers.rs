@@ -383,3 +383,35 @@ async fn a_dial_to_a_prefill_agent_with_another_secret_is_refused_and_changes_no
     decode.stop().await;
     stranger.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_that_hangs_stalls_no_other_peer_on_the_same_transfers_stream() {
+    let mut decode = spawn(args("decode", "h-decode", &[])).await;
+    let mut prefill = spawn(args("prefill", "h-prefill", &["--peer", &decode.listen])).await;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 2 }).await.unwrap();
+    // A peer that accepts the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let blocks: Vec<u32> = (0..8).collect();
+    tx.send(write("to-silent", "", &silent_addr, blocks.clone(), blocks.clone())).await.unwrap();
+    tx.send(write("to-live", "h-prefill", "", blocks.clone(), blocks.clone())).await.unwrap();
+    let t0 = Instant::now();
+    let mut answers = decode.control.transfers(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!((first.request_id.as_str(), first.state), ("to-live", pb::RequestState::Done as i32), "{first:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "the live peer's request waited {:?} behind the dial", t0.elapsed());
+    let second = answers.message().await.unwrap().unwrap();
+    assert_eq!((second.request_id.as_str(), second.code), ("to-silent", tonic::Code::Unavailable as i32), "{second:?}");
+    assert!(second.error.contains(&silent_addr) && second.error.contains("no session within"), "{}", second.error);
+    drop(tx);
+    held.abort();
+    decode.stop().await;
+    prefill.stop().await;
+}
