@@ -23,11 +23,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the UCX actually loaded, its transports and the verified hook mode.
+    /// Print the UCX actually loaded, its transports and the verified hook mode (or, with --agent, a running agent's peers).
     Info(InfoArgs),
     /// Run a decode agent (receives KV blocks into its region).
     Decode(AgentArgs),
-    /// Run a prefill agent (dials a decode agent and writes blocks to it).
+    /// Run a prefill agent (dials its --peer decode agents, accepts decode agents that dial it, writes blocks to them).
     Prefill(PrefillArgs),
     /// Start a decode and a prefill agent on loopback, stream blocks, verify every byte.
     Demo(DemoArgs),
@@ -58,6 +58,14 @@ pub struct InfoArgs {
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Instead: the running agent whose Control API is at ADDR (host:port
+    /// or unix:PATH), with one line per peer session (id, address, state,
+    /// epoch, age, bytes, requests ok/failed/pending).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// TLS to an agent that serves it (its --tls-* flags).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 fn bytes(s: &str) -> Result<u64, String> {
@@ -140,6 +148,11 @@ pub struct AgentArgs {
     /// Seconds a transfer may make no progress before it fails.
     #[arg(long, default_value_t = 5.0)]
     pub stall_secs: f64,
+    /// Decode: a session this agent dialled on demand (a request's
+    /// peer_address) that carries no request for this long closes (e.g.
+    /// 60s, 500ms).
+    #[arg(long, default_value = "60s", value_parser = crate::units::parse_duration)]
+    pub idle_timeout: std::time::Duration,
     /// File holding the cluster secret (else KVRAIL_CLUSTER_SECRET; never
     /// on the command line).
     #[arg(long)]
@@ -393,9 +406,10 @@ pub struct DriverOpts {
 pub struct PrefillArgs {
     #[command(flatten)]
     pub agent: AgentArgs,
-    /// The decode agent to dial (host:port).
+    /// A decode agent to dial (host:port); repeat for several, or none to
+    /// wait for decode agents to dial this one.
     #[arg(long)]
-    pub peer: String,
+    pub peer: Vec<String>,
 }
 
 #[derive(Debug, Args, Clone)]

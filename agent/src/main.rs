@@ -36,9 +36,10 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match &cli.cmd {
+            Command::Info(a) if a.agent.is_some() => cmd::info::run_agent(a).await,
             Command::Info(a) => cmd::info::run(a),
-            Command::Decode(a) => cmd::serve::run(Role::Decode, a, None).await,
-            Command::Prefill(a) => cmd::serve::run(Role::Prefill, &a.agent, Some(a.peer.clone())).await,
+            Command::Decode(a) => cmd::serve::run(Role::Decode, a, Vec::new()).await,
+            Command::Prefill(a) => cmd::serve::run(Role::Prefill, &a.agent, a.peer.clone()).await,
             Command::Demo(a) => drive::demo::run(a).await,
             Command::Soak(a) => drive::soak::run(a).await,
             Command::Bench(a) => drive::bench::run(a).await,

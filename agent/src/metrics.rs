@@ -101,7 +101,29 @@ pub fn render(s: &pb::StatsResponse) -> String {
         esc(&s.transport),
         hook_mode_name(s.hook_mode)
     );
+    render_peers(&mut o, &s.peer_stats);
     o
+}
+
+/// One series per peer for each per-peer figure, labelled with its id,
+/// the address this agent dialled (empty if the peer dialled) and epoch.
+fn render_peers(o: &mut String, peers: &[pb::PeerStats]) {
+    type Series = (&'static str, &'static str, &'static str, fn(&pb::PeerStats) -> f64);
+    let series: [Series; 6] = [
+        ("kvrail_peer_bytes_total", "counter", "Bytes moved by a peer session's requests that succeeded.", |p| p.bytes as f64),
+        ("kvrail_peer_requests_ok_total", "counter", "Requests of a peer session that succeeded.", |p| p.requests_ok as f64),
+        ("kvrail_peer_requests_failed_total", "counter", "Requests of a peer session that failed.", |p| p.requests_failed as f64),
+        ("kvrail_peer_pending", "gauge", "Requests pending on a peer session.", |p| p.pending as f64),
+        ("kvrail_peer_session_age_seconds", "gauge", "Seconds since a peer session was admitted.", |p| p.age_ms as f64 / 1e3),
+        ("kvrail_peer_open", "gauge", "1 while a peer session is open.", |p| if p.state == "open" { 1.0 } else { 0.0 }),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in peers {
+            let labels = format!("peer=\"{}\",address=\"{}\",epoch=\"{}\"", esc(&p.agent_id), esc(&p.address), p.epoch);
+            let _ = writeln!(o, "{name}{{{labels}}} {}", value(p));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -115,6 +137,15 @@ mod tests {
             bytes_moved: 42,
             hook_mode: pb::HookMode::None as i32,
             memory: Some(pb::MemoryStats { vm_rss: 1000, verdict: "leak".into(), rss_slope_mib_per_min: 5.5, ..Default::default() }),
+            peer_stats: vec![pb::PeerStats {
+                agent_id: "p1".into(),
+                address: "10.0.0.7:5000".into(),
+                state: "open".into(),
+                epoch: 3,
+                bytes: 4096,
+                requests_ok: 2,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let t = render(&s);
@@ -124,6 +155,9 @@ mod tests {
         assert!(t.contains("kvrail_rss_slope_mib_per_min 5.5"));
         assert!(t.contains("agent_id=\"a\\\"b\""));
         assert!(t.contains("mmap_hook_mode=\"none\""));
+        assert!(t.contains("kvrail_peer_bytes_total{peer=\"p1\",address=\"10.0.0.7:5000\",epoch=\"3\"} 4096"), "{t}");
+        assert!(t.contains("kvrail_peer_requests_ok_total{peer=\"p1\",address=\"10.0.0.7:5000\",epoch=\"3\"} 2"), "{t}");
+        assert!(t.contains("kvrail_peer_open{peer=\"p1\""), "{t}");
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad sample line {line}");

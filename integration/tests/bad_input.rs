@@ -25,6 +25,7 @@ async fn submit(
             mode: pb::TransferMode::Write as i32,
             src_blocks: src,
             dst_blocks: dst,
+            ..Default::default()
         })
         .await?;
     loop {
@@ -261,6 +262,7 @@ async fn a_prefill_without_its_session_stream_is_not_a_peer_yet() {
         mode: pb::TransferMode::Write as i32,
         src_blocks: vec![1],
         dst_blocks: vec![1],
+        ..Default::default()
     };
     let err = decode.control.submit(named("to-half-open")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");

@@ -403,3 +403,42 @@ async fn a_restart_under_the_same_id_replaces_the_entry_and_the_old_instance_sto
     assert_eq!(reg.resolve("d0").await.unwrap(), second);
     new.stop().await;
 }
+
+/// A decode agent with a registry dials a prefill agent that a request
+/// names by id alone: the id is resolved in etcd, the session handshaken
+/// (the cluster secret still decides), and the blocks verify. An id the
+/// registry does not hold fails that request, naming it.
+#[tokio::test]
+async fn a_request_naming_a_prefill_agent_by_id_dials_it_through_the_registry() {
+    use kvrail_agent::drive::workload::run_request;
+    use kvrail_proto::v1 as pb;
+    let etcd = EtcdServer::start("byid");
+    let url = etcd.url("byid");
+    let mut decode = spawn(agent_args("decode", "d1", &url, "5s")).await;
+    let mut prefill = spawn(agent_args("prefill", "p1", &url, "5s")).await;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 9 }).await.unwrap();
+    let (src, dst): (Vec<u32>, Vec<u32>) = ((0..16).collect(), (100..116).collect());
+    let req = |id: &str, peer: &str| pb::SubmitRequest {
+        request_id: id.into(),
+        peer: peer.into(),
+        mode: pb::TransferMode::Read as i32,
+        src_blocks: src.clone(),
+        dst_blocks: dst.clone(),
+        ..Default::default()
+    };
+    let done = run_request(&mut decode.control, req("by-id", "p1")).await.unwrap();
+    assert_eq!(done.state, pb::RequestState::Done as i32, "{done:?}");
+    let v = decode
+        .control
+        .verify_pattern(pb::VerifyPatternRequest { seed: 9, src_blocks: src.clone(), dst_blocks: dst.clone() })
+        .await
+        .unwrap();
+    assert_eq!(v.into_inner().verified_blocks, 16);
+    let refused = match run_request(&mut decode.control, req("unknown", "nobody")).await {
+        Ok(w) => format!("{:?}: {}", pb::RequestState::try_from(w.state), w.error),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(refused.contains("no connected prefill agent is named") && refused.contains("nobody"), "{refused}");
+    prefill.stop().await;
+    decode.stop().await;
+}

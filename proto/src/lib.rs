@@ -13,5 +13,7 @@ pub mod v1 {
 /// peers with a different version are refused at handshake. v4: write
 /// orders and completions carry an order number (a late completion of an
 /// earlier run of a reused request id is fenced), and sessions end with a
-/// goodbye.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// goodbye. v5: either side may dial (a decode agent handshakes with a
+/// prefill agent and opens `Serve`), and an agent holds sessions with
+/// many peers.
+pub const PROTOCOL_VERSION: u32 = 5;

@@ -222,3 +222,26 @@ def test_the_connectors_scheduler_and_worker_move_a_request_end_to_end(pair):
     _, recv, failed = d_work.results()
     assert "d-2" in recv and "no connected prefill agent" in failed["d-2"]
     assert d_work.take_invalid_blocks() == {8}
+
+
+def test_a_pull_dials_the_prefill_agent_its_params_name(agents, tmp_path):
+    """No agent is told of the other at start: the decode agent dials the
+    prefill agent at the address its kv_transfer_params carry, on the first
+    pull, and later calls reuse that session."""
+    decode = Engine(agents, tmp_path, "decode", 0)
+    decode.attach()
+    decode.agent.event("ready")
+    prefill = Engine(agents, tmp_path, "prefill", 0)
+    prefill_id, prefill_addr = prefill.attach()
+    prefill.agent.event("ready")
+    assert prefill_addr.startswith("127.0.0.1:")
+    prefill.write_block(2, 9)
+    prefill.client.publish("p", [[2]])
+    prefill.client.publish("q", [[3]])
+    decode.client.pull("d", remote_agent_id=prefill_id, remote_address=prefill_addr, remote_request_id="p", local_blocks=[[4]], remote_blocks=[[2]])
+    poll_until(decode.client, lambda f: "d" in f.recving)
+    assert decode.block(4) == prefill.block(2)
+    decode.client.release(remote_agent_id=prefill_id, remote_address=prefill_addr, remote_request_id="q")
+    poll_until(prefill.client, lambda f: {"p", "q"} <= f.sending)
+    decode.client.close()
+    prefill.client.close()

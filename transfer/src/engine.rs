@@ -12,6 +12,10 @@
 //! window as the oldest runs out of operations, so requests finish one
 //! after another (a caller with more requests to send can refill the queue
 //! while the rest run) and the wire stays busy across their boundaries.
+//! With transfers to several peers active, each peer's transfers hold at
+//! most a fair share of the window ([`fair_share`]): a peer that stops
+//! answering (dead, or slow) keeps its share until its transfers fail,
+//! and the others keep the rest.
 //! A put transfer then flushes the endpoint and reports success only after
 //! the flush completed: the target's bytes are in place when the caller
 //! hears "done". A get is done when its bytes are here.
@@ -575,6 +579,13 @@ fn chunked(ops: Vec<RmaOp>, chunk: u64) -> Vec<RmaOp> {
     out
 }
 
+/// The window slots the transfers of one peer may hold when `peers` peers
+/// have transfers active: an equal part of the window (rounded up, at
+/// least one); all of it for a single peer.
+pub(crate) fn fair_share(window: usize, peers: usize) -> usize {
+    window.div_ceil(peers.max(1)).max(1)
+}
+
 /// Binds the calling thread to `cpu`, if one is given.
 pub(crate) fn pin(cpu: Option<usize>) -> Result<(), TransferError> {
     match cpu {
@@ -646,6 +657,8 @@ struct Progress {
     draining: Vec<(Rc<RemoteRegion>, Rc<OpCounter>)>,
     peers: HashMap<PeerId, Peer>,
     next_peer: u64,
+    /// Scratch of `drive`: window slots each active peer holds.
+    shares: Vec<(PeerId, usize)>,
     poller: Poller,
     worker: Rc<Worker>,
     /// Where the worker's deliveries land (the worker holds it too).
@@ -675,6 +688,7 @@ impl Progress {
             draining: Vec::new(),
             peers: HashMap::new(),
             next_peer: 1,
+            shares: Vec::new(),
             poller,
             worker,
             inbox,
@@ -829,12 +843,30 @@ impl Progress {
                 None => break,
             }
         }
-        // One window for all active jobs, oldest first (order is kept).
-        let in_flight: usize = self.active.iter().map(|j| j.counter.pending() as usize).sum();
+        // One window for all active jobs, oldest first (order is kept),
+        // each peer's jobs within their fair share of it.
+        self.shares.clear();
+        for j in &self.active {
+            let pending = j.counter.pending() as usize;
+            match self.shares.iter_mut().find(|(p, _)| *p == j.peer) {
+                Some((_, held)) => *held += pending,
+                None => self.shares.push((j.peer, pending)),
+            }
+        }
+        let in_flight: usize = self.shares.iter().map(|(_, held)| held).sum();
+        let share = fair_share(self.window, self.shares.len());
         let mut budget = self.window.saturating_sub(in_flight);
         let mut i = 0;
         while i < self.active.len() {
-            match self.active[i].drive(&mut budget, self.stall) {
+            let peer = self.active[i].peer;
+            let held = self.shares.iter_mut().find(|(p, _)| *p == peer).map(|(_, held)| held).expect("every active peer counted");
+            let mut mine = budget.min(share.saturating_sub(*held));
+            let offered = mine;
+            let state = self.active[i].drive(&mut mine, self.stall);
+            let used = offered - mine;
+            *held += used;
+            budget -= used;
+            match state {
                 JobState::Running => i += 1,
                 JobState::Done(result) => {
                     let job = self.active.remove(i).expect("index in range");
@@ -918,6 +950,15 @@ mod tests {
             short_up_to >= DEFAULT_AM_CHUNK + crate::ffi::am::HEADER_LEN as u64,
             "a delivery chunk must fit one send buffer: {by_copy}"
         );
+    }
+
+    #[test]
+    fn each_peer_gets_an_equal_part_of_the_window() {
+        assert_eq!(fair_share(64, 1), 64, "one peer: the whole window, as before");
+        assert_eq!(fair_share(64, 4), 16);
+        assert_eq!(fair_share(64, 3), 22, "rounded up: the window is used in full");
+        assert_eq!(fair_share(2, 5), 1, "every peer can issue");
+        assert_eq!(fair_share(64, 0), 64);
     }
 
     #[test]

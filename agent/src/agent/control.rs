@@ -111,9 +111,22 @@ impl pb::control_server::Control for ControlService {
                 let answer: decode::Answer = Box::new(move |st| {
                     let _ = answers.send(convert::wait_response(id, st));
                 });
-                let id = req.request_id.clone();
-                if let Err(e) = decode::submit(&agent, req, Some(answer)).await {
-                    let _ = tx.send(convert::refused(id, &e));
+                // A request that must dial its peer first waits in a task of
+                // its own: the stream's other peers go on meanwhile.
+                let dials = agent.decode().is_ok() && !decode::dial::ready(&agent, &req.peer, &req.peer_address);
+                let (id, tx) = (req.request_id.clone(), tx.clone());
+                let submit = {
+                    let agent = agent.clone();
+                    async move {
+                        if let Err(e) = decode::submit(&agent, req, Some(answer)).await {
+                            let _ = tx.send(convert::refused(id, &e));
+                        }
+                    }
+                };
+                if dials {
+                    tokio::spawn(submit);
+                } else {
+                    submit.await;
                 }
             }
         });

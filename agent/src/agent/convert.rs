@@ -12,7 +12,7 @@ use tonic::{Code, Status};
 
 use super::decode::RequestState;
 use super::error::{AgentError, ErrorKind, Failure};
-use super::session::{Completion, Moved};
+use super::session::{Completion, Moved, PeerStat, SessionState};
 use super::Role;
 use crate::memwatch::MemReport;
 
@@ -20,6 +20,15 @@ pub fn role_to_pb(r: Role) -> pb::Role {
     match r {
         Role::Prefill => pb::Role::Prefill,
         Role::Decode => pb::Role::Decode,
+    }
+}
+
+/// `"prefill"`, `"decode"` for a wire role (unknown values named as such).
+pub fn role_name(raw: i32) -> String {
+    match pb::Role::try_from(raw) {
+        Ok(pb::Role::Prefill) => "prefill".into(),
+        Ok(pb::Role::Decode) => "decode".into(),
+        _ => format!("unknown-role ({raw})"),
     }
 }
 
@@ -219,6 +228,26 @@ pub fn memory_to_pb(r: &MemReport) -> pb::MemoryStats {
         samples: a.samples_in_window as u64,
         forensics: r.forensics.as_ref().map(|f| f.summary.clone()).unwrap_or_default(),
         report_json: serde_json::to_string(r).unwrap_or_default(),
+    }
+}
+
+/// One peer's session for Stats.
+pub fn peer_stat_to_pb(p: PeerStat) -> pb::PeerStats {
+    let state = match &p.state {
+        SessionState::Handshaken => "handshaken".to_string(),
+        SessionState::Open => "open".to_string(),
+        SessionState::Closed(reason) => format!("closed: {}", reason.describe("peer")),
+    };
+    pb::PeerStats {
+        agent_id: p.peer,
+        address: p.address.unwrap_or_default(),
+        state,
+        epoch: p.epoch.0,
+        age_ms: p.age.as_millis() as u64,
+        bytes: p.bytes,
+        requests_ok: p.requests_ok,
+        requests_failed: p.requests_failed,
+        pending: p.pending,
     }
 }
 

@@ -57,6 +57,35 @@ pub async fn carry_out<P: SessionIo, W: RequestWaiter>(agent: &Agent, peer_kind:
     }
 }
 
+/// This agent stops: every session of `table` is told `goodbye` and
+/// closes. Returns once each session that was open is done with its stream
+/// (`finished`: the peer has ended its side, so the goodbye reached it),
+/// or after `wait` for each.
+pub async fn say_goodbye<P: SessionIo, W: RequestWaiter>(
+    agent: &Agent,
+    table: &Mutex<SessionTable<P, W>>,
+    goodbye: &str,
+    wait: Duration,
+    finished: impl Fn(&P) -> tokio::sync::watch::Receiver<bool>,
+) {
+    let (effects, kind) = {
+        let mut t = table.lock().expect("lock");
+        (t.close_all(goodbye, Instant::now()), t.peer_kind())
+    };
+    let open: Vec<P> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Goodbye { io, .. } => Some(io.clone()),
+            _ => None,
+        })
+        .collect();
+    carry_out(agent, kind, effects).await;
+    for io in open {
+        let mut done = finished(&io);
+        let _ = tokio::time::timeout(wait, done.wait_for(|f| *f)).await;
+    }
+}
+
 /// Every fifth of a lease: a heartbeat to every open session, and the
 /// table's lease tick, for as long as the agent runs.
 pub fn spawn_ticker<P: SessionIo, W: RequestWaiter>(

@@ -1,9 +1,11 @@
 //! A running kvrail agent: what both roles share (its engine with the one
 //! registered region, its layout, memory watch, configuration and UCX
-//! facts), and what is particular to its role: a decode agent's sessions
-//! with prefill agents, requests and nonces (`decode`), a prefill agent's
-//! sessions with decode agents (`prefill`). The session protocol itself is
-//! a pure state machine (`session`); soak-only load sits apart (`SoakLoad`).
+//! facts, the nonces of handshakes it serves), and what is particular to
+//! its role: a decode agent's sessions with prefill agents (accepted, or
+//! dialled on demand) and requests (`decode`), a prefill agent's sessions
+//! with decode agents (`prefill`). The handshake is `handshake`, from
+//! either end; the session protocol itself is a pure state machine
+//! (`session`); soak-only load sits apart (`SoakLoad`).
 
 pub mod auth;
 pub mod control;
@@ -11,6 +13,7 @@ pub mod convert;
 pub mod decode;
 pub mod effects;
 pub mod error;
+pub mod handshake;
 pub mod peer_service;
 pub mod prefill;
 pub mod session;
@@ -50,8 +53,11 @@ pub struct AgentConfig {
     pub role: Role,
     pub agent_id: String,
     pub listen: SocketAddr,
-    /// Prefill only: the decode agent to dial.
-    pub peer: Option<String>,
+    /// Prefill only: the decode agents to dial (`--peer`, any number).
+    pub peers: Vec<String>,
+    /// Decode only: a session dialled on demand that carries no request
+    /// for this long says goodbye and closes.
+    pub idle_timeout: Duration,
     pub transport: Transport,
     pub region_bytes: u64,
     pub block_bytes: u64,
@@ -102,6 +108,8 @@ pub struct Agent {
     pub soak: SoakLoad,
     /// What the engine's connector has published or pulled (Sidecar).
     pub sidecar: crate::sidecar::SidecarState,
+    /// One-time nonces of the handshakes this agent serves.
+    pub nonces: auth::Nonces,
     /// Set once the agent has begun to shut down.
     stopping: AtomicBool,
 }
@@ -168,12 +176,13 @@ impl Agent {
             memwatch,
             started: Instant::now(),
             side: match cfg.role {
-                Role::Decode => Side::Decode(decode::DecodeSide::new(cfg.lease)),
+                Role::Decode => Side::Decode(decode::DecodeSide::new(cfg.lease, cfg.idle_timeout)),
                 Role::Prefill => Side::Prefill(prefill::PrefillSide::new(cfg.lease)),
             },
             sidecar: crate::sidecar::SidecarState::new(cfg.attached.clone()),
             cfg,
             soak: SoakLoad::default(),
+            nonces: auth::Nonces::default(),
             stopping: AtomicBool::new(false),
         }))
     }
@@ -201,6 +210,16 @@ impl Agent {
             Side::Decode(d) => d.open_peers(),
             Side::Prefill(p) => p.open_peers(),
         }
+    }
+
+    /// Every peer's session, as stats report it.
+    pub fn peer_stats(&self) -> Vec<pb::PeerStats> {
+        let now = Instant::now();
+        let stats = match &self.side {
+            Side::Decode(d) => d.sessions.lock().expect("lock").peer_stats(now),
+            Side::Prefill(p) => p.links.lock().expect("lock").peer_stats(now),
+        };
+        stats.into_iter().map(convert::peer_stat_to_pb).collect()
     }
 
     /// Starts the session tasks (heartbeats and leases) of the agent's role.
@@ -263,6 +282,7 @@ impl Agent {
             ucx_intercepted_munmaps: kvrail_transfer::hooks::intercepted_unmaps(),
             churn_munmaps: self.soak.churn.lock().expect("lock").as_ref().map_or(0, |c| c.stats.munmaps.load(Relaxed)),
             injected_leak_bytes: self.soak.leak.lock().expect("lock").as_ref().map_or(0, |l| l.leaked.load(Relaxed)),
+            peer_stats: self.peer_stats(),
         }
     }
 

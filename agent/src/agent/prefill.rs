@@ -1,12 +1,17 @@
-//! Prefill side: dial a decode agent, handshake, keep its session open,
-//! and execute the write orders that arrive on it (plan, put, flush, then
-//! report completion). Re-handshakes when the session ends; a decode agent
-//! that said goodbye is re-dialled quietly.
+//! Prefill side: sessions with any number of decode agents, each with its
+//! own engine peer (endpoint and rkey) over the one registered region, and
+//! the write orders that arrive on them (plan, put, flush, then report
+//! completion). A session comes about either way: this agent dials a
+//! decode agent of its `--peer`s (re-handshaking when the session ends; a
+//! decode agent that said goodbye is re-dialled quietly), or a decode agent
+//! dials this one (`accept`, then its `Serve` stream). Once open, both are
+//! served by the same loop.
 //!
 //! Its sessions live in the same kind of table as the decode side's
 //! (`session`), keyed by decode agent id, with the orders in execution as
-//! the requests pending on them: one entry today, many when a prefill
-//! agent serves several decode agents.
+//! the requests pending on them. A pair of agents holds one session: while
+//! a decode agent holds a session it dialled here, this agent's own dialler
+//! for it stands down.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,10 +22,12 @@ use kvrail_transfer::plan::TransferPlan;
 use kvrail_transfer::{BlockLayout, Direction, PeerId};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
 
-use super::effects::{carry_out, RequestWaiter, SessionIo};
+use super::effects::{carry_out, say_goodbye, RequestWaiter, SessionIo};
 use super::error::{AgentError, ErrorKind, Failure};
-use super::session::{Cancel, CloseReason, Completion, Effect, Epoch, Moved, RequestKind, SessionTable};
+use super::handshake::{self, Dial};
+use super::session::{Cancel, CloseReason, Completion, Epoch, Moved, RequestKind, SessionTable, Target};
 use super::{convert, Agent};
 
 /// How this side names its peers.
@@ -30,12 +37,17 @@ pub const PEER_KIND: &str = "decode agent";
 /// the session after the goodbye.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
+/// Messages queued up one session's stream.
+const SESSION_QUEUE: usize = 4096;
+
 /// The prefill side's handle of one decode agent's session.
 #[derive(Debug)]
 pub struct Link {
     pub decode_agent: String,
     pub engine_peer: PeerId,
     up: Mutex<Option<mpsc::Sender<pb::SessionUp>>>,
+    /// The receiving end of `up`, until the session's stream takes it.
+    stream: Mutex<Option<mpsc::Receiver<pb::SessionUp>>>,
     /// Set when the table closes the session, with why.
     closed: watch::Sender<Option<CloseReason>>,
     /// Set once the session's task is done with its stream.
@@ -52,6 +64,22 @@ impl Drop for Finished {
 }
 
 impl Link {
+    fn new(decode_agent: String, engine_peer: PeerId) -> Link {
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        Link {
+            decode_agent,
+            engine_peer,
+            up: Mutex::new(Some(tx)),
+            stream: Mutex::new(Some(rx)),
+            closed: watch::channel(None).0,
+            finished: watch::channel(false).0,
+        }
+    }
+
+    fn take_stream(&self) -> Option<mpsc::Receiver<pb::SessionUp>> {
+        self.stream.lock().expect("lock").take()
+    }
+
     fn sender(&self) -> Option<mpsc::Sender<pb::SessionUp>> {
         self.up.lock().expect("lock").clone()
     }
@@ -78,6 +106,7 @@ impl SessionIo for Arc<Link> {
 
     fn end(&self, reason: &CloseReason) {
         self.up.lock().expect("lock").take();
+        self.stream.lock().expect("lock").take();
         self.closed.send_replace(Some(reason.clone()));
     }
 }
@@ -117,19 +146,8 @@ impl PrefillSide {
     /// has ended its side of the stream (so the goodbye reached it), or
     /// after a bound.
     pub async fn goodbye(&self, agent: &Agent) {
-        let effects = self.links.lock().expect("lock").close_all("the prefill agent is shutting down", Instant::now());
-        let links: Vec<Arc<Link>> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Drop { io, .. } => Some(io.clone()),
-                _ => None,
-            })
-            .collect();
-        carry_out(agent, PEER_KIND, effects).await;
-        for link in links {
-            let mut finished = link.finished.subscribe();
-            let _ = tokio::time::timeout(GOODBYE_WAIT, finished.wait_for(|f| *f)).await;
-        }
+        let reason = "the prefill agent is shutting down";
+        say_goodbye(agent, &self.links, reason, GOODBYE_WAIT, |link: &Arc<Link>| link.finished.subscribe()).await;
     }
 }
 
@@ -138,16 +156,24 @@ fn side(agent: &Agent) -> &PrefillSide {
 }
 
 /// Handshakes with the decode agent at `addr` and serves its orders until
-/// this agent stops: an ended session is re-established. `ready` fires
-/// after the first session is open, with the handshake time.
+/// this agent stops: an ended session is re-established, unless the decode
+/// agent holds a session it dialled here (then this dialler waits until
+/// that one ends). `ready` fires after the first session is open, with the
+/// handshake time.
 pub async fn run(agent: Arc<Agent>, addr: String, ready: tokio::sync::oneshot::Sender<anyhow::Result<f64>>) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(50);
     // Since when a decode agent that said goodbye is unreachable, and
     // whether that was worth its one warning.
     let mut gone: Option<(Instant, bool)> = None;
+    // The decode agent's id, once a handshake has told it.
+    let mut decode_id: Option<String> = None;
     while !agent.is_stopping() {
-        match session_once(&agent, &addr, &mut ready).await {
+        if decode_id.as_ref().is_some_and(|id| served_here(&agent, id)) {
+            tokio::time::sleep(agent.cfg.lease / 5).await;
+            continue;
+        }
+        match session_once(&agent, &addr, &mut ready, &mut decode_id).await {
             Ok(reason) => {
                 // How it ended is logged where the session dropped.
                 gone = (!reason.is_failure()).then(|| (Instant::now(), false));
@@ -176,6 +202,12 @@ pub async fn run(agent: Arc<Agent>, addr: String, ready: tokio::sync::oneshot::S
     }
 }
 
+/// Whether the decode agent `id` holds a live session it dialled here.
+fn served_here(agent: &Agent, id: &str) -> bool {
+    let t = side(agent).links.lock().expect("lock");
+    t.is_live(id) && !t.is_dialled(id)
+}
+
 /// Refusals that retrying cannot fix (version, layout, hooks, bad input, a
 /// TLS peer that does not accept our certificate or that we do not accept).
 fn is_permanent(e: &anyhow::Error) -> bool {
@@ -187,64 +219,37 @@ fn is_permanent(e: &anyhow::Error) -> bool {
         || crate::tls::is_tls_refusal(e)
 }
 
-/// One session: handshake, open, serve orders until it ends; returns why.
+/// One dialled session: handshake, open, serve orders until it ends;
+/// returns why.
 async fn session_once(
     agent: &Arc<Agent>,
     addr: &str,
     ready: &mut Option<tokio::sync::oneshot::Sender<anyhow::Result<f64>>>,
+    decode_id: &mut Option<String>,
 ) -> anyhow::Result<CloseReason> {
-    let t0 = Instant::now();
-    let channel = crate::tls::endpoint(addr, agent.cfg.tls.as_ref())?.connect_timeout(Duration::from_secs(2)).connect().await?;
-    let mut client = pb::peer_client::PeerClient::new(channel);
-    let nonce = client.challenge(pb::ChallengeRequest { agent_id: agent.cfg.agent_id.clone() }).await?.into_inner().nonce;
-    let info = agent.info();
-    let auth_proof = agent.cfg.secret.as_ref().map(|s| s.prove("prefill", &nonce, &info)).unwrap_or_default();
-    let resp = client
-        .handshake(pb::HandshakeRequest {
-            protocol_version: kvrail_proto::PROTOCOL_VERSION,
-            agent: Some(info),
-            nonce: nonce.clone(),
-            auth_proof,
-        })
-        .await?
-        .into_inner();
-    let decode = resp.agent.ok_or_else(|| anyhow::anyhow!("decode agent answered the handshake without its AgentInfo"))?;
-    if let Some(secret) = &agent.cfg.secret {
-        if !secret.check("decode", &nonce, &decode, &resp.auth_proof) {
-            return Err(AgentError::Unauthenticated(
-                "the decode agent did not prove the cluster secret; refusing to write into its region".into(),
-            )
-            .into());
-        }
-    }
-    let layout = convert::layout_from_pb(decode.layout.as_ref())?;
-    agent.layout.check_compatible(&layout)?;
-    let spec = convert::peer_spec(&decode, &layout)?;
-    let engine_peer = agent.engine.connect(spec).await?;
-    let handshake_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let opened = open_stream(agent, &mut client, engine_peer, &resp.session_id).await;
-    let (up, mut down) = match opened {
-        Ok(pair) => pair,
+    let Dial::New(dialled) = handshake::dial(agent, addr, |_| false).await? else {
+        anyhow::bail!("the dial stopped before its handshake");
+    };
+    let handshake::Dialled { mut client, admitted, session_id, handshake_ms } = *dialled;
+    let decode = admitted.peer;
+    *decode_id = Some(decode.agent_id.clone());
+    let engine_peer = agent.engine.connect(admitted.spec).await?;
+    let link = Arc::new(Link::new(decode.agent_id.clone(), engine_peer));
+    let opened = open_stream(agent, &mut client, &link, &session_id).await;
+    let down = match opened {
+        Ok(down) => down,
         Err(e) => {
             let _ = agent.engine.disconnect(engine_peer).await;
             return Err(e);
         }
     };
-    let (closed, mut on_close) = watch::channel(None);
-    let link = Arc::new(Link {
-        decode_agent: decode.agent_id.clone(),
-        engine_peer,
-        up: Mutex::new(Some(up)),
-        closed,
-        finished: watch::channel(false).0,
-    });
-    let _finished = Finished(link.clone());
     let p = side(agent);
     let (epoch, replaced) = {
         let mut t = p.links.lock().expect("lock");
         let now = Instant::now();
-        let (epoch, replaced) = t.admit(&decode.agent_id, resp.session_id.clone(), layout, link.clone(), now);
-        t.open(&resp.session_id, now).expect("a session admitted just now opens");
+        let (epoch, replaced) = t.admit(&decode.agent_id, session_id.clone(), admitted.layout, link.clone(), now);
+        t.mark_dialled(epoch, addr);
+        t.open(&session_id, now).expect("a session admitted just now opens");
         (epoch, replaced)
     };
     carry_out(agent, PEER_KIND, replaced).await;
@@ -252,6 +257,17 @@ async fn session_once(
     if let Some(tx) = ready.take() {
         let _ = tx.send(Ok(handshake_ms));
     }
+    let target = Target { peer: decode.agent_id.clone(), epoch, layout: admitted.layout, io: link };
+    Ok(serve_orders(agent, target, down).await)
+}
+
+/// Serves the orders of an open session until it ends, then closes it in
+/// the table (unless the table closed it); returns why it ended.
+async fn serve_orders(agent: &Arc<Agent>, target: Target<Arc<Link>>, mut down: tonic::Streaming<pb::SessionDown>) -> CloseReason {
+    let Target { peer: decode, epoch, layout, io: link } = target;
+    let _finished = Finished(link.clone());
+    let p = side(agent);
+    let mut on_close = link.closed.subscribe();
     let reason = loop {
         let msg = tokio::select! {
             r = on_close.wait_for(|r| r.is_some()) => Err(r.ok().and_then(|r| r.clone()).unwrap_or(CloseReason::StreamEnded)),
@@ -268,7 +284,7 @@ async fn session_once(
                     let drained = async { while let Ok(Some(_)) = down.message().await {} };
                     let _ = tokio::time::timeout(GOODBYE_WAIT, drained).await;
                 }
-                return Ok(reason);
+                return reason;
             }
         };
         let msg = match msg {
@@ -280,7 +296,7 @@ async fn session_once(
             continue;
         }
         match msg {
-            Some(pb::session_down::Msg::Write(order)) => start_order(agent, &link, &decode.agent_id, epoch, layout, order),
+            Some(pb::session_down::Msg::Write(order)) => start_order(agent, &link, &decode, epoch, layout, order),
             Some(pb::session_down::Msg::Cancel(c)) => {
                 if let Some(Cancel::Stop(flag)) = p.links.lock().expect("lock").cancel(&c.request_id) {
                     flag.stop();
@@ -289,29 +305,71 @@ async fn session_once(
             Some(pb::session_down::Msg::ReadDone(done)) => {
                 tracing::debug!(request_id = %done.request_id, ok = done.ok, "decode agent finished reading; blocks may be freed");
             }
-            Some(pb::session_down::Msg::Leases(u)) => agent.sidecar.lease_update(&decode.agent_id, u),
+            Some(pb::session_down::Msg::Leases(u)) => agent.sidecar.lease_update(&decode, u),
             Some(pb::session_down::Msg::Goodbye(g)) => break CloseReason::Goodbye(g.reason),
-            Some(pb::session_down::Msg::Heartbeat(_)) | None => {}
+            Some(pb::session_down::Msg::Heartbeat(_) | pb::session_down::Msg::Open(_)) | None => {}
         }
     };
     let effects = p.links.lock().expect("lock").close(epoch, reason.clone(), Instant::now());
     carry_out(agent, PEER_KIND, effects).await;
-    Ok(reason)
+    reason
 }
 
 /// Faults in our view of the decode region, then opens the session stream.
 async fn open_stream(
     agent: &Agent,
     client: &mut pb::peer_client::PeerClient<tonic::transport::Channel>,
-    engine_peer: PeerId,
+    link: &Link,
     session_id: &str,
-) -> anyhow::Result<(mpsc::Sender<pb::SessionUp>, tonic::Streaming<pb::SessionDown>)> {
+) -> anyhow::Result<tonic::Streaming<pb::SessionDown>> {
     // Handshake over: now fault in our view of the decode region (sm).
-    agent.engine.prefault(engine_peer).await?;
-    let (up, up_rx) = mpsc::channel(4096);
+    agent.engine.prefault(link.engine_peer).await?;
+    let up = link.sender().ok_or_else(|| anyhow::anyhow!("the session closed before its stream opened"))?;
+    let rx = link.take_stream().ok_or_else(|| anyhow::anyhow!("the session's stream is open already"))?;
     up.send(pb::SessionUp { msg: Some(pb::session_up::Msg::Open(pb::SessionOpen { session_id: session_id.to_string() })) }).await?;
-    let down = client.session(ReceiverStream::new(up_rx)).await?.into_inner();
-    Ok((up, down))
+    Ok(client.session(ReceiverStream::new(rx)).await?.into_inner())
+}
+
+/// Admits a decode agent that dialled this one: its handshake is checked
+/// (version, proof, layout, hooks), its engine peer made, and its session
+/// waits for its `Serve` stream. A live session with the same decode agent
+/// closes first (the decode agent restarted, or it replaces the session
+/// this agent dialled; the dialler then stands down).
+pub async fn accept(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, AgentError> {
+    let admitted = handshake::check_incoming(agent, &req)?;
+    let p = side(agent);
+    let peer = admitted.peer;
+    let replaced = p.links.lock().expect("lock").close_peer(&peer.agent_id, CloseReason::Replaced, Instant::now());
+    carry_out(agent, PEER_KIND, replaced).await;
+    let engine_peer = agent.engine.connect(admitted.spec).await?;
+    let id = handshake::session_id();
+    let link = Arc::new(Link::new(peer.agent_id.clone(), engine_peer));
+    // A decode agent that never opens its Serve stream is dropped after
+    // one lease by the lease tick.
+    let (epoch, raced) = p.links.lock().expect("lock").admit(&peer.agent_id, id.clone(), admitted.layout, link, Instant::now());
+    carry_out(agent, PEER_KIND, raced).await;
+    tracing::info!(decode = %peer.agent_id, session = %id, %epoch, decode_ucx = %peer.ucx_version, "decode agent dialled in; admitted");
+    Ok(handshake::answer(agent, &req.nonce, id))
+}
+
+/// Opens the session of a decode agent that dialled this one (`accept`):
+/// what goes up it comes out of the returned stream, and its orders are
+/// served by a task until the session ends.
+pub async fn serve(
+    agent: &Arc<Agent>,
+    session_id: &str,
+    down: tonic::Streaming<pb::SessionDown>,
+) -> Result<impl tokio_stream::Stream<Item = Result<pb::SessionUp, tonic::Status>>, AgentError> {
+    let p = agent.prefill()?;
+    let target = p.links.lock().expect("lock").find(session_id)?;
+    // Handshake over: now fault in our view of the decode region (sm).
+    agent.engine.prefault(target.io.engine_peer).await?;
+    p.links.lock().expect("lock").open(session_id, Instant::now())?;
+    let rx = target.io.take_stream().ok_or_else(|| AgentError::AlreadyOpen(session_id.into()))?;
+    tracing::info!(decode = %target.peer, epoch = %target.epoch, "session with decode agent open (it dialled)");
+    let agent = agent.clone();
+    tokio::spawn(async move { serve_orders(&agent, target, down).await });
+    Ok(ReceiverStream::new(rx).map(Ok))
 }
 
 /// How a write order asks for its blocks to be sent.
@@ -332,7 +390,7 @@ fn start_order(agent: &Arc<Agent>, link: &Arc<Link>, decode: &str, epoch: Epoch,
     match started {
         Ok(seq) => {
             let (agent, link) = (agent.clone(), link.clone());
-            tokio::spawn(async move { execute(&agent, link, seq, layout, order, flag).await });
+            tokio::spawn(async move { execute(&agent, link, (epoch, seq), layout, order, flag).await });
         }
         Err(e) => {
             let c = Completion { request_id: order.request_id, order: order.order, result: Err(e.failure()) };
@@ -345,7 +403,14 @@ fn start_order(agent: &Arc<Agent>, link: &Arc<Link>, decode: &str, epoch: Epoch,
 /// the flush completed, if its session is still open. A delivery is
 /// answered only if it failed: the decode agent sees it complete as its
 /// bytes land.
-async fn execute(agent: &Agent, link: Arc<Link>, seq: u64, decode_layout: BlockLayout, order: pb::WriteOrder, flag: Arc<AtomicBool>) {
+async fn execute(
+    agent: &Agent,
+    link: Arc<Link>,
+    (epoch, seq): (Epoch, u64),
+    decode_layout: BlockLayout,
+    order: pb::WriteOrder,
+    flag: Arc<AtomicBool>,
+) {
     let result = match TransferPlan::build(&agent.layout, &order.src_blocks, &decode_layout, &order.dst_blocks, 0) {
         Ok(plan) => agent
             .engine
@@ -355,7 +420,12 @@ async fn execute(agent: &Agent, link: Arc<Link>, seq: u64, decode_layout: BlockL
             .map_err(|e| AgentError::from(e).failure()),
         Err(e) => Err(AgentError::Invalid(e.to_string()).failure()),
     };
-    let end = side(agent).links.lock().expect("lock").local_done(&order.request_id, seq, result);
+    let end = {
+        let mut t = side(agent).links.lock().expect("lock");
+        let end = t.local_done(&order.request_id, seq, result);
+        t.record(&link.decode_agent, epoch, &end.outcome, Instant::now());
+        end
+    };
     let Some(io) = end.notify else {
         // The session ended meanwhile; there is no one to answer.
         tracing::debug!(request_id = %order.request_id, outcome = ?end.outcome, "write order ended after its session");

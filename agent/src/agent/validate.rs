@@ -104,13 +104,14 @@ pub fn transfer_path(
     })
 }
 
-/// What a decode agent checks of a prefill agent's AgentInfo once the peer
-/// is authenticated: id, role, layout (valid, compatible, hash), hook mode,
-/// and a reachable region that holds the layout.
-pub fn admit(peer: &pb::AgentInfo, local: &BlockLayout, allow_hooks: bool) -> Result<(BlockLayout, PeerSpec), AgentError> {
+/// What an agent checks of a peer's AgentInfo once the peer is
+/// authenticated: id, role (`role`, the other side's), layout (valid,
+/// compatible, hash), hook mode, and a reachable region that holds the
+/// layout.
+pub fn admit(peer: &pb::AgentInfo, role: pb::Role, local: &BlockLayout, allow_hooks: bool) -> Result<(BlockLayout, PeerSpec), AgentError> {
     check_id("agent.agent_id", &peer.agent_id)?;
-    if peer.role != pb::Role::Prefill as i32 {
-        return Err(AgentError::Invalid(format!("agent.role must be ROLE_PREFILL, got {}", peer.role)));
+    if peer.role != role as i32 {
+        return Err(AgentError::Invalid(format!("agent.role must be {}, got {}", role.as_str_name(), peer.role)));
     }
     let layout = convert::layout_from_pb(peer.layout.as_ref())?;
     local.check_compatible(&layout).map_err(|e| AgentError::Precondition(format!("incompatible KV layouts: {e}")))?;
@@ -156,7 +157,7 @@ pub fn fuzz_one(bytes: &[u8]) {
             if let Ok(req) = pb::HandshakeRequest::decode(rest) {
                 if protocol_version(req.protocol_version).is_ok() {
                     if let Some(info) = &req.agent {
-                        if let Ok((layout, spec)) = admit(info, &local, false) {
+                        if let Ok((layout, spec)) = admit(info, pb::Role::Prefill, &local, false) {
                             assert!(local.check_compatible(&layout).is_ok());
                             assert!(spec.region_len >= layout.region_bytes() && !spec.rkey.is_empty());
                         }

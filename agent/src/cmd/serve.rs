@@ -29,7 +29,7 @@ fn heap_bytes() -> Option<u64> {
     Some(kvrail_transfer::memory::heap_in_use())
 }
 
-pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::Result<i32> {
+pub async fn run(role: Role, args: &AgentArgs, peers: Vec<String>) -> anyhow::Result<i32> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let listen: SocketAddr = listener.local_addr()?;
     let agent_id = args.agent_id.clone().unwrap_or_else(|| format!("{}-{}-{}", role.as_str(), hostname(), std::process::id()));
@@ -50,7 +50,8 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         role,
         agent_id,
         listen,
-        peer: peer.clone(),
+        peers: peers.clone(),
+        idle_timeout: args.idle_timeout,
         transport: args.geometry.transport,
         region_bytes: args.geometry.region_bytes,
         block_bytes: args.geometry.block_bytes,
@@ -75,7 +76,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
     let memwatch = MemWatch::start(mw, heap_bytes);
     let agent = if args.region_from_client {
         let path = args.local_socket.as_deref().ok_or_else(|| anyhow::anyhow!("--region-from-client needs --local-socket PATH"))?;
-        start_on_engine_region(cfg, memwatch, path).await?
+        start_on_engine_region(cfg, memwatch, path, args.advertise.clone()).await?
     } else {
         let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
         if let Some(path) = &args.local_socket {
@@ -120,15 +121,25 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         .serve_with_incoming_shutdown(incoming, goodbye_on_signal(agent.clone()));
     let server = tokio::spawn(server);
 
+    // Every --peer is dialled at once; the agent is ready once each has
+    // its first session (the ready line gives the slowest handshake).
     let mut handshake_ms = None;
-    if let Some(addr) = peer {
+    let mut dials = Vec::new();
+    for addr in peers {
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(prefill::run(agent.clone(), addr.clone(), tx));
+        dials.push((addr, rx));
+    }
+    for (addr, rx) in dials {
         match tokio::time::timeout(Duration::from_secs(120), rx).await {
-            Ok(Ok(Ok(ms))) => handshake_ms = Some(ms),
+            Ok(Ok(Ok(ms))) => handshake_ms = Some(handshake_ms.map_or(ms, |m: f64| m.max(ms))),
             Ok(Ok(Err(e))) => anyhow::bail!("decode agent {addr} refused the handshake: {}", crate::diagnose::one_line(&e)),
             _ => anyhow::bail!("could not reach the decode agent at {addr} within 120 s"),
         }
+    }
+    if let (Some((r, _)), Ok(d)) = (&registry, agent.decode()) {
+        // Requests that name a prefill agent by id alone dial it at its entry's address.
+        d.dialer.set_resolver(Arc::new(crate::registry::RegistryResolver(r.clone())));
     }
     let publisher = match (&registry, entry) {
         (Some((r, etcd_up)), Some(e)) => r.publish(e, args.registry_ttl, *etcd_up).await?,
@@ -148,7 +159,12 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
 /// only) and the descriptor side socket, waits for the engine's region and
 /// starts the agent on it. A region the agent cannot start on is refused to
 /// the engine, which may attach another; the agent keeps waiting.
-async fn start_on_engine_region(cfg: AgentConfig, memwatch: Arc<MemWatch>, path: &std::path::Path) -> anyhow::Result<Arc<Agent>> {
+async fn start_on_engine_region(
+    cfg: AgentConfig,
+    memwatch: Arc<MemWatch>,
+    path: &std::path::Path,
+    advertise: Option<String>,
+) -> anyhow::Result<Arc<Agent>> {
     let inbox = FdInbox::default();
     let fd_path = fd_socket(path);
     fdpass::serve(&fd_path, inbox.clone())?;
@@ -177,7 +193,8 @@ async fn start_on_engine_region(cfg: AgentConfig, memwatch: Arc<MemWatch>, path:
         match tokio::task::spawn_blocking(move || Agent::start(c, mw)).await? {
             Ok(agent) => {
                 let _ = cell.set(agent.clone());
-                let resp = pb::AttachRegionResponse { agent_id: agent.cfg.agent_id.clone(), agent_address: advertised(agent.cfg.listen) };
+                let agent_address = advertise.clone().unwrap_or_else(|| advertised(agent.cfg.listen));
+                let resp = pb::AttachRegionResponse { agent_id: agent.cfg.agent_id.clone(), agent_address };
                 let _ = call.reply.send(Ok(resp));
                 return Ok(agent);
             }
@@ -197,8 +214,8 @@ pub fn fd_socket(path: &std::path::Path) -> std::path::PathBuf {
     p.into()
 }
 
-/// The address peers should dial: the listen address, with this host's
-/// name for an unspecified IP.
+/// The address peers should dial (without --advertise): the listen
+/// address, with this host's name for an unspecified IP.
 fn advertised(listen: SocketAddr) -> String {
     if listen.ip().is_unspecified() {
         format!("{}:{}", hostname(), listen.port())

@@ -132,6 +132,7 @@ impl Workload {
                 mode: self.mode as i32,
                 src_blocks: s.to_vec(),
                 dst_blocks: d.to_vec(),
+                ..Default::default()
             });
         let concurrency = self.concurrency.max(1);
         let (submits, rx) = mpsc::channel(concurrency);

@@ -252,3 +252,24 @@ mod tests {
         }
     }
 }
+
+/// The registry as a decode agent's dial resolver: a prefill agent's id to
+/// the address in its entry. An id the registry does not hold resolves to
+/// nothing (the request then fails naming it); a refused entry or an
+/// unreachable registry fails the request with that line.
+#[derive(Debug, Clone)]
+pub struct RegistryResolver(pub Registry);
+
+impl crate::agent::decode::dial::Resolver for RegistryResolver {
+    fn resolve<'a>(&'a self, agent_id: &'a str) -> crate::agent::decode::dial::Resolved<'a> {
+        use crate::agent::error::{AgentError, ErrorKind, Failure};
+        Box::pin(async move {
+            match self.0.resolve(agent_id).await {
+                Ok(entry) => Ok(Some(entry.address)),
+                Err(RegistryError::NotFound { .. }) => Ok(None),
+                Err(e @ RegistryError::Refused { .. }) => Err(AgentError::Precondition(e.to_string())),
+                Err(e @ RegistryError::Unreachable { .. }) => Err(AgentError::Failed(Failure::new(ErrorKind::Unavailable, e.to_string()))),
+            }
+        })
+    }
+}

@@ -199,6 +199,8 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             mode: pb::TransferMode::Read as i32,
             src_blocks: remote,
             dst_blocks: local.clone(),
+            // The first pull from a prefill agent dials it; later ones reuse the session.
+            peer_address: req.remote_address.clone(),
         };
         let (peer, published) = (req.remote_agent_id, req.remote_request_id);
         let answered = agent.clone();
@@ -227,7 +229,8 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         let agent = self.in_role(Role::Decode, "Release")?;
         let req = req.into_inner();
         crate::agent::validate::check_id("remote_request_id", &req.remote_request_id)?;
-        send_update(agent, &req.remote_agent_id, pb::LeaseUpdate { released: vec![req.remote_request_id], ..Default::default() })?;
+        let update = pb::LeaseUpdate { released: vec![req.remote_request_id], ..Default::default() };
+        send_update(agent, &req.remote_agent_id, &req.remote_address, update).await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
@@ -237,7 +240,8 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         for id in &req.remote_request_ids {
             crate::agent::validate::check_id("remote_request_ids", id)?;
         }
-        send_update(agent, &req.remote_agent_id, pb::LeaseUpdate { extend: req.remote_request_ids, ..Default::default() })?;
+        let update = pb::LeaseUpdate { extend: req.remote_request_ids, ..Default::default() };
+        send_update(agent, &req.remote_agent_id, &req.remote_address, update).await?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 
@@ -260,17 +264,21 @@ impl pb::sidecar_server::Sidecar for SidecarService {
     }
 }
 
-/// Sends `u` to the prefill agent `peer` over its session, or says why not.
-fn send_update(agent: &Agent, peer: &str, u: pb::LeaseUpdate) -> Result<(), AgentError> {
-    let d = agent.decode()?;
-    let target = d.sessions.lock().expect("lock").pick(peer)?;
+/// Sends `u` to the prefill agent `peer` (at `addr`, dialled if there is
+/// no session with it yet), or says why not.
+async fn send_update(agent: &Arc<Agent>, peer: &str, addr: &str, u: pb::LeaseUpdate) -> Result<(), AgentError> {
+    agent.decode()?;
+    let target = crate::agent::decode::dial::target(agent, peer, addr).await?;
     target.io.send(pb::session_down::Msg::Leases(u))
 }
 
-/// [`send_update`] after a pull, when nobody waits for the answer: the
-/// prefill agent frees the blocks at its lease's end if this is lost.
+/// The same after a pull, on the session the read used, when nobody waits
+/// for the answer: the prefill agent frees the blocks at its lease's end if
+/// this is lost.
 fn lease_update(agent: &Agent, peer: &str, u: pb::LeaseUpdate) {
-    if let Err(e) = send_update(agent, peer, u) {
+    let sent =
+        agent.decode().and_then(|d| d.sessions.lock().expect("lock").pick(peer)).and_then(|t| t.io.send(pb::session_down::Msg::Leases(u)));
+    if let Err(e) = sent {
         tracing::info!(prefill_agent = peer, error = %e, "could not tell the prefill agent a pull is done; its lease frees the blocks");
     }
 }

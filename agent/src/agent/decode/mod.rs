@@ -1,5 +1,6 @@
-//! Decode side: the prefill agents it admits at handshake (a session table
-//! of them, `session`), and the requests submitted through the local API
+//! Decode side: its prefill agents (a session table of them, `session`),
+//! those that dialled it (admitted at handshake) and those it dialled on
+//! demand (`dial`), and the requests submitted through the local API
 //! (push: order the prefill agent to write; pull: read, then tell it).
 //!
 //! `submit` is three steps: validate (pure, `validate`), attach the
@@ -8,6 +9,7 @@
 //! task's spawn, so a caller that goes away mid-call leaves no request
 //! without a task to finish it.
 
+pub mod dial;
 pub mod requests;
 pub mod stream;
 
@@ -23,9 +25,9 @@ use tonic::Status;
 use requests::Running;
 pub use requests::{Answer, RequestState, Requests};
 
-use super::auth::Nonces;
-use super::effects::{carry_out, RequestWaiter, SessionIo};
+use super::effects::{carry_out, say_goodbye, RequestWaiter, SessionIo};
 use super::error::{AgentError, ErrorKind, Failure};
+use super::handshake::{self, Admitted};
 use super::session::{Cancel, CloseReason, Moved, Outcome, RequestKind, SessionTable, Target};
 use super::validate::{self, TransferPath};
 use super::{convert, Agent};
@@ -35,6 +37,10 @@ pub const PEER_KIND: &str = "prefill agent";
 
 /// Orders queued for one prefill agent before back-pressure refuses more.
 const SESSION_QUEUE: usize = 4096;
+
+/// Longest a stopping agent waits for a prefill agent it dialled to end
+/// its side of the session after the goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 /// What goes down a session stream (its item type is the gRPC edge's).
 pub type DownItem = Result<pb::SessionDown, Status>;
@@ -49,14 +55,32 @@ pub struct PeerLink {
     /// The receiving end of `down`, until the session's stream takes it.
     stream: Mutex<Option<mpsc::Receiver<DownItem>>>,
     closed: watch::Sender<bool>,
+    /// Set once the session's reader is done with its stream.
+    finished: watch::Sender<bool>,
 }
 
 pub type Link = Arc<PeerLink>;
 
+/// Marks a link's reader finished when it lets go of the stream.
+struct Finished(Link);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.send_replace(true);
+    }
+}
+
 impl PeerLink {
     fn new(peer_agent: String, engine_peer: PeerId) -> PeerLink {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        PeerLink { peer_agent, engine_peer, down: Mutex::new(Some(tx)), stream: Mutex::new(Some(rx)), closed: watch::channel(false).0 }
+        PeerLink {
+            peer_agent,
+            engine_peer,
+            down: Mutex::new(Some(tx)),
+            stream: Mutex::new(Some(rx)),
+            closed: watch::channel(false).0,
+            finished: watch::channel(false).0,
+        }
     }
 
     /// Queues `msg` down the session stream.
@@ -130,13 +154,17 @@ pub struct DecodeSide {
     pub sessions: Mutex<Table>,
     /// Requests by id.
     pub requests: Requests,
-    /// One-time nonces for handshake proofs.
-    pub nonces: Nonces,
+    /// Dials prefill agents that requests name.
+    pub dialer: Box<dial::Dialer>,
 }
 
 impl DecodeSide {
-    pub fn new(lease: Duration) -> DecodeSide {
-        DecodeSide { sessions: Mutex::new(Table::new(PEER_KIND, lease)), requests: Requests::default(), nonces: Nonces::default() }
+    pub fn new(lease: Duration, idle: Duration) -> DecodeSide {
+        DecodeSide {
+            sessions: Mutex::new(Table::new(PEER_KIND, lease).with_idle_timeout(Some(idle))),
+            requests: Requests::default(),
+            dialer: Box::default(),
+        }
     }
 
     /// Prefill agents that can take orders: handshaken, with their stream open.
@@ -145,10 +173,12 @@ impl DecodeSide {
     }
 
     /// This agent stops: every prefill agent is told goodbye and its
-    /// session closes (its pending requests fail, UNAVAILABLE).
+    /// session closes (its pending requests fail, UNAVAILABLE). Returns once
+    /// the readers of the sessions it dialled are done (the prefill agent
+    /// ended its side, so the goodbye reached it), or after a bound.
     pub async fn goodbye(&self, agent: &Agent) {
-        let effects = self.sessions.lock().expect("lock").close_all("the decode agent is shutting down", Instant::now());
-        carry_out(agent, PEER_KIND, effects).await;
+        let reason = "the decode agent is shutting down";
+        say_goodbye(agent, &self.sessions, reason, GOODBYE_WAIT, |link: &Link| link.finished.subscribe()).await;
     }
 }
 
@@ -157,44 +187,24 @@ fn side(agent: &Agent) -> &DecodeSide {
     agent.decode().expect("a decode agent's task")
 }
 
-/// Admits a prefill agent: versions, role, layout and hook mode must fit.
+/// Admits a prefill agent that dialled this one: versions, proof, role,
+/// layout and hook mode must fit.
 pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<pb::HandshakeResponse, AgentError> {
-    validate::protocol_version(req.protocol_version)?;
-    let d =
-        agent.decode().map_err(|_| AgentError::WrongRole { actual: "prefill", hint: "prefill agents handshake with a decode agent" })?;
-    if agent.is_stopping() {
-        return Err(AgentError::ShuttingDown("decode"));
-    }
-    let peer = req.agent.ok_or_else(|| AgentError::Invalid("agent is missing".into()))?;
-    // Nothing about this agent's region leaves before the peer has proven
-    // it holds the cluster secret.
-    if let Some(secret) = &agent.cfg.secret {
-        if !d.nonces.take(&req.nonce) {
-            return Err(AgentError::Unauthenticated(
-                "handshake nonce unknown or expired: call Challenge first, then Handshake within 30 s".into(),
-            ));
-        }
-        if !secret.check("prefill", &req.nonce, &peer, &req.auth_proof) {
-            tracing::warn!(peer = %peer.agent_id, "handshake refused: wrong cluster secret");
-            return Err(AgentError::Unauthenticated("handshake proof does not match: the agents do not share the cluster secret".into()));
-        }
-    }
-    let (layout, spec) = validate::admit(&peer, &agent.layout, agent.cfg.allow_hooks)?;
+    let d = agent.decode()?;
+    let Admitted { peer, layout, spec } = handshake::check_incoming(agent, &req)?;
     // A restarted peer's old session closes (its requests fail) before its
     // new endpoint is made.
     let replaced = d.sessions.lock().expect("lock").close_peer(&peer.agent_id, CloseReason::Replaced, Instant::now());
     carry_out(agent, PEER_KIND, replaced).await;
     let engine_peer = agent.engine.connect(spec).await?;
-    let id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    let id = handshake::session_id();
     let link = Arc::new(PeerLink::new(peer.agent_id.clone(), engine_peer));
     // A prefill agent that never opens its session stream (it died right
     // after its handshake) is dropped after one lease by the lease tick.
     let (epoch, raced) = d.sessions.lock().expect("lock").admit(&peer.agent_id, id.clone(), layout, link, Instant::now());
     carry_out(agent, PEER_KIND, raced).await;
     tracing::info!(peer = %peer.agent_id, session = %id, %epoch, peer_ucx = %peer.ucx_version, peer_hooks = %convert::hook_mode_name(peer.hook_mode), "prefill agent admitted");
-    let info = agent.info();
-    let auth_proof = agent.cfg.secret.as_ref().map(|s| s.prove("decode", &req.nonce, &info)).unwrap_or_default();
-    Ok(pb::HandshakeResponse { protocol_version: kvrail_proto::PROTOCOL_VERSION, agent: Some(info), session_id: id, auth_proof })
+    Ok(handshake::answer(agent, &req.nonce, id))
 }
 
 /// Validates and starts a transfer. Nothing is written before every field
@@ -203,7 +213,7 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
 pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest, answer: Option<Answer>) -> Result<pb::SubmitResponse, AgentError> {
     let d = agent.decode().map_err(|_| AgentError::WrongRole { actual: "prefill", hint: "submit transfers on the decode agent" })?;
     let mode = validate::submit_header(&req)?;
-    let target = d.sessions.lock().expect("lock").pick(&req.peer)?;
+    let target = dial::target(agent, &req.peer, &req.peer_address).await?;
     let path = validate::transfer_path(&req, mode, agent.cfg.transport.writes_as_messages(), &target.layout, &agent.layout)?;
     let run = d.requests.insert(&req.request_id, answer)?;
     let started = Instant::now();
@@ -264,6 +274,7 @@ async fn push(
         }
     };
     let (agent, timeout) = (agent.clone(), agent.cfg.request_timeout);
+    let (peer, epoch) = (target.peer, target.epoch);
     tokio::spawn(async move {
         let outcome = match delivery {
             Some(delivery) => delivered(delivery, rx, timeout).await,
@@ -272,7 +283,11 @@ async fn push(
         // A completion that never came (the deadline passed) must not stay
         // routed; after a delivery it was never sent.
         let d = side(&agent);
-        d.sessions.lock().expect("lock").finish(&id, order);
+        {
+            let mut t = d.sessions.lock().expect("lock");
+            t.finish(&id, order);
+            t.record(&peer, epoch, &outcome, Instant::now());
+        }
         d.requests.finish(&id, run, RequestState::ended(outcome, started.elapsed()));
     });
     Ok(())
@@ -297,7 +312,12 @@ fn pull(agent: &Arc<Agent>, target: Target<Link>, id: &str, ops: Vec<RmaOp>, run
             Err(_) => Err(Failure::new(ErrorKind::DeadlineExceeded, format!("read not finished within {timeout:?}"))),
         };
         let d = side(&agent);
-        let end = d.sessions.lock().expect("lock").local_done(&id, order, outcome);
+        let end = {
+            let mut t = d.sessions.lock().expect("lock");
+            let end = t.local_done(&id, order, outcome);
+            t.record(&target.peer, target.epoch, &end.outcome, Instant::now());
+            end
+        };
         if let Some(io) = end.notify {
             let (ok, error) = match &end.outcome {
                 Ok(_) => (true, String::new()),

@@ -9,7 +9,7 @@ use kvrail_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
-use super::{side, DownItem, Link, Waiter, PEER_KIND};
+use super::{side, DownItem, Finished, Link, Waiter, GOODBYE_WAIT, PEER_KIND};
 use crate::agent::effects::carry_out;
 use crate::agent::error::AgentError;
 use crate::agent::session::{CloseReason, Routed, Target};
@@ -29,19 +29,31 @@ pub async fn open(agent: &Arc<Agent>, session_id: &str, inbound: Streaming<pb::S
     // Dropped meanwhile (its lease ran out before the stream opened): refused.
     d.sessions.lock().expect("lock").open(session_id, Instant::now())?;
     let rx = target.io.stream.lock().expect("lock").take().ok_or_else(|| AgentError::AlreadyOpen(session_id.into()))?;
-    tokio::spawn(read_up(agent.clone(), target, inbound));
+    tokio::spawn(read_up(agent.clone(), target, inbound, false));
     Ok(rx)
 }
 
 /// Reads the session's stream until it ends, or until the table closes the
-/// session (lease, a newer handshake, shutdown).
-async fn read_up(agent: Arc<Agent>, target: Target<Link>, mut inbound: Streaming<pb::SessionUp>) {
+/// session (lease, a newer handshake, shutdown, idle). On a session this
+/// agent `dialled` the stream read is the answer to its own call: dropping
+/// it would cancel the call, goodbye and all, so after a close it is read
+/// until the prefill agent ends it (it does once the goodbye is there), for
+/// a bounded time.
+pub(super) async fn read_up(agent: Arc<Agent>, target: Target<Link>, mut inbound: Streaming<pb::SessionUp>, dialled: bool) {
     let d = side(&agent);
+    let _finished = Finished(target.io.clone());
     let mut closed = target.io.closed.subscribe();
     let reason = loop {
         let msg = tokio::select! {
-            _ = closed.wait_for(|c| *c) => return,
-            m = inbound.message() => m,
+            _ = closed.wait_for(|c| *c) => None,
+            m = inbound.message() => Some(m),
+        };
+        let Some(msg) = msg else {
+            if dialled {
+                let drained = async { while let Ok(Some(_)) = inbound.message().await {} };
+                let _ = tokio::time::timeout(GOODBYE_WAIT, drained).await;
+            }
+            return;
         };
         let now = Instant::now();
         let msg = match msg {

@@ -25,7 +25,7 @@ mod tests;
 use std::fmt;
 use std::time::Duration;
 
-pub use table::{Cancel, Effect, ReadEnd, Routed, SessionTable, Target};
+pub use table::{Cancel, Effect, PeerStat, ReadEnd, Routed, SessionTable, Target};
 
 use super::error::{ErrorKind, Failure};
 
@@ -57,6 +57,9 @@ pub enum CloseReason {
     Goodbye(String),
     /// This agent is shutting down and said goodbye.
     ShuttingDown,
+    /// A session this agent dialled carried no request for this long; it
+    /// said goodbye (the next request to the peer dials again).
+    Idle(Duration),
     /// The peer handshaked again under the same agent id (it restarted).
     Replaced,
     /// Handshaken, but its stream was not opened within a lease.
@@ -73,7 +76,7 @@ impl CloseReason {
     /// Whether this is a failure (worth a warning) rather than an orderly
     /// close by one side.
     pub fn is_failure(&self) -> bool {
-        !matches!(self, CloseReason::Goodbye(_) | CloseReason::ShuttingDown)
+        !matches!(self, CloseReason::Goodbye(_) | CloseReason::ShuttingDown | CloseReason::Idle(_))
     }
 
     /// The reason in words, naming the peer by its kind ("prefill agent").
@@ -81,6 +84,7 @@ impl CloseReason {
         match self {
             CloseReason::Goodbye(why) => format!("the {peer_kind} said goodbye: {why}"),
             CloseReason::ShuttingDown => "this agent is shutting down".into(),
+            CloseReason::Idle(idle) => format!("no request to the {peer_kind} for {idle:?}: the dialled session closed"),
             CloseReason::Replaced => format!("the {peer_kind} re-handshaked (restarted); its earlier requests are void"),
             CloseReason::NeverOpened(lease) => format!("the {peer_kind} never opened its session stream within its lease ({lease:?})"),
             CloseReason::LeaseExpired(lease) => format!("nothing heard from the {peer_kind} for {lease:?}: its lease expired"),

@@ -76,6 +76,35 @@ struct Session<P> {
     epoch: Epoch,
     layout: BlockLayout,
     state: State<P>,
+    /// The address this agent dialled (it may close the session when
+    /// idle); `None` when the peer dialled.
+    address: Option<String>,
+    admitted: Instant,
+    /// The last time a request started or ended on it.
+    last_active: Instant,
+    counts: Counts,
+}
+
+/// What a session's requests moved and how they ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    bytes: u64,
+    ok: u64,
+    failed: u64,
+}
+
+/// One peer's session, as stats report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStat {
+    pub peer: String,
+    pub address: Option<String>,
+    pub state: SessionState,
+    pub epoch: Epoch,
+    pub age: Duration,
+    pub bytes: u64,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    pub pending: u64,
 }
 
 #[derive(Debug)]
@@ -119,11 +148,19 @@ pub struct SessionTable<P, W> {
     /// By request id.
     requests: HashMap<String, Pending<W>>,
     fenced: u64,
+    /// A dialled session with no request for this long closes.
+    idle: Option<Duration>,
 }
 
 impl<P: Clone, W: Clone> SessionTable<P, W> {
     pub fn new(peer_kind: &'static str, lease: Duration) -> Self {
-        Self { peer_kind, lease, next_epoch: 1, next_order: 1, sessions: HashMap::new(), requests: HashMap::new(), fenced: 0 }
+        Self { peer_kind, lease, next_epoch: 1, next_order: 1, sessions: HashMap::new(), requests: HashMap::new(), fenced: 0, idle: None }
+    }
+
+    /// Dialled sessions with no request for `idle` close (`None`: never).
+    pub fn with_idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.idle = idle;
+        self
     }
 
     pub fn peer_kind(&self) -> &'static str {
@@ -143,8 +180,71 @@ impl<P: Clone, W: Clone> SessionTable<P, W> {
         let epoch = Epoch(self.next_epoch);
         self.next_epoch += 1;
         let state = State::Handshaken { io, since: now };
-        self.sessions.insert(peer.to_string(), Session { id: session_id, epoch, layout, state });
+        let s = Session { id: session_id, epoch, layout, state, address: None, admitted: now, last_active: now, counts: Counts::default() };
+        self.sessions.insert(peer.to_string(), s);
         (epoch, effects)
+    }
+
+    /// `epoch`'s session is one this agent dialled at `address`: requests
+    /// naming the address find it, and it closes when idle.
+    pub fn mark_dialled(&mut self, epoch: Epoch, address: &str) {
+        if let Some(s) = self.sessions.values_mut().find(|s| s.epoch == epoch) {
+            s.address = Some(address.to_string());
+        }
+    }
+
+    /// The open session of the peer this agent dialled at `address`.
+    pub fn find_address(&self, address: &str) -> Option<Target<P>> {
+        self.sessions.iter().find_map(|(p, s)| match &s.state {
+            State::Open { io, .. } if s.address.as_deref() == Some(address) => {
+                Some(Target { peer: p.clone(), epoch: s.epoch, layout: s.layout, io: io.clone() })
+            }
+            _ => None,
+        })
+    }
+
+    /// A request of `peer`'s session `epoch` ended with `outcome`.
+    pub fn record(&mut self, peer: &str, epoch: Epoch, outcome: &Outcome, now: Instant) {
+        let Some(s) = self.sessions.get_mut(peer).filter(|s| s.epoch == epoch) else { return };
+        s.last_active = now;
+        match outcome {
+            Ok(m) => {
+                s.counts.bytes += m.bytes;
+                s.counts.ok += 1;
+            }
+            Err(_) => s.counts.failed += 1,
+        }
+    }
+
+    /// Every peer's session (closed ones while remembered), by peer id.
+    pub fn peer_stats(&self, now: Instant) -> Vec<PeerStat> {
+        let mut v: Vec<PeerStat> = self
+            .sessions
+            .iter()
+            .map(|(p, s)| PeerStat {
+                peer: p.clone(),
+                address: s.address.clone(),
+                state: self.state(p).expect("present"),
+                epoch: s.epoch,
+                age: now.saturating_duration_since(s.admitted),
+                bytes: s.counts.bytes,
+                requests_ok: s.counts.ok,
+                requests_failed: s.counts.failed,
+                pending: self.requests.values().filter(|r| r.epoch == s.epoch).count() as u64,
+            })
+            .collect();
+        v.sort_by(|a, b| a.peer.cmp(&b.peer));
+        v
+    }
+
+    /// Whether `peer` has a live session (handshaken or open).
+    pub fn is_live(&self, peer: &str) -> bool {
+        self.sessions.get(peer).is_some_and(|s| s.state.io().is_some())
+    }
+
+    /// Whether `peer`'s live session is one this agent dialled.
+    pub fn is_dialled(&self, peer: &str) -> bool {
+        self.sessions.get(peer).is_some_and(|s| s.state.io().is_some() && s.address.is_some())
     }
 
     /// The session a stream names, while it waits for its stream.
@@ -367,7 +467,8 @@ impl<P: Clone, W: Clone> SessionTable<P, W> {
             }
         };
         let (epoch, session_id) = (s.epoch, s.id.clone());
-        let failure = reason.failure(self.peer_kind);
+        // Named: with many peers, a failure says whose session ended.
+        let failure = reason.failure(&format!("{} {peer:?}", self.peer_kind));
         let mut ids: Vec<String> = self.requests.iter().filter(|(_, p)| p.epoch == epoch).map(|(id, _)| id.clone()).collect();
         ids.sort();
         let mut effects = Vec::new();
@@ -401,13 +502,28 @@ impl<P: Clone, W: Clone> SessionTable<P, W> {
                 State::Open { last_heard, .. } if now.saturating_duration_since(last_heard) >= lease => {
                     Some((p.clone(), CloseReason::LeaseExpired(lease)))
                 }
+                State::Open { .. } => self
+                    .idle
+                    .filter(|&idle| {
+                        s.address.is_some()
+                            && now.saturating_duration_since(s.last_active) >= idle
+                            && !self.requests.values().any(|r| r.epoch == s.epoch)
+                    })
+                    .map(|idle| (p.clone(), CloseReason::Idle(idle))),
                 _ => None,
             })
             .collect();
         expired.sort_by(|a, b| a.0.cmp(&b.0));
         let forget = lease * TOMBSTONE_LEASES;
         self.sessions.retain(|_, s| !matches!(s.state, State::Closed { since, .. } if now.saturating_duration_since(since) >= forget));
-        expired.into_iter().flat_map(|(peer, reason)| self.close_peer(&peer, reason, now)).collect()
+        let mut effects = Vec::new();
+        for (peer, reason) in expired {
+            if let (CloseReason::Idle(_), Some(State::Open { io, .. })) = (&reason, self.sessions.get(&peer).map(|s| &s.state)) {
+                effects.push(Effect::Goodbye { io: io.clone(), reason: reason.describe(self.peer_kind) });
+            }
+            effects.extend(self.close_peer(&peer, reason, now));
+        }
+        effects
     }
 
     /// This agent stops: every open session is told `goodbye`, then every

@@ -356,3 +356,52 @@ proptest! {
         prop_assert_eq!(ended_ids.len(), started.len(), "every request ended");
     }
 }
+
+#[test]
+fn a_dialled_session_without_requests_closes_after_the_idle_timeout_with_a_goodbye() {
+    let now = Instant::now();
+    let idle = Duration::from_secs(60);
+    let mut t = table().with_idle_timeout(Some(idle));
+    let (dialled, _) = open(&mut t, "d", 1, now);
+    t.mark_dialled(dialled, "10.0.0.7:5000");
+    let (accepted, _) = open(&mut t, "a", 2, now);
+    assert_eq!(t.find_address("10.0.0.7:5000").map(|x| x.peer), Some("d".to_string()));
+    assert!(t.is_dialled("d") && !t.is_dialled("a"));
+    // Kept alive by heartbeats, and busy: a pending request holds it open.
+    let o = t.start("r", "d", dialled, RequestKind::PeerWrites, 10).unwrap();
+    let later = now + idle + MS;
+    assert!(t.heard(dialled, later) && t.heard(accepted, later));
+    assert!(t.poll(later).is_empty(), "a session with a pending request is not idle");
+    assert!(matches!(t.completion(dialled, ok("r", o), later), Routed::Apply { .. }));
+    t.record("d", dialled, &Ok(Moved { bytes: 10, ops: 1 }), later);
+    let quiet = later + idle - MS;
+    assert!(t.heard(dialled, quiet) && t.heard(accepted, quiet));
+    assert!(t.poll(quiet).is_empty(), "idle counts from the last request's end");
+    let gone = later + idle;
+    assert!(t.heard(dialled, gone) && t.heard(accepted, gone));
+    let fx = t.poll(gone);
+    assert!(matches!(&fx[0], Effect::Goodbye { io: 1, reason } if reason.contains("no request")), "{fx:?}");
+    assert_eq!(dropped(&fx), vec![("d".to_string(), CloseReason::Idle(idle))]);
+    assert!(!CloseReason::Idle(idle).is_failure(), "an idle close is orderly");
+    // The session the peer dialled stays, however idle.
+    assert_eq!(t.open_sessions().into_iter().map(|(p, _)| p).collect::<Vec<_>>(), vec!["a".to_string()]);
+    assert!(t.find_address("10.0.0.7:5000").is_none());
+}
+
+#[test]
+fn stats_count_each_session_s_requests_and_a_new_epoch_starts_afresh() {
+    let now = Instant::now();
+    let mut t = table();
+    let (e1, _) = open(&mut t, "p", 1, now);
+    t.record("p", e1, &Ok(Moved { bytes: 100, ops: 2 }), now);
+    t.record("p", e1, &Err(Failure::new(ErrorKind::Unavailable, "x")), now);
+    t.start("r", "p", e1, RequestKind::PeerWrites, 7).unwrap();
+    let s = &t.peer_stats(now + Duration::from_secs(3))[0];
+    assert_eq!((s.bytes, s.requests_ok, s.requests_failed, s.pending, s.epoch), (100, 1, 1, 1, e1));
+    assert_eq!((s.state.clone(), s.age, s.address.clone()), (SessionState::Open, Duration::from_secs(3), None));
+    let (e2, _) = t.admit("p", "s2".into(), layout(), 2, now + MS);
+    // A late end of the old epoch's request is not the new session's.
+    t.record("p", e1, &Ok(Moved { bytes: 5, ops: 1 }), now + MS);
+    let s = &t.peer_stats(now + MS)[0];
+    assert_eq!((s.epoch, s.bytes, s.requests_ok, s.pending, s.state.clone()), (e2, 0, 0, 0, SessionState::Handshaken));
+}
