@@ -134,6 +134,20 @@ def test_bad_calls_are_refused_clearly_and_change_nothing(pair):
     refused(grpc.StatusCode.INVALID_ARGUMENT, "out of range", decode.client.pull, "x", local_blocks=[[BLOCKS + 1]], remote_blocks=[[5]], **pull)
     refused(grpc.StatusCode.NOT_FOUND, "no connected prefill agent is named", decode.client.pull, "x", local_blocks=[[1]], remote_blocks=[[5]], remote_agent_id="nobody", remote_address="", remote_request_id="p1")
     refused(grpc.StatusCode.ALREADY_EXISTS, "attached this agent's region already", decode.attach)
+    # A pull of what the prefill side does not hold (never published, expired,
+    # or a block it did not publish) reads nothing.
+    prefill.write_block(6, 99)
+    prefill.client.publish("short", [[6]], lease_ms=100)
+    time.sleep(0.3)
+    before = decode.block(1)
+    for remote_id, blocks, code, text in [
+        ("never", [5], grpc.StatusCode.NOT_FOUND, '"never" is not published here'),
+        ("short", [6], grpc.StatusCode.NOT_FOUND, '"short" is not published here'),
+        ("p1", [6], grpc.StatusCode.INVALID_ARGUMENT, "block 6 is not among the blocks"),
+    ]:
+        args = dict(pull, remote_request_id=remote_id)
+        refused(code, text, decode.client.pull, "x", local_blocks=[[1]], remote_blocks=[blocks], **args)
+    assert decode.block(1) == before, "a refused pull wrote nothing"
     # Nothing changed: p1 is still held and pulls byte for byte.
     prefill.write_block(5, 77)
     decode.client.pull("ok", local_blocks=[[7]], remote_blocks=[[5]], **pull)

@@ -306,6 +306,7 @@ async fn serve_orders(agent: &Arc<Agent>, target: Target<Arc<Link>>, mut down: t
                 tracing::debug!(request_id = %done.request_id, ok = done.ok, "decode agent finished reading; blocks may be freed");
             }
             Some(pb::session_down::Msg::Leases(u)) => agent.sidecar.lease_update(&decode, u),
+            Some(pb::session_down::Msg::Claim(c)) => link.try_send(pb::session_up::Msg::Claimed(agent.sidecar.claim(&decode, c))),
             Some(pb::session_down::Msg::Goodbye(g)) => break CloseReason::Goodbye(g.reason),
             Some(pb::session_down::Msg::Heartbeat(_) | pb::session_down::Msg::Open(_)) | None => {}
         }

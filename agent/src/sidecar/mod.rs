@@ -19,17 +19,23 @@ pub mod attach;
 pub mod fdpass;
 pub mod published;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvrail_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use crate::agent::decode::RequestState;
+use crate::agent::decode::{dial, Link, RequestState};
 use crate::agent::error::AgentError;
+use crate::agent::session::Target;
 use crate::agent::{decode, Agent, Role};
 use published::{Ended, Published};
+
+/// Longest a decode agent waits for the prefill agent to answer a claim.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What an agent keeps for its engine's connector.
 #[derive(Debug, Default)]
@@ -38,6 +44,9 @@ pub struct SidecarState {
     pub attached: Option<attach::Wanted>,
     published: Mutex<Published>,
     pulls: Mutex<Pulls>,
+    /// Decode side: claims sent, waiting for their answer, by claim id.
+    claims: Mutex<HashMap<u64, oneshot::Sender<pb::Claimed>>>,
+    next_claim: AtomicU64,
 }
 
 /// Pulls that ended since the last Poll.
@@ -66,6 +75,64 @@ impl SidecarState {
         }
         for id in p.extend(&u.extend, now) {
             tracing::info!(decode_agent = from, request_id = %id, "heartbeat for a request that is not held");
+        }
+    }
+}
+
+impl SidecarState {
+    /// Prefill side: a decode agent is about to read published blocks.
+    pub fn claim(&self, from: &str, c: pb::Claim) -> pb::Claimed {
+        let hold = Duration::from_millis(u64::from(c.hold_ms));
+        let mut p = self.published.lock().expect("lock");
+        p.expire(Instant::now());
+        match p.claim(&c.published_id, &c.blocks, hold, Instant::now()) {
+            Ok(()) => pb::Claimed { claim_id: c.claim_id, code: 0, error: String::new() },
+            Err(e) => {
+                tracing::info!(decode_agent = from, error = %e, "refused a claim");
+                pb::Claimed { claim_id: c.claim_id, code: crate::agent::convert::code_of(e.kind()) as i32, error: e.to_string() }
+            }
+        }
+    }
+
+    /// Decode side: the answer to a claim this agent sent.
+    pub fn claimed(&self, c: pb::Claimed) {
+        if let Some(tx) = self.claims.lock().expect("lock").remove(&c.claim_id) {
+            let _ = tx.send(c);
+        }
+    }
+
+    /// Decode side: asks the prefill agent on `target` to hold `blocks` of
+    /// `published_id` for a read of at most `hold`; fails, reading nothing,
+    /// if it does not hold them (or does not answer within [`CLAIM_TIMEOUT`]).
+    async fn claim_for_read(&self, target: &Target<Link>, published_id: &str, blocks: &[u32], hold: Duration) -> Result<(), Status> {
+        let claim_id = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.claims.lock().expect("lock").insert(claim_id, tx);
+        let msg = pb::Claim {
+            claim_id,
+            published_id: published_id.to_string(),
+            blocks: blocks.to_vec(),
+            hold_ms: u32::try_from(hold.as_millis()).unwrap_or(u32::MAX),
+        };
+        let answer = match target.io.send(pb::session_down::Msg::Claim(msg)) {
+            Ok(()) => tokio::time::timeout(CLAIM_TIMEOUT, rx).await,
+            Err(e) => {
+                self.claims.lock().expect("lock").remove(&claim_id);
+                return Err(e.into());
+            }
+        };
+        self.claims.lock().expect("lock").remove(&claim_id);
+        match answer {
+            Ok(Ok(c)) if c.code == 0 => Ok(()),
+            Ok(Ok(c)) => Err(Status::new(tonic::Code::from(c.code), format!("prefill agent {:?}: {}", target.peer, c.error))),
+            Ok(Err(_)) => {
+                Err(Status::unavailable(format!("the session with prefill agent {:?} ended before it answered the claim", target.peer)))
+            }
+            Err(_) => Err(Status::unavailable(format!(
+                "prefill agent {:?} did not answer the claim of {published_id:?} within {} s",
+                target.peer,
+                CLAIM_TIMEOUT.as_secs()
+            ))),
         }
     }
 }
@@ -193,16 +260,22 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         let local = one_group("local_blocks", &req.local_blocks)?;
         let remote = one_group("remote_blocks", &req.remote_blocks)?;
         crate::agent::validate::check_id("remote_request_id", &req.remote_request_id)?;
+        crate::agent::validate::check_id("request_id", &req.request_id)?;
+        // The session (dialled on the first pull from this prefill agent),
+        // then its word that the blocks are still held: a read after they
+        // were freed would get whatever reused them.
+        let target = dial::target(&agent, &req.remote_agent_id, &req.remote_address).await?;
+        agent.sidecar.claim_for_read(&target, &req.remote_request_id, &remote, agent.cfg.request_timeout).await?;
         let submit = pb::SubmitRequest {
             request_id: req.request_id.clone(),
-            peer: req.remote_agent_id.clone(),
+            peer: target.peer.clone(),
             mode: pb::TransferMode::Read as i32,
             src_blocks: remote,
             dst_blocks: local.clone(),
             // The first pull from a prefill agent dials it; later ones reuse the session.
             peer_address: req.remote_address.clone(),
         };
-        let (peer, published) = (req.remote_agent_id, req.remote_request_id);
+        let (peer, published) = (target.peer.clone(), req.remote_request_id);
         let answered = agent.clone();
         let answer: decode::Answer = Box::new(move |st: RequestState| {
             let id = req.request_id;
@@ -268,7 +341,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
 /// no session with it yet), or says why not.
 async fn send_update(agent: &Arc<Agent>, peer: &str, addr: &str, u: pb::LeaseUpdate) -> Result<(), AgentError> {
     agent.decode()?;
-    let target = crate::agent::decode::dial::target(agent, peer, addr).await?;
+    let target = dial::target(agent, peer, addr).await?;
     target.io.send(pb::session_down::Msg::Leases(u))
 }
 

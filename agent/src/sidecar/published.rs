@@ -84,6 +84,24 @@ impl Published {
         self.live.get(id).map(|e| e.blocks.as_slice())
     }
 
+    /// A decode agent is about to read `blocks` of `id`: they must all be
+    /// held under it, and the lease is extended to at least `now + hold`
+    /// (the longest the read may take), so it cannot expire under the read.
+    /// `NotFound` if `id` is not held (never published, already read,
+    /// released or expired: reading would get whatever reused the blocks);
+    /// `InvalidArgument` for a block it does not hold.
+    pub fn claim(&mut self, id: &str, blocks: &[u32], hold: Duration, now: Instant) -> Result<(), AgentError> {
+        let entry = self.live.get_mut(id).ok_or_else(|| {
+            refused(ErrorKind::NotFound, format!("request {id:?} is not published here (never, or already read, released or expired)"))
+        })?;
+        let held: std::collections::HashSet<u32> = entry.blocks.iter().flatten().copied().collect();
+        if let Some(b) = blocks.iter().find(|b| !held.contains(b)) {
+            return Err(refused(ErrorKind::InvalidArgument, format!("block {b} is not among the blocks request {id:?} published")));
+        }
+        entry.deadline = entry.deadline.max(now + hold);
+        Ok(())
+    }
+
     /// Ends a live request (read or released). `NotFound` if it is not held.
     pub fn end(&mut self, id: &str, how: Ended) -> Result<(), AgentError> {
         match self.live.remove(id) {
@@ -189,6 +207,21 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p.blocks("a"), Some(&[vec![0]][..]), "the held request is untouched");
         assert!(p.take_finished().is_empty());
+    }
+
+    #[test]
+    fn a_claim_holds_only_published_blocks_and_outlasts_the_lease() {
+        let t0 = Instant::now();
+        let mut p = Published::default();
+        p.publish("a", vec![vec![2, 3, 4]], N, Duration::from_secs(1), t0).unwrap();
+        let e = p.claim("a", &[3, 5], Duration::from_secs(10), t0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("block 5 is not among"), "{e}");
+        assert_eq!(p.claim("zz", &[3], Duration::from_secs(10), t0).unwrap_err().kind(), ErrorKind::NotFound);
+        p.claim("a", &[4, 2], Duration::from_secs(10), t0).unwrap();
+        assert!(p.expire(t0 + Duration::from_secs(5)).is_empty(), "held for the read past the 1 s lease");
+        p.end("a", Ended::Read).unwrap();
+        assert_eq!(p.claim("a", &[2], Duration::from_secs(10), t0).unwrap_err().kind(), ErrorKind::NotFound, "read once");
     }
 
     #[test]

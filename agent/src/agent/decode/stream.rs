@@ -74,6 +74,10 @@ pub(super) async fn read_up(agent: Arc<Agent>, target: Target<Link>, mut inbound
                 }
             }
             Some(pb::session_up::Msg::Goodbye(g)) => break CloseReason::Goodbye(g.reason),
+            Some(pb::session_up::Msg::Claimed(c)) => {
+                d.sessions.lock().expect("lock").heard(target.epoch, now);
+                agent.sidecar.claimed(c);
+            }
             _ => {
                 d.sessions.lock().expect("lock").heard(target.epoch, now);
             }
