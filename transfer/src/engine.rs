@@ -47,7 +47,7 @@ use crate::ffi::ucp::{Context, Endpoint, OpCounter, Registration, RemoteRegion, 
 use crate::hooks;
 use crate::inbox::{self, Inbox};
 use crate::plan::RmaOp;
-use crate::region::Region;
+use crate::region::{MemoryKind, Region};
 use crate::transport::Transport;
 
 /// How the region's memory is obtained.
@@ -58,6 +58,32 @@ pub enum RegionAlloc {
     /// UCX allocates and registers the memory itself (`UCP_MEM_MAP_ALLOCATE`),
     /// which some UCX releases serve with one-sided shared-memory puts.
     Ucx,
+    /// One `cuMemAlloc` of the region's size on CUDA device `device`,
+    /// registered with UCX as CUDA memory.
+    Cuda { device: usize },
+    /// An engine's `cuMemAlloc` allocation on CUDA device `device`, mapped
+    /// from its IPC `handle` (`cuIpcOpenMemHandle`); the region's size must
+    /// not exceed the allocation's. Registered as for [`RegionAlloc::Cuda`].
+    CudaIpc { device: usize, handle: kvrail_cuda::IpcHandle },
+}
+
+impl RegionAlloc {
+    /// Where a region made this way lives.
+    pub fn memory_kind(&self) -> MemoryKind {
+        match self {
+            RegionAlloc::Mapped { .. } | RegionAlloc::Ucx => MemoryKind::Host,
+            RegionAlloc::Cuda { .. } | RegionAlloc::CudaIpc { .. } => MemoryKind::Cuda,
+        }
+    }
+
+    /// The UCX configuration for `transport` with a region made this way.
+    pub fn ucx_settings(&self, transport: Transport) -> Vec<(&'static str, &'static str)> {
+        let assertions = crate::ucx_facts::uct_has_assertions();
+        match self.memory_kind() {
+            MemoryKind::Host => transport.ucx_settings(assertions),
+            MemoryKind::Cuda => transport.ucx_settings_for_gpu(assertions),
+        }
+    }
 }
 
 /// Engine settings.
@@ -609,10 +635,17 @@ pub(crate) struct OpenWorker {
 /// a fresh inbox, in the calling thread (which then owns the worker).
 /// Shared by the engine and the raw loop.
 pub(crate) fn open_worker(transport: Transport, region_len: usize, alloc: RegionAlloc) -> Result<OpenWorker, TransferError> {
-    let ctx = Context::new(&transport.ucx_settings(crate::ucx_facts::uct_has_assertions()))?;
+    let ctx = Context::new(&alloc.ucx_settings(transport))?;
     let reg = match alloc {
         RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
         RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
+        // The allocation (or mapping) is made here, on the thread that
+        // owns the worker: the device's primary context is then current on
+        // the thread UCX progresses the region's transfers on.
+        RegionAlloc::Cuda { device } => Registration::register_gpu(&ctx, kvrail_cuda::GpuRegion::alloc(device, region_len)?),
+        RegionAlloc::CudaIpc { device, handle } => {
+            Registration::register_gpu(&ctx, kvrail_cuda::GpuRegion::import_ipc(device, &handle, region_len)?)
+        }
     }
     .map_err(TransferError::Region)?;
     let reg = Arc::new(reg);
