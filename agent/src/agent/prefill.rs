@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::effects::{carry_out, RequestWaiter, SessionIo};
 use super::error::{AgentError, ErrorKind, Failure};
 use super::session::{Cancel, CloseReason, Completion, Effect, Epoch, Moved, RequestKind, SessionTable};
-use super::{convert, Agent};
+use super::{convert, validate, Agent};
 
 /// How this side names its peers.
 pub const PEER_KIND: &str = "decode agent";
@@ -219,6 +219,7 @@ async fn session_once(
     }
     let layout = convert::layout_from_pb(decode.layout.as_ref())?;
     agent.layout.check_compatible(&layout)?;
+    validate::memory_pairing(&agent.memory_side(), &convert::memory_side(&decode)?)?;
     let spec = convert::peer_spec(&decode, &layout)?;
     let engine_peer = agent.engine.connect(spec).await?;
     let handshake_ms = t0.elapsed().as_secs_f64() * 1e3;

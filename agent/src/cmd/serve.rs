@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvrail_proto::v1 as pb;
-use kvrail_transfer::RegionAlloc;
 
 use crate::agent::control::ControlService;
 use crate::agent::peer_service::PeerService;
@@ -47,7 +46,7 @@ pub async fn run(role: Role, args: &AgentArgs, peer: Option<String>) -> anyhow::
         region_bytes: args.geometry.region_bytes,
         block_bytes: args.geometry.block_bytes,
         layers: args.layers,
-        region_alloc: if args.mmap_region { RegionAlloc::Mapped { populate: true } } else { RegionAlloc::Ucx },
+        region_alloc: args.geometry.memory.region_alloc(args.mmap_region).map_err(anyhow::Error::msg)?,
         window: args.window,
         progress_cpu: args.progress_cpu,
         test_patterns: args.test_patterns,

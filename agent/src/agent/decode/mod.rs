@@ -179,7 +179,7 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
             return Err(AgentError::Unauthenticated("handshake proof does not match: the agents do not share the cluster secret".into()));
         }
     }
-    let (layout, spec) = validate::admit(&peer, &agent.layout, agent.cfg.allow_hooks)?;
+    let (layout, spec) = validate::admit(&peer, &agent.layout, agent.cfg.allow_hooks, &agent.memory_side())?;
     // A restarted peer's old session closes (its requests fail) before its
     // new endpoint is made.
     let replaced = d.sessions.lock().expect("lock").close_peer(&peer.agent_id, CloseReason::Replaced, Instant::now());
