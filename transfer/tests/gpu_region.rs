@@ -88,7 +88,8 @@ async fn gpu_regions_put_and_get_byte_for_byte() {
         let dir = if transport.writes_as_messages() { Direction::Deliver { tag: 0 } } else { Direction::Write };
         if let Direction::Deliver { .. } = dir {
             // Over tcp writes are deliveries into a tag the target opened.
-            let mut expected = b.expect(vec![(5 * BLOCK)..(6 * BLOCK)]).expect("open a tag");
+            let into = std::iter::once(5 * BLOCK..6 * BLOCK).collect();
+            let mut expected = b.expect(into).expect("open a tag");
             a.transfer(
                 b_on_a,
                 Direction::Deliver { tag: expected.tag() },
