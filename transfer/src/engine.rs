@@ -149,6 +149,14 @@ pub struct PeerSpec {
     pub rkey: Vec<u8>,
 }
 
+impl From<&LocalInfo> for PeerSpec {
+    /// What a peer of this engine receives (the engines of one process,
+    /// in tests and the raw loop, hand it over directly).
+    fn from(l: &LocalInfo) -> PeerSpec {
+        PeerSpec { worker_address: l.worker_address.clone(), region_base: l.region_base, region_len: l.region_len, rkey: l.rkey.clone() }
+    }
+}
+
 /// Handle of a connected peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerId(pub u64);

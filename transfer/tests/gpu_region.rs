@@ -72,15 +72,7 @@ async fn gpu_regions_put_and_get_byte_for_byte() {
         assert_eq!(a.region().memory_kind(), MemoryKind::Cuda);
         let used = a.region().device_memory().expect("a GPU region").expect("cuMemGetInfo");
         assert!(used.used() >= REGION, "{used:?}");
-        let spec = |e: &Engine| {
-            let l = e.local_info();
-            kvrail_transfer::PeerSpec {
-                worker_address: l.worker_address.clone(),
-                region_base: l.region_base,
-                region_len: l.region_len,
-                rkey: l.rkey.clone(),
-            }
-        };
+        let spec = |e: &Engine| kvrail_transfer::PeerSpec::from(e.local_info());
         let b_on_a = a.connect(spec(&b)).await.expect("connect");
         let a_on_b = b.connect(spec(&a)).await.expect("connect");
         let pattern: Vec<u8> = (0..BLOCK as usize).map(|i| (i as u8).wrapping_mul(7).wrapping_add(3)).collect();
