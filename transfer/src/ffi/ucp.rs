@@ -189,8 +189,9 @@ pub(crate) struct Registration {
 }
 
 // SAFETY: memh is used only for context-level calls (rkey pack, unmap),
-// which the MT_WORKERS_SHARED context serialises; region bytes are only
-// copied through raw pointers (see sys::copy_in/copy_out).
+// which the MT_WORKERS_SHARED context serialises; host region bytes are only
+// copied through raw pointers (see sys::copy_in/copy_out), GPU region bytes
+// only through the driver's copies (GpuRegion is Send and Sync).
 unsafe impl Send for Registration {}
 // SAFETY: see Send.
 unsafe impl Sync for Registration {}
