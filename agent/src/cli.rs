@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvrail_transfer::Transport;
 
+use crate::memory::Memory;
 use crate::units::parse_bytes;
 
 #[derive(Debug, Parser)]
@@ -43,6 +44,19 @@ pub enum Command {
 }
 
 impl Command {
+    /// `--memory` of the commands that start or are agents.
+    pub fn memory(&self) -> Option<Memory> {
+        match self {
+            Command::Decode(a) => Some(a.geometry.memory),
+            Command::Prefill(p) => Some(p.agent.geometry.memory),
+            Command::Demo(d) => Some(d.geometry.memory),
+            Command::Soak(s) => Some(s.geometry.memory),
+            Command::Bench(b) => Some(b.memory),
+            Command::RawUcx(r) => Some(r.geometry.memory),
+            Command::Info(_) | Command::Peers(_) => None,
+        }
+    }
+
     /// The agent flags, for `decode` and `prefill`.
     pub fn agent_args(&self) -> Option<&AgentArgs> {
         match self {
@@ -73,6 +87,10 @@ fn bytes(s: &str) -> Result<u64, String> {
 }
 
 fn transport(s: &str) -> Result<Transport, String> {
+    s.parse()
+}
+
+fn memory(s: &str) -> Result<Memory, String> {
     s.parse()
 }
 
@@ -254,6 +272,11 @@ pub struct Geometry {
     /// Bytes of one block in one layer.
     #[arg(long, default_value = "64KiB", value_parser = bytes)]
     pub block_bytes: u64,
+    /// Where the region lives: host, cuda:N (one cuMemAlloc on CUDA device
+    /// N, registered with UCX as CUDA memory) or cuda-ipc (the inference
+    /// engine's allocation, from a CUDA IPC handle). See docs/gpu.md.
+    #[arg(long, default_value = "host", value_parser = memory)]
+    pub memory: Memory,
 }
 
 impl Geometry {
@@ -278,6 +301,8 @@ impl Geometry {
             self.region_bytes.to_string(),
             "--block-bytes".into(),
             self.block_bytes.to_string(),
+            "--memory".into(),
+            self.memory.to_string(),
         ]
     }
 }
@@ -458,6 +483,9 @@ pub struct BenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Where every process's region lives (host, cuda:N); see `decode --memory`.
+    #[arg(long, default_value = "host", value_parser = memory)]
+    pub memory: Memory,
     /// Bytes per request (blocks per request = this / block size, at least 1).
     #[arg(long, default_value = "16MiB", value_parser = bytes)]
     pub request_bytes: u64,
@@ -588,12 +616,13 @@ mod tests {
         assert_eq!(agent.geometry, demo.geometry);
         assert_eq!(agent.geometry, soak.geometry);
         assert_eq!(agent.geometry.transport, Transport::Auto);
+        assert_eq!(agent.geometry.memory, Memory::Host);
         // Agents a driver starts on this host take sm for auto, nothing else.
         assert_eq!(demo.geometry.on_one_host().transport, Transport::Sm);
         let Command::Demo(tcp) = parse(&["demo", "--transport", "tcp"]) else { panic!("demo") };
         assert_eq!(tcp.geometry.on_one_host().transport, Transport::Tcp);
         // The flags a driver passes on give the agent the same geometry.
-        let g = Geometry { transport: Transport::Tcp, region_bytes: 64 << 20, block_bytes: 16 << 10 };
+        let g = Geometry { transport: Transport::Tcp, region_bytes: 64 << 20, block_bytes: 16 << 10, memory: Memory::Cuda(1) };
         let args: Vec<String> = ["decode".to_string()].into_iter().chain(g.to_args()).collect();
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let Command::Decode(back) = parse(&argv) else { panic!("decode") };

@@ -10,6 +10,7 @@ pub mod cmd;
 pub mod diagnose;
 pub mod drive;
 pub mod guard;
+pub mod memory;
 pub mod memwatch;
 pub mod metrics;
 pub mod pattern;

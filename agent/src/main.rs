@@ -15,6 +15,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cli = Cli::parse();
+    // GPU memory needs a CUDA driver: look for it before anything starts
+    // (no runtime, no agent, no UCX context, no port).
+    if let Some(Err(e)) = cli.cmd.memory().map(|m| m.preflight()) {
+        eprintln!("kvrail: {e}");
+        return ExitCode::from(1);
+    }
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
     use std::io::IsTerminal as _;

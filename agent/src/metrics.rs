@@ -89,17 +89,29 @@ pub fn render(s: &pb::StatsResponse) -> String {
     );
     metric("kvrail_churn_munmaps_total", "counter", "munmap calls of the soak's allocator churn.", s.churn_munmaps as f64);
     metric("kvrail_uptime_seconds", "gauge", "Seconds since the agent started.", s.uptime_ms as f64 / 1e3);
+    if s.memory_kind == pb::MemoryKind::Cuda as i32 {
+        // GPU memory is not in RSS: the region's footprint is the device's.
+        let gpu = format!("{{device=\"{}\"}}", s.cuda_device);
+        let _ = writeln!(o, "# HELP kvrail_gpu_memory_used_bytes Device memory in use on the region's GPU, all processes (cuMemGetInfo); not in RSS.\n# TYPE kvrail_gpu_memory_used_bytes gauge");
+        let _ = writeln!(o, "kvrail_gpu_memory_used_bytes{gpu} {}", s.gpu_used_bytes);
+        let _ = writeln!(
+            o,
+            "# HELP kvrail_gpu_memory_total_bytes Device memory of the region's GPU.\n# TYPE kvrail_gpu_memory_total_bytes gauge"
+        );
+        let _ = writeln!(o, "kvrail_gpu_memory_total_bytes{gpu} {}", s.gpu_total_bytes);
+    }
     let _ = writeln!(o, "# HELP kvrail_memory_verdict Memory self-check verdict.\n# TYPE kvrail_memory_verdict gauge");
     let _ = writeln!(o, "kvrail_memory_verdict{{verdict=\"{}\"}} 1", esc(&m.verdict));
     let _ = writeln!(o, "# HELP kvrail_info Agent identity, UCX and verified hook mode.\n# TYPE kvrail_info gauge");
     let _ = writeln!(
         o,
-        "kvrail_info{{agent_id=\"{}\",ucx_version=\"{}\",ucx_library=\"{}\",transport=\"{}\",mmap_hook_mode=\"{}\"}} 1",
+        "kvrail_info{{agent_id=\"{}\",ucx_version=\"{}\",ucx_library=\"{}\",transport=\"{}\",mmap_hook_mode=\"{}\",memory=\"{}\"}} 1",
         esc(&s.agent_id),
         esc(&s.ucx_version),
         esc(&s.ucx_library),
         esc(&s.transport),
-        hook_mode_name(s.hook_mode)
+        hook_mode_name(s.hook_mode),
+        memory_name(s.memory_kind)
     );
     render_peers(&mut o, &s.peer_stats);
     o
@@ -123,6 +135,15 @@ fn render_peers(o: &mut String, peers: &[pb::PeerStats]) {
             let labels = format!("peer=\"{}\",address=\"{}\",epoch=\"{}\"", esc(&p.agent_id), esc(&p.address), p.epoch);
             let _ = writeln!(o, "{name}{{{labels}}} {}", value(p));
         }
+    }
+}
+
+/// `host` or `cuda` for a wire memory kind (UNSPECIFIED is host).
+fn memory_name(raw: i32) -> &'static str {
+    if raw == pb::MemoryKind::Cuda as i32 {
+        "cuda"
+    } else {
+        "host"
     }
 }
 
@@ -162,5 +183,22 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad sample line {line}");
         }
+        assert!(t.contains("memory=\"host\""), "{t}");
+        assert!(!t.contains("kvrail_gpu_memory"), "host memory has no GPU figures: {t}");
+    }
+
+    #[test]
+    fn a_gpu_region_reports_its_device_memory() {
+        let s = pb::StatsResponse {
+            memory_kind: pb::MemoryKind::Cuda as i32,
+            cuda_device: 1,
+            gpu_used_bytes: 3 << 30,
+            gpu_total_bytes: 80 << 30,
+            ..Default::default()
+        };
+        let t = render(&s);
+        assert!(t.contains(&format!("\nkvrail_gpu_memory_used_bytes{{device=\"1\"}} {}\n", 3u64 << 30)), "{t}");
+        assert!(t.contains(&format!("\nkvrail_gpu_memory_total_bytes{{device=\"1\"}} {}\n", 80u64 << 30)), "{t}");
+        assert!(t.contains("memory=\"cuda\""), "{t}");
     }
 }

@@ -11,11 +11,10 @@ pub enum CudaError {
     #[error("kvrail was built without the `cuda` feature; rebuild with --features cuda")]
     NotBuilt,
 
-    /// The CUDA driver library (`libcuda.so`) could not be loaded.
-    #[error(
-        "no CUDA driver found (libcuda.so could not be loaded): {detail}. \
-         GPU regions need an NVIDIA driver; use a host region instead"
-    )]
+    /// The CUDA driver library (`libcuda.so.1`) could not be loaded. The
+    /// message is one line that names the way out; what was searched is in
+    /// `detail` (logged at debug level where it is found).
+    #[error("no CUDA driver (libcuda.so.1 not found): use --memory host")]
     NoDriver {
         /// What was tried, for the operator.
         detail: String,

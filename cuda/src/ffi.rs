@@ -23,7 +23,7 @@ use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::CudaContext;
 
-use crate::{CudaError, DeviceInfo, GpuInfo, IpcHandle};
+use crate::{CudaError, DeviceInfo, DeviceMemory, GpuInfo, IpcHandle};
 
 /// What `cuInit` said, cached for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +143,55 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo, CudaError> {
     // SAFETY: the contract is that `dev` came from `cuDeviceGet`, which it
     // did, one line up, after a successful `cuInit`.
     let total_mem = unsafe { cu::device::total_mem(dev) }.map_err(|e| driver_error("cuDeviceTotalMem", e))?;
-    Ok(DeviceInfo { ordinal, name, total_mem: total_mem as u64 })
+    let uuid = cu::device::get_uuid(dev).map_err(|e| driver_error("cuDeviceGetUuid", e))?;
+    let mut bus = [0 as c_char; 32];
+    // SAFETY: the driver writes at most `len` bytes, NUL included, into the
+    // live local buffer whose length is passed; `dev` came from cuDeviceGet.
+    unsafe { sys::cuDeviceGetPCIBusId(bus.as_mut_ptr(), bus.len() as c_int, dev) }
+        .result()
+        .map_err(|e| driver_error("cuDeviceGetPCIBusId", e))?;
+    let bus: Vec<u8> = bus.iter().map(|c| c.to_ne_bytes()[0]).take_while(|&b| b != 0).collect();
+    // Used memory needs a context: the device's primary one, retained for
+    // the call only (it is the context a region on the device uses anyway).
+    let used_mem = open_context(ordinal).ok().and_then(|ctx| context_memory(&ctx).ok()).map(|m| m.used());
+    Ok(DeviceInfo {
+        ordinal,
+        name,
+        uuid: uuid_text(&uuid.bytes.map(|c| c.to_ne_bytes()[0])),
+        pci_bus_id: String::from_utf8_lossy(&bus).into_owned(),
+        total_mem: total_mem as u64,
+        used_mem,
+    })
+}
+
+/// `GPU-` and the 16 bytes as 8-4-4-4-12 hex digits, as `nvidia-smi -L`
+/// prints a device's UUID.
+fn uuid_text(b: &[u8; 16]) -> String {
+    let hex = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
+}
+
+/// `cuMemGetInfo` of the device of `ctx`, with `ctx` made current first.
+fn context_memory(ctx: &CudaContext) -> Result<DeviceMemory, CudaError> {
+    guarded("cuMemGetInfo", || {
+        ctx.bind_to_thread().map_err(|e| driver_error("cuCtxSetCurrent", e))?;
+        let (free, total) = cu::mem_get_info().map_err(|e| driver_error("cuMemGetInfo", e))?;
+        Ok(DeviceMemory { free: free as u64, total: total as u64 })
+    })
+}
+
+/// Sets `CU_POINTER_ATTRIBUTE_SYNC_MEMOPS` on the allocation at `ptr`: a
+/// synchronous copy into or out of it is then complete when it returns,
+/// which is what a NIC or peer writing the same memory (RMA, GPUDirect)
+/// relies on. The caller has made the allocation's context current.
+fn sync_memops(ptr: sys::CUdeviceptr) -> Result<(), CudaError> {
+    let one: c_uint = 1;
+    // SAFETY: the attribute's value is an unsigned int, read through the
+    // pointer to a live local during the call; `ptr` is a live allocation
+    // (or IPC mapping) in the current context, which the driver checks.
+    unsafe { sys::cuPointerSetAttribute((&one as *const c_uint).cast(), sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_SYNC_MEMOPS, ptr) }
+        .result()
+        .map_err(|e| driver_error("cuPointerSetAttribute", e))
 }
 
 /// Retains the primary context of device `ordinal` after checking that the
@@ -211,7 +259,11 @@ impl Mem {
             // this crate only ever moves device memory as raw bytes. The
             // context it allocates in was bound to this thread just above.
             let ptr = unsafe { cu::malloc_sync(bytes) }.map_err(|e| driver_error("cuMemAlloc", e))?;
-            Ok(Mem { ptr, len: bytes, origin: Origin::Allocated, ctx: Arc::clone(&ctx) })
+            // From here on `Drop` frees the allocation, also if the
+            // attribute cannot be set.
+            let mem = Mem { ptr, len: bytes, origin: Origin::Allocated, ctx: Arc::clone(&ctx) };
+            sync_memops(mem.ptr)?;
+            Ok(mem)
         })?;
         tracing::debug!(ordinal, bytes, ptr = mem.ptr, "allocated GPU region");
         Ok(mem)
@@ -247,6 +299,14 @@ impl Mem {
             // From here on `Drop` closes the mapping, also on the error path
             // below. `len` is not trusted by anything until it is checked.
             let mem = Mem { ptr, len, origin: Origin::Imported { handle: *handle }, ctx: Arc::clone(&ctx) };
+            // The exporter may have set the attribute already; the importer
+            // sets it on its own mapping, which is what its copies use. A
+            // driver that refuses it for a mapping leaves copies correct
+            // for this process (they are synchronous) but not ordered
+            // against other writers, so it is a warning, not a failure.
+            if let Err(error) = sync_memops(mem.ptr) {
+                tracing::warn!(%error, "CU_POINTER_ATTRIBUTE_SYNC_MEMOPS not set on the imported GPU region");
+            }
             let mapped = mem.mapped_size()?;
             if len > mapped {
                 return Err(CudaError::BadHandle {
@@ -309,6 +369,10 @@ impl Mem {
 
     pub(crate) fn is_imported(&self) -> bool {
         matches!(self.origin, Origin::Imported { .. })
+    }
+
+    pub(crate) fn device_memory(&self) -> Result<DeviceMemory, CudaError> {
+        context_memory(&self.ctx)
     }
 
     pub(crate) fn copy_from_host(&self, offset: usize, src: &[u8]) -> Result<(), CudaError> {
@@ -418,6 +482,12 @@ mod tests {
             }
             other => panic!("expected DriverUnusable, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn uuids_print_as_nvidia_smi_does() {
+        let b: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(uuid_text(&b), "GPU-00112233-4455-6677-8899-aabbccddeeff");
     }
 
     #[test]

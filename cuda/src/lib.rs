@@ -65,8 +65,69 @@ pub struct DeviceInfo {
     pub ordinal: usize,
     /// The device's marketing name, e.g. `"NVIDIA H100 80GB HBM3"`.
     pub name: String,
+    /// The device's UUID as `nvidia-smi -L` prints it (`GPU-xxxxxxxx-...`).
+    pub uuid: String,
+    /// PCI bus id, `domain:bus:device.function` (`0000:17:00.0`).
+    pub pci_bus_id: String,
     /// Total device memory in bytes.
     pub total_mem: u64,
+    /// Device memory in use by every process, bytes (`cuMemGetInfo` in the
+    /// device's primary context); `None` if the driver would not say.
+    pub used_mem: Option<u64>,
+}
+
+/// What the driver says of a device's memory (`cuMemGetInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes free on the device.
+    pub free: u64,
+    /// Bytes the device has.
+    pub total: u64,
+}
+
+impl DeviceMemory {
+    /// Bytes in use on the device, by any process.
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.free)
+    }
+}
+
+/// The text form of an IPC handle: 128 lowercase hex digits.
+pub fn ipc_handle_to_hex(handle: &IpcHandle) -> String {
+    handle.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses the text form of an IPC handle ([`ipc_handle_to_hex`]; upper
+/// case accepted, surrounding whitespace ignored). Refuses a wrong length,
+/// a non-hex digit and the all-zero handle with [`CudaError::BadHandle`].
+pub fn ipc_handle_from_hex(text: &str) -> Result<IpcHandle, CudaError> {
+    let text = text.trim();
+    let bad = |reason: String| CudaError::BadHandle { reason };
+    if text.len() != 2 * IPC_HANDLE_LEN {
+        return Err(bad(format!("expected {} hex digits ({IPC_HANDLE_LEN} bytes), got {} characters", 2 * IPC_HANDLE_LEN, text.len())));
+    }
+    if let Some((i, c)) = text.char_indices().find(|(_, c)| !c.is_ascii_hexdigit()) {
+        return Err(bad(format!("character {c:?} at position {i} is not a hex digit")));
+    }
+    let mut out = [0u8; IPC_HANDLE_LEN];
+    for (i, byte) in out.iter_mut().enumerate() {
+        // Every character is an ASCII hex digit (checked above), so the
+        // two-character slice is on char boundaries and parses.
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| bad(e.to_string()))?;
+    }
+    ipc_handle_from_bytes(&out)
+}
+
+/// An IPC handle from raw bytes (as a wire message carries it): exactly
+/// [`IPC_HANDLE_LEN`] bytes, not all zero.
+pub fn ipc_handle_from_bytes(bytes: &[u8]) -> Result<IpcHandle, CudaError> {
+    let handle: IpcHandle = bytes
+        .try_into()
+        .map_err(|_| CudaError::BadHandle { reason: format!("a CUDA IPC handle is {IPC_HANDLE_LEN} bytes, got {}", bytes.len()) })?;
+    if handle.iter().all(|&b| b == 0) {
+        return Err(CudaError::BadHandle { reason: "the handle is all zero bytes, so it never came from cuIpcGetMemHandle".into() });
+    }
+    Ok(handle)
 }
 
 /// Loads the CUDA driver (once per process) and lists the devices it sees.
@@ -144,6 +205,13 @@ impl GpuRegion {
         self.mem.is_imported()
     }
 
+    /// The memory figures of the region's device, read now (`cuMemGetInfo`
+    /// in the region's context). Device memory does not show in the
+    /// process's RSS; this is where a GPU region's footprint is seen.
+    pub fn device_memory(&self) -> Result<DeviceMemory, CudaError> {
+        self.mem.device_memory()
+    }
+
     /// Copies `src` into the region starting at byte `offset`. Returns
     /// [`CudaError::OutOfBounds`] if the range does not fit. The copy has
     /// finished with `src` when this returns.
@@ -175,6 +243,42 @@ mod tests {
     }
 
     #[test]
+    fn ipc_handles_round_trip_through_hex() {
+        let handle: IpcHandle = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(1));
+        let text = ipc_handle_to_hex(&handle);
+        assert_eq!(text.len(), 128);
+        assert!(text.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{text}");
+        assert_eq!(ipc_handle_from_hex(&text), Ok(handle));
+        assert_eq!(ipc_handle_from_hex(&format!("  {}\n", text.to_uppercase())), Ok(handle));
+    }
+
+    #[test]
+    fn malformed_ipc_handles_are_refused_with_the_reason() {
+        let reason = |r: Result<IpcHandle, CudaError>| match r {
+            Err(CudaError::BadHandle { reason }) => reason,
+            other => panic!("expected BadHandle, got {other:?}"),
+        };
+        let good = ipc_handle_to_hex(&[0xab; IPC_HANDLE_LEN]);
+        assert!(reason(ipc_handle_from_hex(&good[..126])).contains("expected 128 hex digits (64 bytes), got 126"));
+        assert!(reason(ipc_handle_from_hex(&format!("{good}00"))).contains("got 130"));
+        let mut bad = good.clone();
+        bad.replace_range(10..11, "g");
+        assert!(reason(ipc_handle_from_hex(&bad)).contains("'g' at position 10"));
+        let mut wide = good[..125].to_string();
+        wide.push_str("é0");
+        assert!(reason(ipc_handle_from_hex(&wide)).contains("not a hex digit"));
+        assert!(reason(ipc_handle_from_hex(&"0".repeat(128))).contains("all zero"));
+        assert!(reason(ipc_handle_from_bytes(&[1; 63])).contains("64 bytes, got 63"));
+        assert_eq!(ipc_handle_from_bytes(&[9; 64]), Ok([9; 64]));
+    }
+
+    #[test]
+    fn device_memory_used_is_total_minus_free() {
+        assert_eq!(DeviceMemory { free: 30, total: 100 }.used(), 70);
+        assert_eq!(DeviceMemory { free: 200, total: 100 }.used(), 0);
+    }
+
+    #[test]
     fn driver_version_splits_into_major_minor() {
         let info = GpuInfo { driver_version: 12080, devices: Vec::new() };
         assert_eq!(info.driver_version_major_minor(), (12, 8));
@@ -187,8 +291,7 @@ mod tests {
         assert!(text.contains("cuMemAlloc") && text.contains("CUresult 2"), "{text}");
 
         let e = CudaError::NoDriver { detail: "nothing found".into() };
-        let text = e.to_string();
-        assert!(text.starts_with("no CUDA driver found (libcuda.so could not be loaded): nothing found. GPU regions need an NVIDIA driver; use a host region instead"), "{text}");
+        assert_eq!(e.to_string(), "no CUDA driver (libcuda.so.1 not found): use --memory host");
 
         assert_eq!(CudaError::NotBuilt.to_string(), "kvrail was built without the `cuda` feature; rebuild with --features cuda");
     }

@@ -1,7 +1,7 @@
 //! The backend used when the `cuda` feature is off: owns nothing, links no
 //! driver bindings, and answers every request with [`CudaError::NotBuilt`].
 
-use crate::{CudaError, GpuInfo, IpcHandle};
+use crate::{CudaError, DeviceMemory, GpuInfo, IpcHandle};
 
 /// Reports that the crate was built without CUDA support.
 pub(crate) fn probe() -> Result<GpuInfo, CudaError> {
@@ -39,6 +39,10 @@ impl Mem {
     }
 
     pub(crate) fn is_imported(&self) -> bool {
+        match *self {}
+    }
+
+    pub(crate) fn device_memory(&self) -> Result<DeviceMemory, CudaError> {
         match *self {}
     }
 

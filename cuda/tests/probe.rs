@@ -43,9 +43,7 @@ fn probe_explains_a_missing_driver_without_panicking() {
         }
         (true, Err(e @ CudaError::NoDriver { .. })) => {
             let text = e.to_string();
-            assert!(text.contains("no CUDA driver found"), "{text}");
-            assert!(text.contains("libcuda.so"), "{text}");
-            assert!(text.contains("use a host region instead"), "{text}");
+            assert_eq!(text, "no CUDA driver (libcuda.so.1 not found): use --memory host");
             assert!(!gpu_required(), "KVRAIL_REQUIRE_GPU=1 but {text}");
         }
         (true, Ok(info)) => {

@@ -156,6 +156,7 @@ fn fake_prefill(block_bytes: u64) -> pb::AgentInfo {
         hook_mode: pb::HookMode::None as i32,
         ucx_version: "1.13.1".into(),
         transport: "sm".into(),
+        ..Default::default()
     }
 }
 

@@ -151,6 +151,37 @@ class SidecarClient:
         resp = self._call("attaching the region", self._stub.AttachRegion, req)
         return resp.agent_id, resp.agent_address
 
+    def attach_cuda_region(
+        self,
+        *,
+        ipc_handle: bytes,
+        device: int,
+        region_bytes: int,
+        tensors: Sequence[Layout],
+        engine_id: str,
+        role: str,
+        model_hash: str,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> tuple[str, str]:
+        """Hands an agent started with ``--memory cuda-ipc`` the engine's GPU
+        allocation: the 64-byte CUDA IPC handle of one cuMemAlloc allocation
+        (``cuIpcGetMemHandle``) on ``device``, its tensors starting at offset 0."""
+        req = sc.AttachRegionRequest(
+            engine_id=engine_id,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            role=_role(role),
+            model_hash=model_hash,
+            source=sc.REGION_SOURCE_CUDA_IPC,
+            region_bytes=region_bytes,
+            cuda_ipc_handle=ipc_handle,
+            cuda_device=device,
+            tensors=[t.to_pb() for t in tensors],
+        )
+        resp = self._call("attaching the GPU region", self._stub.AttachRegion, req)
+        return resp.agent_id, resp.agent_address
+
     def publish(self, request_id: str, blocks: Sequence[Iterable[int]], lease_ms: int = 0) -> None:
         req = sc.PublishRequest(request_id=request_id, blocks=_groups(blocks), lease_ms=lease_ms)
         self._call(f"publishing request {request_id!r}", self._stub.Publish, req)

@@ -52,7 +52,7 @@ use crate::ffi::ucp::{Context, Endpoint, OpCounter, Registration, RemoteRegion, 
 use crate::hooks;
 use crate::inbox::{self, Inbox};
 use crate::plan::RmaOp;
-use crate::region::Region;
+use crate::region::{MemoryKind, Region};
 use crate::transport::Transport;
 
 /// How the region's memory is obtained.
@@ -69,6 +69,32 @@ pub enum RegionAlloc {
     /// use the same pages with no copy. The region starts `offset` bytes
     /// into the file (a whole number of pages), which must hold it.
     SharedFile { fd: Arc<OwnedFd>, offset: u64 },
+    /// One `cuMemAlloc` of the region's size on CUDA device `device`,
+    /// registered with UCX as CUDA memory.
+    Cuda { device: usize },
+    /// An engine's `cuMemAlloc` allocation on CUDA device `device`, mapped
+    /// from its IPC `handle` (`cuIpcOpenMemHandle`); the region's size must
+    /// not exceed the allocation's. Registered as for [`RegionAlloc::Cuda`].
+    CudaIpc { device: usize, handle: kvrail_cuda::IpcHandle },
+}
+
+impl RegionAlloc {
+    /// Where a region made this way lives.
+    pub fn memory_kind(&self) -> MemoryKind {
+        match self {
+            RegionAlloc::Mapped { .. } | RegionAlloc::Ucx | RegionAlloc::SharedFile { .. } => MemoryKind::Host,
+            RegionAlloc::Cuda { .. } | RegionAlloc::CudaIpc { .. } => MemoryKind::Cuda,
+        }
+    }
+
+    /// The UCX configuration for `transport` with a region made this way.
+    pub fn ucx_settings(&self, transport: Transport) -> Vec<(&'static str, &'static str)> {
+        let assertions = crate::ucx_facts::uct_has_assertions();
+        match self.memory_kind() {
+            MemoryKind::Host => transport.ucx_settings(assertions),
+            MemoryKind::Cuda => transport.ucx_settings_for_gpu(assertions),
+        }
+    }
 }
 
 /// Engine settings.
@@ -132,6 +158,14 @@ pub struct PeerSpec {
     pub region_base: u64,
     pub region_len: u64,
     pub rkey: Vec<u8>,
+}
+
+impl From<&LocalInfo> for PeerSpec {
+    /// What a peer of this engine receives (the engines of one process,
+    /// in tests and the raw loop, hand it over directly).
+    fn from(l: &LocalInfo) -> PeerSpec {
+        PeerSpec { worker_address: l.worker_address.clone(), region_base: l.region_base, region_len: l.region_len, rkey: l.rkey.clone() }
+    }
 }
 
 /// Handle of a connected peer.
@@ -627,11 +661,18 @@ pub(crate) struct OpenWorker {
 /// a fresh inbox, in the calling thread (which then owns the worker).
 /// Shared by the engine and the raw loop.
 pub(crate) fn open_worker(transport: Transport, region_len: usize, alloc: RegionAlloc) -> Result<OpenWorker, TransferError> {
-    let ctx = Context::new(&transport.ucx_settings(crate::ucx_facts::uct_has_assertions()))?;
+    let ctx = Context::new(&alloc.ucx_settings(transport))?;
     let reg = match alloc {
         RegionAlloc::Mapped { populate } => Registration::map_anonymous(&ctx, region_len, populate),
         RegionAlloc::Ucx => Registration::allocate(&ctx, region_len),
         RegionAlloc::SharedFile { fd, offset } => Registration::map_shared(&ctx, fd.as_fd(), offset, region_len),
+        // The allocation (or mapping) is made here, on the thread that
+        // owns the worker: the device's primary context is then current on
+        // the thread UCX progresses the region's transfers on.
+        RegionAlloc::Cuda { device } => Registration::register_gpu(&ctx, kvrail_cuda::GpuRegion::alloc(device, region_len)?),
+        RegionAlloc::CudaIpc { device, handle } => {
+            Registration::register_gpu(&ctx, kvrail_cuda::GpuRegion::import_ipc(device, &handle, region_len)?)
+        }
     }
     .map_err(TransferError::Region)?;
     let reg = Arc::new(reg);

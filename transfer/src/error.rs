@@ -13,6 +13,10 @@ pub enum TransferError {
     HooksOn(String),
     #[error("region: {0}")]
     Region(String),
+    /// A GPU region could not be made (no driver, no device, bad handle):
+    /// the CUDA error's own one line.
+    #[error(transparent)]
+    Gpu(#[from] kvrail_cuda::CudaError),
     #[error("peer {0} is not connected")]
     UnknownPeer(u64),
     #[error("peer failed: {0}")]

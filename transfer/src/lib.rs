@@ -36,5 +36,5 @@ pub use engine::{Direction, Engine, EngineConfig, Expected, LocalInfo, PeerId, P
 pub use error::TransferError;
 pub use layout::BlockLayout;
 pub use plan::{RmaOp, TransferPlan};
-pub use region::Region;
+pub use region::{MemoryKind, Region};
 pub use transport::Transport;

@@ -45,6 +45,25 @@ impl Transport {
         settings
     }
 
+    /// [`Transport::ucx_settings`] for a region in GPU memory: the
+    /// transports that reach device memory join the list (`cuda_copy` moves
+    /// between host and device, `cuda_ipc` between processes on one host,
+    /// `gdr_copy` reads and writes it from the CPU through a BAR mapping).
+    /// `auto` leaves UCX's default, which has them all.
+    pub fn ucx_settings_for_gpu(self, uct_assertions: bool) -> Vec<(&'static str, &'static str)> {
+        let mut settings = self.ucx_settings(uct_assertions);
+        for (name, value) in &mut settings {
+            if *name == "TLS" {
+                *value = match self {
+                    Transport::Sm => "posix,sysv,self,cuda_copy,cuda_ipc,gdr_copy",
+                    Transport::Tcp => "tcp,cuda_copy,gdr_copy",
+                    Transport::Auto => value,
+                };
+            }
+        }
+        settings
+    }
+
     /// Whether writes to a peer go as active messages instead of RMA puts.
     /// Over tcp UCX emulates puts in software, and the target of an emulated
     /// put whose writer dies can be aborted inside UCX; active messages
@@ -94,6 +113,12 @@ mod tests {
         assert_eq!(Transport::Tcp.ucx_settings(false), [("TLS", "tcp")]);
         assert_eq!(Transport::Tcp.ucx_settings(true), [("TLS", "tcp"), ("ZCOPY_THRESH", "inf"), ("TX_SEG_SIZE", "64kb")]);
         assert_eq!(Transport::Sm.ucx_settings(true), [("TLS", "posix,sysv,self")]);
+        assert_eq!(Transport::Sm.ucx_settings_for_gpu(true), [("TLS", "posix,sysv,self,cuda_copy,cuda_ipc,gdr_copy")]);
+        assert_eq!(
+            Transport::Tcp.ucx_settings_for_gpu(true),
+            [("TLS", "tcp,cuda_copy,gdr_copy"), ("ZCOPY_THRESH", "inf"), ("TX_SEG_SIZE", "64kb")]
+        );
+        assert!(Transport::Auto.ucx_settings_for_gpu(false).is_empty());
         assert!(Transport::Auto.ucx_settings(true).is_empty());
         assert!("rdma".parse::<Transport>().unwrap_err().contains("auto, sm or tcp"));
     }

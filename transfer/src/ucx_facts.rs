@@ -89,6 +89,66 @@ pub fn transports() -> Vec<String> {
     }
 }
 
+/// UCX's CUDA transports found in a transport list ([`transports`]): the
+/// ones a UCX built with CUDA support brings, when the CUDA driver loads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CudaTransports {
+    /// Copies between host and device memory (and the memory type checks
+    /// every CUDA use of UCX needs).
+    pub cuda_copy: bool,
+    /// Device memory of another process on the same host.
+    pub cuda_ipc: bool,
+    /// CPU access to device memory through GDRCopy's BAR mapping.
+    pub gdr_copy: bool,
+}
+
+impl CudaTransports {
+    /// Which CUDA transports `transports` (`tl/device` names) holds.
+    pub fn of(transports: &[String]) -> CudaTransports {
+        let has = |tl: &str| transports.iter().any(|t| t.split('/').next() == Some(tl));
+        CudaTransports { cuda_copy: has("cuda_copy"), cuda_ipc: has("cuda_ipc"), gdr_copy: has("gdr_copy") }
+    }
+}
+
+/// The CUDA transport modules of the loaded UCX (`libuct_cuda`,
+/// `libuct_cuda_gdrcopy`), as files in its module directory
+/// (`UCX_MODULE_DIR`, else `ucx/` beside the loaded libucp). A UCX built
+/// without CUDA, such as Debian's, has none.
+pub fn cuda_modules() -> Vec<String> {
+    let dir = match std::env::var_os("UCX_MODULE_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => match ffi::ucp::loaded_library() {
+            Some(lib) => std::path::Path::new(&lib).with_file_name("ucx"),
+            None => return Vec::new(),
+        },
+    };
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| is_cuda_module(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// `libuct_cuda.so`, `libuct_cuda.so.0`, `libuct_cuda_gdrcopy.so.0`, ...
+fn is_cuda_module(name: &str) -> bool {
+    ["libuct_cuda.so", "libuct_cuda_gdrcopy.so"].iter().any(|m| name.starts_with(m))
+}
+
+/// Whether the loaded UCX was built with CUDA support (its `libuct_cuda`
+/// module is there), read once. This is what a GPU region needs of UCX;
+/// whether the transports come up also takes a driver and a device
+/// ([`CudaTransports`]).
+pub fn has_cuda_support() -> bool {
+    static CUDA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CUDA.get_or_init(|| cuda_modules().iter().any(|m| m.starts_with("libuct_cuda.so")))
+}
+
 /// Picks the `tl/device` names out of `ucp_context_print_info` text.
 fn parse_transports(text: &str) -> Vec<String> {
     let mut out: Vec<String> = text
@@ -114,6 +174,26 @@ mod tests {
         assert!(is_supported((1, 18)));
         assert!(!is_supported((2, 0)));
         assert!(!is_supported((1, 9)));
+    }
+
+    #[test]
+    fn finds_the_cuda_transports_in_a_transport_list() {
+        let list: Vec<String> = ["tcp/lo", "cuda_copy/cuda", "posix/memory", "gdr_copy/cuda"].map(String::from).to_vec();
+        assert_eq!(CudaTransports::of(&list), CudaTransports { cuda_copy: true, cuda_ipc: false, gdr_copy: true });
+        let plain: Vec<String> = ["tcp/lo", "sysv/memory", "cma/memory"].map(String::from).to_vec();
+        assert_eq!(CudaTransports::of(&plain), CudaTransports::default());
+        // A device named like a transport is not the transport.
+        assert!(!CudaTransports::of(&["tcp/cuda_ipc".to_string()]).cuda_ipc);
+    }
+
+    #[test]
+    fn names_the_cuda_modules_only() {
+        for name in ["libuct_cuda.so", "libuct_cuda.so.0", "libuct_cuda.so.0.0.0", "libuct_cuda_gdrcopy.so.0"] {
+            assert!(is_cuda_module(name), "{name}");
+        }
+        for name in ["libuct_cma.so.0", "libuct_ib.so", "libucm_cuda.so.0", "libuct_cudax.txt"] {
+            assert!(!is_cuda_module(name), "{name}");
+        }
     }
 
     #[test]

@@ -13,13 +13,7 @@ fn engine(transport: Transport, alloc: RegionAlloc) -> Engine {
 }
 
 fn spec(e: &Engine) -> kvrail_transfer::PeerSpec {
-    let l = e.local_info();
-    kvrail_transfer::PeerSpec {
-        worker_address: l.worker_address.clone(),
-        region_base: l.region_base,
-        region_len: l.region_len,
-        rkey: l.rkey.clone(),
-    }
+    e.local_info().into()
 }
 
 fn fill(e: &Engine, block: u32, byte: u8) {

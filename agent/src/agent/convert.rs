@@ -7,7 +7,7 @@ use kvrail_proto::v1 as pb;
 use kvrail_transfer::hooks::HookMode;
 use std::time::Duration;
 
-use kvrail_transfer::{BlockLayout, PeerSpec};
+use kvrail_transfer::{BlockLayout, MemoryKind, PeerSpec};
 use tonic::{Code, Status};
 
 use super::decode::RequestState;
@@ -52,6 +52,33 @@ pub fn hook_mode_name(raw: i32) -> String {
         Ok(pb::HookMode::Unspecified) => "unspecified".into(),
         Err(_) => format!("unknown ({raw})"),
     }
+}
+
+pub fn memory_kind_to_pb(k: MemoryKind) -> pb::MemoryKind {
+    match k {
+        MemoryKind::Host => pb::MemoryKind::Host,
+        MemoryKind::Cuda => pb::MemoryKind::Cuda,
+    }
+}
+
+/// A peer's memory kind: UNSPECIFIED (an agent that predates the field)
+/// is host memory; an unknown value is INVALID_ARGUMENT.
+pub fn memory_kind_from_pb(raw: i32) -> Result<MemoryKind, AgentError> {
+    match pb::MemoryKind::try_from(raw) {
+        Ok(pb::MemoryKind::Unspecified | pb::MemoryKind::Host) => Ok(MemoryKind::Host),
+        Ok(pb::MemoryKind::Cuda) => Ok(MemoryKind::Cuda),
+        Err(_) => Err(AgentError::Invalid(format!("agent.memory_kind {raw} is not a MemoryKind"))),
+    }
+}
+
+/// A peer's side of a memory pairing, from its AgentInfo.
+pub fn memory_side(info: &pb::AgentInfo) -> Result<super::validate::MemorySide, AgentError> {
+    Ok(super::validate::MemorySide {
+        agent_id: info.agent_id.clone(),
+        kind: memory_kind_from_pb(info.memory_kind)?,
+        ucx_cuda: info.ucx_cuda,
+        ucx_version: info.ucx_version.clone(),
+    })
 }
 
 pub fn layout_to_pb(l: &BlockLayout) -> pb::BlockLayout {

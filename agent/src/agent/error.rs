@@ -138,7 +138,7 @@ pub fn transfer_kind(e: &TransferError) -> ErrorKind {
         TransferError::PeerFailed(_) | TransferError::EngineStopped => ErrorKind::Unavailable,
         TransferError::Cancelled => ErrorKind::Cancelled,
         TransferError::Stalled(_) => ErrorKind::DeadlineExceeded,
-        TransferError::HooksOn(_) | TransferError::Pin { .. } => ErrorKind::FailedPrecondition,
+        TransferError::HooksOn(_) | TransferError::Pin { .. } | TransferError::Gpu(_) => ErrorKind::FailedPrecondition,
         TransferError::Ucx { .. } | TransferError::Region(_) | TransferError::Io(_) => ErrorKind::Internal,
     }
 }

@@ -61,7 +61,7 @@ pub fn check_incoming(agent: &Agent, req: &pb::HandshakeRequest) -> Result<Admit
             return Err(AgentError::Unauthenticated("handshake proof does not match: the agents do not share the cluster secret".into()));
         }
     }
-    let (layout, spec) = validate::admit(&peer, convert::role_to_pb(role), &agent.layout, agent.cfg.allow_hooks)?;
+    let (layout, spec) = validate::admit(&peer, convert::role_to_pb(role), &agent.layout, agent.cfg.allow_hooks, &agent.memory_side())?;
     Ok(Admitted { peer, layout, spec })
 }
 
@@ -127,7 +127,8 @@ pub async fn dial(agent: &Agent, addr: &str, known: impl Fn(&str) -> bool) -> an
             .into());
         }
     }
-    let (layout, spec) = validate::admit(&peer, convert::role_to_pb(peer_role), &agent.layout, agent.cfg.allow_hooks)?;
+    let (layout, spec) =
+        validate::admit(&peer, convert::role_to_pb(peer_role), &agent.layout, agent.cfg.allow_hooks, &agent.memory_side())?;
     Ok(Dial::New(Box::new(Dialled {
         client,
         admitted: Admitted { peer, layout, spec },

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use kvrail_proto::v1 as pb;
 use kvrail_transfer::hooks::HookMode;
 use kvrail_transfer::ucx_facts::UcxRuntime;
-use kvrail_transfer::{BlockLayout, Engine, EngineConfig, RegionAlloc, Transport};
+use kvrail_transfer::{BlockLayout, Engine, EngineConfig, MemoryKind, RegionAlloc, Transport};
 
 use crate::memwatch::MemWatch;
 
@@ -147,6 +147,10 @@ impl Agent {
             Some(w) => w.layout,
             None => BlockLayout::fit_region(cfg.region_bytes, cfg.block_bytes, cfg.layers)?,
         };
+        // UCX would refuse to register CUDA memory with an unclear status.
+        if cfg.region_alloc.memory_kind() == MemoryKind::Cuda && !kvrail_transfer::ucx_facts::has_cuda_support() {
+            anyhow::bail!("a GPU region needs UCX with CUDA support: {}", crate::memory::no_cuda_ucx("this agent's", &ucx.version));
+        }
         let engine = Engine::start(EngineConfig {
             transport: cfg.transport,
             region_bytes: layout.region_bytes(),
@@ -166,6 +170,8 @@ impl Agent {
             hooks = %engine.hook_report().summary(),
             blocks = layout.num_blocks(),
             block_bytes = layout.block_bytes(),
+            memory = %engine.region().memory_kind(),
+            gpu = ?engine.region().gpu_device(),
             "agent started"
         );
         Ok(Arc::new(Agent {
@@ -257,12 +263,27 @@ impl Agent {
             hook_mode: convert::hook_mode_to_pb(self.hook_mode) as i32,
             ucx_version: self.ucx.version.clone(),
             transport: self.cfg.transport.to_string(),
+            memory_kind: convert::memory_kind_to_pb(self.engine.region().memory_kind()) as i32,
+            ucx_cuda: kvrail_transfer::ucx_facts::has_cuda_support(),
+            cuda_device: self.engine.region().gpu_device().unwrap_or(0) as u32,
+        }
+    }
+
+    /// This agent's side of a memory pairing (handshake admission).
+    pub fn memory_side(&self) -> validate::MemorySide {
+        validate::MemorySide {
+            agent_id: self.cfg.agent_id.clone(),
+            kind: self.engine.region().memory_kind(),
+            ucx_cuda: kvrail_transfer::ucx_facts::has_cuda_support(),
+            ucx_version: self.ucx.version.clone(),
         }
     }
 
     /// The agent's counters, memory and UCX facts.
     pub fn stats(&self) -> pb::StatsResponse {
         let c = self.engine.counters();
+        let region = self.engine.region();
+        let gpu = self.gpu_memory();
         use std::sync::atomic::Ordering::Relaxed;
         pb::StatsResponse {
             agent_id: self.cfg.agent_id.clone(),
@@ -283,6 +304,22 @@ impl Agent {
             churn_munmaps: self.soak.churn.lock().expect("lock").as_ref().map_or(0, |c| c.stats.munmaps.load(Relaxed)),
             injected_leak_bytes: self.soak.leak.lock().expect("lock").as_ref().map_or(0, |l| l.leaked.load(Relaxed)),
             peer_stats: self.peer_stats(),
+            memory_kind: convert::memory_kind_to_pb(region.memory_kind()) as i32,
+            cuda_device: region.gpu_device().unwrap_or(0) as u32,
+            gpu_used_bytes: gpu.map_or(0, |m| m.used()),
+            gpu_total_bytes: gpu.map_or(0, |m| m.total),
+        }
+    }
+
+    /// A GPU region's device memory now (`None` for host memory, or if the
+    /// driver would not say: logged).
+    pub fn gpu_memory(&self) -> Option<kvrail_cuda::DeviceMemory> {
+        match self.engine.region().device_memory()? {
+            Ok(m) => Some(m),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the GPU's memory figures");
+                None
+            }
         }
     }
 

@@ -7,7 +7,7 @@ use kvrail_proto::v1 as pb;
 use kvrail_transfer::plan::{self, TransferPlan};
 use std::ops::Range;
 
-use kvrail_transfer::{BlockLayout, PeerSpec, RmaOp};
+use kvrail_transfer::{BlockLayout, MemoryKind, PeerSpec, RmaOp};
 
 use super::convert;
 use super::error::AgentError;
@@ -104,11 +104,50 @@ pub fn transfer_path(
     })
 }
 
+/// One agent's side of a memory pairing: where its region lives and
+/// whether its UCX was built with CUDA support.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemorySide {
+    pub agent_id: String,
+    pub kind: MemoryKind,
+    pub ucx_cuda: bool,
+    pub ucx_version: String,
+}
+
+/// Whether UCX can serve a pairing of these two regions. With host memory
+/// on both sides it always can. With GPU memory on either side, both
+/// agents' UCX need CUDA support: the GPU side to register and reach its
+/// own device memory, the other to reach the peer's (cuda_ipc on one host,
+/// the memory type in the rkey elsewhere). Otherwise FAILED_PRECONDITION,
+/// one line naming the agent whose UCX lacks it and the fix.
+pub fn memory_pairing(local: &MemorySide, peer: &MemorySide) -> Result<(), AgentError> {
+    if local.kind == MemoryKind::Host && peer.kind == MemoryKind::Host {
+        return Ok(());
+    }
+    let gpu = |side: &MemorySide| match side.kind {
+        MemoryKind::Cuda => format!("{}'s region is GPU memory", side.agent_id),
+        MemoryKind::Host => format!("{}'s region is host memory", side.agent_id),
+    };
+    let lacking = match (local.ucx_cuda, peer.ucx_cuda) {
+        (true, true) => return Ok(()),
+        (false, _) => crate::memory::no_cuda_ucx(&format!("{}'s", local.agent_id), &local.ucx_version),
+        (true, false) => crate::memory::no_cuda_ucx(&format!("{}'s", peer.agent_id), &peer.ucx_version),
+    };
+    Err(AgentError::Precondition(format!("{} and {}, but {lacking}", gpu(local), gpu(peer))))
+}
+
 /// What an agent checks of a peer's AgentInfo once the peer is
 /// authenticated: id, role (`role`, the other side's), layout (valid,
-/// compatible, hash), hook mode, and a reachable region that holds the
-/// layout.
-pub fn admit(peer: &pb::AgentInfo, role: pb::Role, local: &BlockLayout, allow_hooks: bool) -> Result<(BlockLayout, PeerSpec), AgentError> {
+/// compatible, hash), hook mode, a memory pairing UCX can serve
+/// ([`memory_pairing`] with `memory`, this agent's side), and a reachable
+/// region that holds the layout.
+pub fn admit(
+    peer: &pb::AgentInfo,
+    role: pb::Role,
+    local: &BlockLayout,
+    allow_hooks: bool,
+    memory: &MemorySide,
+) -> Result<(BlockLayout, PeerSpec), AgentError> {
     check_id("agent.agent_id", &peer.agent_id)?;
     if peer.role != role as i32 {
         return Err(AgentError::Invalid(format!("agent.role must be {}, got {}", role.as_str_name(), peer.role)));
@@ -125,6 +164,7 @@ pub fn admit(peer: &pb::AgentInfo, role: pb::Role, local: &BlockLayout, allow_ho
             convert::hook_mode_name(peer.hook_mode)
         )));
     }
+    memory_pairing(memory, &convert::memory_side(peer)?)?;
     let spec = convert::peer_spec(peer, &layout)?;
     Ok((layout, spec))
 }
@@ -157,9 +197,12 @@ pub fn fuzz_one(bytes: &[u8]) {
             if let Ok(req) = pb::HandshakeRequest::decode(rest) {
                 if protocol_version(req.protocol_version).is_ok() {
                     if let Some(info) = &req.agent {
-                        if let Ok((layout, spec)) = admit(info, pb::Role::Prefill, &local, false) {
+                        let memory =
+                            MemorySide { agent_id: "fuzz".into(), kind: MemoryKind::Host, ucx_cuda: false, ucx_version: "1.13.1".into() };
+                        if let Ok((layout, spec)) = admit(info, pb::Role::Prefill, &local, false, &memory) {
                             assert!(local.check_compatible(&layout).is_ok());
                             assert!(spec.region_len >= layout.region_bytes() && !spec.rkey.is_empty());
+                            assert_ne!(info.memory_kind, pb::MemoryKind::Cuda as i32, "GPU memory admitted without CUDA in UCX");
                         }
                     }
                 }
@@ -202,6 +245,81 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
         assert!(e.to_string().contains(&format!("v{}", kvrail_proto::PROTOCOL_VERSION + 1)));
         assert!(e.to_string().contains(&format!("v{}", kvrail_proto::PROTOCOL_VERSION)));
+    }
+
+    fn side(agent_id: &str, kind: MemoryKind, ucx_cuda: bool) -> MemorySide {
+        MemorySide { agent_id: agent_id.into(), kind, ucx_cuda, ucx_version: if ucx_cuda { "1.18.1" } else { "1.13.1" }.into() }
+    }
+
+    #[test]
+    fn host_pairings_need_nothing_of_ucx() {
+        assert!(memory_pairing(&side("d", MemoryKind::Host, false), &side("p", MemoryKind::Host, false)).is_ok());
+        assert!(memory_pairing(&side("d", MemoryKind::Host, true), &side("p", MemoryKind::Host, false)).is_ok());
+    }
+
+    #[test]
+    fn gpu_pairings_need_cuda_in_both_agents_ucx() {
+        use MemoryKind::{Cuda, Host};
+        for (lk, pk) in [(Cuda, Cuda), (Cuda, Host), (Host, Cuda)] {
+            assert!(memory_pairing(&side("d", lk, true), &side("p", pk, true)).is_ok(), "{lk:?} {pk:?}");
+            for (lc, pc) in [(false, true), (true, false), (false, false)] {
+                let e = memory_pairing(&side("d", lk, lc), &side("p", pk, pc)).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+                let text = e.to_string();
+                let culprit = if lc { "but p's UCX 1.13.1" } else { "but d's UCX 1.13.1" };
+                assert!(text.contains(culprit), "{text}");
+                assert!(text.contains("point KVRAIL_UCX_LIB at a CUDA-enabled UCX such as the libucx-cu12 wheels'"), "{text}");
+                assert!(text.contains("GPU memory") && !text.contains('\n'), "{text}");
+            }
+        }
+    }
+
+    /// A valid prefill AgentInfo for `local`'s layout.
+    fn prefill_info(kind: pb::MemoryKind, ucx_cuda: bool) -> pb::AgentInfo {
+        let l = layout();
+        pb::AgentInfo {
+            agent_id: "p".into(),
+            role: pb::Role::Prefill as i32,
+            worker_address: vec![1; 8],
+            region: Some(pb::RegionInfo { base: 1 << 20, length: l.region_bytes(), rkey: vec![2; 8] }),
+            layout: Some(convert::layout_to_pb(&l)),
+            compat_hash: l.compat_hash(),
+            hook_mode: pb::HookMode::None as i32,
+            ucx_version: "1.13.1".into(),
+            transport: "sm".into(),
+            memory_kind: kind as i32,
+            ucx_cuda,
+            cuda_device: 0,
+        }
+    }
+
+    #[test]
+    fn admission_refuses_a_gpu_peer_this_ucx_cannot_serve() {
+        let host = side("d", MemoryKind::Host, false);
+        // An agent from before the field (UNSPECIFIED) is host memory.
+        assert!(admit(&prefill_info(pb::MemoryKind::Unspecified, false), pb::Role::Prefill, &layout(), false, &host).is_ok());
+        assert!(admit(&prefill_info(pb::MemoryKind::Host, false), pb::Role::Prefill, &layout(), false, &host).is_ok());
+        let e = admit(&prefill_info(pb::MemoryKind::Cuda, true), pb::Role::Prefill, &layout(), false, &host).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(e.to_string().contains("p's region is GPU memory"), "{e}");
+        // The same peer is admitted where both UCXs have CUDA support.
+        assert!(admit(&prefill_info(pb::MemoryKind::Cuda, true), pb::Role::Prefill, &layout(), false, &side("d", MemoryKind::Cuda, true))
+            .is_ok());
+        // A host agent with an old peer that says nothing of its UCX: a GPU region here refuses it.
+        let e = admit(
+            &prefill_info(pb::MemoryKind::Unspecified, false),
+            pb::Role::Prefill,
+            &layout(),
+            false,
+            &side("d", MemoryKind::Cuda, true),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("but p's UCX"), "{e}");
+        let mut odd = prefill_info(pb::MemoryKind::Host, false);
+        odd.memory_kind = 9;
+        let e = admit(&odd, pb::Role::Prefill, &layout(), false, &host).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("memory_kind 9"), "{e}");
     }
 
     proptest! {

@@ -56,7 +56,12 @@ pub async fn run(role: Role, args: &AgentArgs, peers: Vec<String>) -> anyhow::Re
         region_bytes: args.geometry.region_bytes,
         block_bytes: args.geometry.block_bytes,
         layers: args.layers,
-        region_alloc: if args.mmap_region { RegionAlloc::Mapped { populate: true } } else { RegionAlloc::Ucx },
+        // With --region-from-client the engine's region replaces this one.
+        region_alloc: if args.region_from_client {
+            RegionAlloc::Ucx
+        } else {
+            args.geometry.memory.region_alloc(args.mmap_region).map_err(anyhow::Error::msg)?
+        },
         window: args.window,
         progress_cpu: args.progress_cpu,
         test_patterns: args.test_patterns,
@@ -76,7 +81,8 @@ pub async fn run(role: Role, args: &AgentArgs, peers: Vec<String>) -> anyhow::Re
     let memwatch = MemWatch::start(mw, heap_bytes);
     let agent = if args.region_from_client {
         let path = args.local_socket.as_deref().ok_or_else(|| anyhow::anyhow!("--region-from-client needs --local-socket PATH"))?;
-        start_on_engine_region(cfg, memwatch, path, args.advertise.clone()).await?
+        let cuda_ipc = args.geometry.memory == crate::memory::Memory::CudaIpc;
+        start_on_engine_region(cfg, memwatch, path, args.advertise.clone(), cuda_ipc).await?
     } else {
         let agent = tokio::task::spawn_blocking(move || Agent::start(cfg, memwatch)).await??;
         if let Some(path) = &args.local_socket {
@@ -164,13 +170,14 @@ async fn start_on_engine_region(
     memwatch: Arc<MemWatch>,
     path: &std::path::Path,
     advertise: Option<String>,
+    cuda_ipc: bool,
 ) -> anyhow::Result<Arc<Agent>> {
     let inbox = FdInbox::default();
     let fd_path = fd_socket(path);
     fdpass::serve(&fd_path, inbox.clone())?;
     let cell = Arc::new(OnceLock::new());
     let (gate, mut calls) = mpsc::channel::<AttachCall>(1);
-    serve_local(path, SidecarService::waiting(cell.clone(), cfg.role, gate, inbox), None)?;
+    serve_local(path, SidecarService::waiting(cell.clone(), cfg.role, gate, inbox, cuda_ipc), None)?;
     let line = serde_json::json!({
         "event": "waiting_for_region",
         "role": cfg.role.as_str(),
@@ -187,7 +194,13 @@ async fn start_on_engine_region(
         c.region_bytes = call.wanted.layout.region_bytes();
         c.block_bytes = call.wanted.layout.block_bytes();
         c.layers = call.wanted.layout.num_layers();
-        c.region_alloc = RegionAlloc::SharedFile { fd: Arc::new(call.fd), offset: call.wanted.offset };
+        c.region_alloc = match (&call.wanted.source, call.fd) {
+            (crate::sidecar::attach::Source::CudaIpc { device, handle }, _) => RegionAlloc::CudaIpc { device: *device, handle: *handle },
+            (crate::sidecar::attach::Source::HostFd { .. }, Some(fd)) => {
+                RegionAlloc::SharedFile { fd: Arc::new(fd), offset: call.wanted.offset }
+            }
+            (crate::sidecar::attach::Source::HostFd { .. }, None) => anyhow::bail!("a host region was attached without its descriptor"),
+        };
         c.attached = Some(call.wanted);
         let mw = memwatch.clone();
         match tokio::task::spawn_blocking(move || Agent::start(c, mw)).await? {

@@ -66,6 +66,12 @@ struct AgentSummary {
     memwatch_verdict: String,
     bytes_moved: u64,
     ucx_intercepted_munmaps: u64,
+    /// Where the region lives: `host`, or `cuda:N`, whose memory is not in
+    /// any RSS figure above (the device's used memory is).
+    region_memory: String,
+    /// GPU region only: the device's memory in use at the end (all
+    /// processes), from the driver.
+    gpu_used_mib: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -218,6 +224,7 @@ fn summary(m: &Measured, i: usize, bytes: u64) -> Option<AgentSummary> {
     let allowed = GROWTH_SLACK_MIB + GROWTH_BOUND_MIB_PER_GIB * gib;
     let hooks = crate::agent::convert::hook_mode_name(end.hook_mode);
     let ok = growth <= allowed && hooks == "none" && end.ucx_intercepted_munmaps == 0;
+    let gpu = (end.memory_kind == pb::MemoryKind::Cuda as i32).then_some(());
     Some(AgentSummary {
         agent_id: end.agent_id.clone(),
         ucx_version: end.ucx_version.clone(),
@@ -236,6 +243,8 @@ fn summary(m: &Measured, i: usize, bytes: u64) -> Option<AgentSummary> {
         memwatch_verdict: end.memory.as_ref().map_or_else(String::new, |m| m.verdict.clone()),
         bytes_moved: end.bytes_moved,
         ucx_intercepted_munmaps: end.ucx_intercepted_munmaps,
+        region_memory: gpu.map_or_else(|| "host".to_owned(), |_| format!("cuda:{}", end.cuda_device)),
+        gpu_used_mib: gpu.map(|_| mib(end.gpu_used_bytes)),
     })
 }
 
@@ -326,6 +335,9 @@ fn print_human(r: &DemoReport) {
             a.shared_end_mib,
             a.ucx_intercepted_munmaps
         );
+        if let Some(used) = a.gpu_used_mib {
+            println!("  {:<8}     region in GPU memory ({}), not in RSS: the device has {used:.0} MiB in use", "", a.region_memory);
+        }
     }
     println!("  (a short run cannot fit a memory slope: `kvrail soak` is the long proof)");
     if let Some(f) = &r.failure {

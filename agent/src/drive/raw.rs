@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use kvrail_transfer::raw::{RawSide, RAW_TAG};
-use kvrail_transfer::{BlockLayout, Direction, PeerSpec, RegionAlloc, RmaOp, TransferPlan};
+use kvrail_transfer::{BlockLayout, Direction, PeerSpec, RmaOp, TransferPlan};
 use rand::SeedableRng;
 
 use super::workload::scattered;
@@ -51,7 +51,8 @@ fn obey(lines: impl Iterator<Item = std::io::Result<String>>, serving: &AtomicBo
 
 pub fn run(a: &RawArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(a.listen.is_none() || a.role == RawRole::Target, "--listen is for the target (--role target)");
-    let side = RawSide::new(a.geometry.transport, a.geometry.region_bytes, RegionAlloc::Ucx, a.progress_cpu)?;
+    let alloc = a.geometry.memory.region_alloc(false).map_err(anyhow::Error::msg)?;
+    let side = RawSide::new(a.geometry.transport, a.geometry.region_bytes, alloc, a.progress_cpu)?;
     match a.role {
         RawRole::Target => {
             let l = side.local_info();

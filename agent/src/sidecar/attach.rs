@@ -13,6 +13,15 @@ use crate::agent::Role;
 /// Offsets into the shared file must be whole pages (mmap's rule).
 pub const PAGE: u64 = 4096;
 
+/// Where an attached region's memory comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A shared file, its descriptor sent on the side socket under `token`.
+    HostFd { token: String },
+    /// An engine's cuMemAlloc allocation on `device`, by its IPC handle.
+    CudaIpc { device: usize, handle: kvrail_cuda::IpcHandle },
+}
+
 /// The region an AttachRegion describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
@@ -21,11 +30,12 @@ pub struct Wanted {
     pub layout: BlockLayout,
     /// Where the layout's first byte is in the shared file.
     pub offset: u64,
-    pub fd_token: String,
+    pub source: Source,
 }
 
-/// Checks `req` against the agent's `role`; changes nothing.
-pub fn check(req: &pb::AttachRegionRequest, role: Role) -> Result<Wanted, AgentError> {
+/// Checks `req` against the agent's `role` and whether it was started
+/// with `--memory cuda-ipc` (`cuda_ipc`); changes nothing.
+pub fn check(req: &pb::AttachRegionRequest, role: Role, cuda_ipc: bool) -> Result<Wanted, AgentError> {
     check_id("engine_id", &req.engine_id)?;
     check_id("model_hash", &req.model_hash)?;
     let want = convert::role_to_pb(role) as i32;
@@ -37,21 +47,40 @@ pub fn check(req: &pb::AttachRegionRequest, role: Role) -> Result<Wanted, AgentE
             role.as_str()
         )));
     }
-    match pb::RegionSource::try_from(req.source) {
-        Ok(pb::RegionSource::HostFd) => check_id("fd_token", &req.fd_token)?,
-        Ok(pb::RegionSource::CudaIpc) => {
+    let source = match (pb::RegionSource::try_from(req.source), cuda_ipc) {
+        (Ok(pb::RegionSource::HostFd), false) => {
+            check_id("fd_token", &req.fd_token)?;
+            Source::HostFd { token: req.fd_token.clone() }
+        }
+        (Ok(pb::RegionSource::CudaIpc), true) => {
+            let handle = kvrail_cuda::ipc_handle_from_bytes(&req.cuda_ipc_handle)
+                .map_err(|e| AgentError::Invalid(format!("cuda_ipc_handle: {e}")))?;
+            Source::CudaIpc { device: req.cuda_device as usize, handle }
+        }
+        (Ok(pb::RegionSource::CudaIpc), false) => {
             return Err(AgentError::Precondition(
                 "a CUDA IPC region is attached to an agent started with --memory cuda-ipc; this agent takes host memory (REGION_SOURCE_HOST_FD)".into(),
             ))
         }
-        _ => return Err(AgentError::Invalid(format!("source {} is not a RegionSource: use REGION_SOURCE_HOST_FD", req.source))),
-    }
+        (Ok(pb::RegionSource::HostFd), true) => {
+            return Err(AgentError::Precondition(
+                "this agent was started with --memory cuda-ipc: attach the engine's GPU allocation (REGION_SOURCE_CUDA_IPC)".into(),
+            ))
+        }
+        _ => return Err(AgentError::Invalid(format!("source {} is not a RegionSource", req.source))),
+    };
     let [tensor] = req.tensors.as_slice() else {
         return Err(AgentError::Invalid(format!(
             "{} KV cache tensors given; kvrail maps one tensor (one KV cache group) per region",
             req.tensors.len()
         )));
     };
+    if matches!(source, Source::CudaIpc { .. }) && tensor.offset != 0 {
+        return Err(AgentError::Invalid(format!(
+            "tensor offset {} into a CUDA allocation: the tensor must start where the allocation the handle names does",
+            tensor.offset
+        )));
+    }
     if !tensor.offset.is_multiple_of(PAGE) {
         return Err(AgentError::Invalid(format!("tensor offset {} is not a multiple of the {PAGE}-byte page", tensor.offset)));
     }
@@ -66,13 +95,7 @@ pub fn check(req: &pb::AttachRegionRequest, role: Role) -> Result<Wanted, AgentE
         ))
     })?;
     debug_assert!(end <= req.region_bytes);
-    Ok(Wanted {
-        engine_id: req.engine_id.clone(),
-        model_hash: req.model_hash.clone(),
-        layout,
-        offset: tensor.offset,
-        fd_token: req.fd_token.clone(),
-    })
+    Ok(Wanted { engine_id: req.engine_id.clone(), model_hash: req.model_hash.clone(), layout, offset: tensor.offset, source })
 }
 
 fn role_name(raw: i32) -> String {
@@ -100,9 +123,9 @@ mod tests {
 
     #[test]
     fn a_good_attach_gives_its_layout_and_offset() {
-        let w = check(&good(), Role::Decode).unwrap();
+        let w = check(&good(), Role::Decode, false).unwrap();
         assert_eq!((w.offset, w.layout.num_blocks(), w.layout.num_layers()), (PAGE, 16, 2));
-        assert_eq!(w.fd_token, "t");
+        assert_eq!(w.source, Source::HostFd { token: "t".into() });
     }
 
     #[test]
@@ -124,7 +147,35 @@ mod tests {
         for (edit, kind, text) in cases {
             let mut r = good();
             edit(&mut r);
-            let e = check(&r, Role::Decode).unwrap_err();
+            let e = check(&r, Role::Decode, false).unwrap_err();
+            assert_eq!(e.kind(), *kind, "{e}");
+            assert!(e.to_string().contains(text), "{e} lacks {text:?}");
+        }
+    }
+
+    #[test]
+    fn a_cuda_ipc_agent_takes_a_good_handle_at_offset_zero_only() {
+        let handle: Vec<u8> = (1..=64).collect();
+        let cuda = |edit: fn(&mut pb::AttachRegionRequest)| {
+            let mut r = good();
+            r.source = pb::RegionSource::CudaIpc as i32;
+            r.cuda_ipc_handle = (1..=64).collect();
+            r.cuda_device = 1;
+            r.tensors[0].offset = 0;
+            edit(&mut r);
+            check(&r, Role::Decode, true)
+        };
+        let w = cuda(|_| {}).unwrap();
+        assert_eq!(w.source, Source::CudaIpc { device: 1, handle: handle.try_into().unwrap() });
+        type Case = (fn(&mut pb::AttachRegionRequest), ErrorKind, &'static str);
+        let cases: &[Case] = &[
+            (|r| r.cuda_ipc_handle.truncate(10), ErrorKind::InvalidArgument, "cuda_ipc_handle"),
+            (|r| r.cuda_ipc_handle = vec![0; 64], ErrorKind::InvalidArgument, "cuda_ipc_handle"),
+            (|r| r.tensors[0].offset = PAGE, ErrorKind::InvalidArgument, "must start where the allocation"),
+            (|r| r.source = pb::RegionSource::HostFd as i32, ErrorKind::FailedPrecondition, "REGION_SOURCE_CUDA_IPC"),
+        ];
+        for (edit, kind, text) in cases {
+            let e = cuda(*edit).unwrap_err();
             assert_eq!(e.kind(), *kind, "{e}");
             assert!(e.to_string().contains(text), "{e} lacks {text:?}");
         }

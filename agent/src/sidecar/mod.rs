@@ -142,7 +142,8 @@ impl SidecarState {
 #[derive(Debug)]
 pub struct AttachCall {
     pub wanted: attach::Wanted,
-    pub fd: std::os::fd::OwnedFd,
+    /// The shared file of a host region.
+    pub fd: Option<std::os::fd::OwnedFd>,
     pub reply: oneshot::Sender<Result<pb::AttachRegionResponse, AgentError>>,
 }
 
@@ -155,6 +156,8 @@ pub struct SidecarService {
     gate: Option<mpsc::Sender<AttachCall>>,
     inbox: fdpass::FdInbox,
     attaching: Arc<Mutex<bool>>,
+    /// Started with `--memory cuda-ipc`: the region is the engine's GPU allocation.
+    cuda_ipc: bool,
 }
 
 impl SidecarService {
@@ -167,14 +170,21 @@ impl SidecarService {
             gate: None,
             inbox: Default::default(),
             attaching: Default::default(),
+            cuda_ipc: false,
         }
     }
 
     /// For an agent that waits for its engine's region: AttachRegion calls
     /// go to `gate` with the descriptor from `inbox`; the agent is set in
     /// `agent` once it runs.
-    pub fn waiting(agent: Arc<OnceLock<Arc<Agent>>>, role: Role, gate: mpsc::Sender<AttachCall>, inbox: fdpass::FdInbox) -> SidecarService {
-        SidecarService { agent, role, gate: Some(gate), inbox, attaching: Default::default() }
+    pub fn waiting(
+        agent: Arc<OnceLock<Arc<Agent>>>,
+        role: Role,
+        gate: mpsc::Sender<AttachCall>,
+        inbox: fdpass::FdInbox,
+        cuda_ipc: bool,
+    ) -> SidecarService {
+        SidecarService { agent, role, gate: Some(gate), inbox, attaching: Default::default(), cuda_ipc }
     }
 
     fn agent(&self) -> Result<&Arc<Agent>, Status> {
@@ -203,7 +213,7 @@ impl SidecarService {
                 None => AgentError::Precondition("this agent has a region of its own (started without --region-from-client)".into()),
             });
         }
-        let wanted = attach::check(&req, self.role)?;
+        let wanted = attach::check(&req, self.role, self.cuda_ipc)?;
         let gate = self.gate.as_ref().ok_or_else(|| AgentError::Precondition("this agent takes no region from its client".into()))?;
         {
             let mut busy = self.attaching.lock().expect("lock");
@@ -213,13 +223,15 @@ impl SidecarService {
             *busy = true;
         }
         let result = async {
-            let fd = self.inbox.take(&wanted.fd_token).ok_or_else(|| {
-                AgentError::Precondition(format!(
-                    "no descriptor waits under token {:?}: send it to the side socket first (it waits {} s)",
-                    wanted.fd_token,
-                    fdpass::TOKEN_TTL.as_secs()
-                ))
-            })?;
+            let fd = match &wanted.source {
+                attach::Source::HostFd { token } => Some(self.inbox.take(token).ok_or_else(|| {
+                    AgentError::Precondition(format!(
+                        "no descriptor waits under token {token:?}: send it to the side socket first (it waits {} s)",
+                        fdpass::TOKEN_TTL.as_secs()
+                    ))
+                })?),
+                attach::Source::CudaIpc { .. } => None,
+            };
             let (reply, answer) = oneshot::channel();
             gate.send(AttachCall { wanted, fd, reply }).await.map_err(|_| AgentError::ShuttingDown(self.role.as_str()))?;
             answer.await.map_err(|_| AgentError::ShuttingDown(self.role.as_str()))?

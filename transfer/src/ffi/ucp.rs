@@ -172,6 +172,11 @@ pub(crate) enum Backing {
     Mapped(#[allow(dead_code)] Mapping),
     /// Allocated by UCX itself (`UCP_MEM_MAP_ALLOCATE`), freed on unmap.
     UcxAllocated,
+    /// Device memory (`cuMemAlloc`, or an engine's allocation imported over
+    /// CUDA IPC), registered as CUDA memory; released (freed or unmapped)
+    /// after UCX's registration is gone (drop order). Its bytes are reached
+    /// only through the driver's copies, never through a host pointer.
+    Gpu(kvrail_cuda::GpuRegion),
 }
 
 /// One registered memory region: the memory and its UCX mapping, together.
@@ -180,13 +185,14 @@ pub(crate) struct Registration {
     memh: sys_ucx::ucp_mem_h,
     base: usize,
     len: usize,
-    _backing: Backing,
+    backing: Backing,
     ctx: Arc<Context>,
 }
 
 // SAFETY: memh is used only for context-level calls (rkey pack, unmap),
-// which the MT_WORKERS_SHARED context serialises; region bytes are only
-// copied through raw pointers (see sys::copy_in/copy_out).
+// which the MT_WORKERS_SHARED context serialises; host region bytes are only
+// copied through raw pointers (see sys::copy_in/copy_out), GPU region bytes
+// only through the driver's copies (GpuRegion is Send and Sync).
 unsafe impl Send for Registration {}
 // SAFETY: see Send.
 unsafe impl Sync for Registration {}
@@ -216,7 +222,28 @@ impl Registration {
         p.address = mapping.addr() as *mut c_void;
         p.length = mapping.len() as _;
         let memh = Self::map(ctx, &p).map_err(|f| format!("{} failed: {}", f.call, f.status))?;
-        Ok(Registration { memh, base: mapping.addr(), len: mapping.len(), _backing: Backing::Mapped(mapping), ctx: ctx.clone() })
+        Ok(Registration { memh, base: mapping.addr(), len: mapping.len(), backing: Backing::Mapped(mapping), ctx: ctx.clone() })
+    }
+
+    /// Registers a GPU region with UCX as CUDA memory: the device address
+    /// and length, the memory type given (`UCS_MEMORY_TYPE_CUDA`, so UCX
+    /// picks its CUDA memory domains instead of guessing), nothing allocated
+    /// by UCX.
+    pub(crate) fn register_gpu(ctx: &Arc<Context>, gpu: kvrail_cuda::GpuRegion) -> Result<Registration, String> {
+        // SAFETY: zeroed params = nothing set; fields set below are named in
+        // the mask (no UCP_MEM_MAP_ALLOCATE: the memory is the driver's).
+        let mut p: sys_ucx::ucp_mem_map_params_t = unsafe { std::mem::zeroed() };
+        p.field_mask = (sys_ucx::ucp_mem_map_params_field::UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+            | sys_ucx::ucp_mem_map_params_field::UCP_MEM_MAP_PARAM_FIELD_LENGTH
+            | sys_ucx::ucp_mem_map_params_field::UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE)
+            .0 as u64;
+        p.address = gpu.device_ptr() as usize as *mut c_void;
+        p.length = gpu.len() as _;
+        p.memory_type = sys_ucx::ucs_memory_type::UCS_MEMORY_TYPE_CUDA;
+        let memh = Self::map(ctx, &p)
+            .map_err(|f| format!("{} of {} bytes of CUDA memory on device {} failed: {}", f.call, gpu.len(), gpu.ordinal(), f.status))?;
+        let (base, len) = (gpu.device_ptr() as usize, gpu.len());
+        Ok(Registration { memh, base, len, backing: Backing::Gpu(gpu), ctx: ctx.clone() })
     }
 
     /// Asks UCX to allocate and register `len` bytes itself.
@@ -235,13 +262,8 @@ impl Registration {
             (sys_ucx::ucp_mem_attr_field::UCP_MEM_ATTR_FIELD_ADDRESS | sys_ucx::ucp_mem_attr_field::UCP_MEM_ATTR_FIELD_LENGTH).0 as u64;
         // SAFETY: memh is live; attr is a live out-struct.
         let st = unsafe { decls::ucp_mem_query(memh, &mut attr) };
-        let reg = Registration {
-            memh,
-            base: attr.address as usize,
-            len: attr.length as usize,
-            _backing: Backing::UcxAllocated,
-            ctx: ctx.clone(),
-        };
+        let reg =
+            Registration { memh, base: attr.address as usize, len: attr.length as usize, backing: Backing::UcxAllocated, ctx: ctx.clone() };
         check("ucp_mem_query", st).map_err(|f| format!("{} failed: {}", f.call, f.status))?;
         if reg.base == 0 || reg.len < len {
             return Err(format!("UCX allocated {} bytes at {:#x}, asked for {len}", reg.len, reg.base));
@@ -284,18 +306,38 @@ impl Registration {
         Ok(out)
     }
 
-    /// Copies region bytes `[offset, offset + dst.len())` out.
-    pub(crate) fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), String> {
-        self.check_range(offset, dst.len() as u64)?;
-        sys::copy_out(self.base, self.len, offset as usize, dst);
-        Ok(())
+    /// The GPU region behind this registration, if it is one.
+    pub(crate) fn gpu(&self) -> Option<&kvrail_cuda::GpuRegion> {
+        match &self.backing {
+            Backing::Gpu(g) => Some(g),
+            _ => None,
+        }
     }
 
-    /// Copies `src` into the region at `offset`.
+    /// Copies region bytes `[offset, offset + dst.len())` out (from device
+    /// memory with `cuMemcpyDtoH`).
+    pub(crate) fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), String> {
+        self.check_range(offset, dst.len() as u64)?;
+        match self.gpu() {
+            Some(g) => g.copy_to_host(offset as usize, dst).map_err(|e| e.to_string()),
+            None => {
+                sys::copy_out(self.base, self.len, offset as usize, dst);
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies `src` into the region at `offset` (into device memory with
+    /// `cuMemcpyHtoD`).
     pub(crate) fn write(&self, offset: u64, src: &[u8]) -> Result<(), String> {
         self.check_range(offset, src.len() as u64)?;
-        sys::copy_in(self.base, self.len, offset as usize, src);
-        Ok(())
+        match self.gpu() {
+            Some(g) => g.copy_from_host(offset as usize, src).map_err(|e| e.to_string()),
+            None => {
+                sys::copy_in(self.base, self.len, offset as usize, src);
+                Ok(())
+            }
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), String> {

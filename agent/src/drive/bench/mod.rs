@@ -241,7 +241,7 @@ struct Run {
 /// The flags kvrail's agents and the raw loop share: the same transport,
 /// region, block size ([`crate::cli::Geometry`]) and op window.
 fn geometry_args(a: &BenchArgs, t: Transport, block: u64) -> Vec<String> {
-    let mut v = crate::cli::Geometry { transport: t, region_bytes: a.region(), block_bytes: block }.to_args();
+    let mut v = crate::cli::Geometry { transport: t, region_bytes: a.region(), block_bytes: block, memory: a.memory }.to_args();
     v.extend(["--window".into(), a.window.to_string()]);
     v
 }
