@@ -116,10 +116,24 @@ class SidecarClient:
         except grpc.RpcError as e:
             raise AgentError(what, self.socket_path, e.code(), e.details() or "") from None
 
-    def attach_host_region(
+    def attach_host_region(self, *, fd: int, **region) -> tuple[str, str]:
+        """Hands the agent a host region (``fd``, a memfd or shared-memory file of
+        ``region_bytes``) and its tensors; returns the agent's ``(id, address)``
+        for the other side's kv_transfer_params. ``region``: see :meth:`_attach`."""
+        token = os.urandom(16).hex()
+        send_fd(self.socket_path + ".fd", token, fd, self.timeout_s)
+        return self._attach("attaching the region", source=sc.REGION_SOURCE_HOST_FD, fd_token=token, **region)
+
+    def attach_cuda_region(self, *, ipc_handle: bytes, device: int, **region) -> tuple[str, str]:
+        """Hands an agent started with ``--memory cuda-ipc`` the engine's GPU
+        allocation: the 64-byte CUDA IPC handle of one cuMemAlloc allocation
+        (``cuIpcGetMemHandle``) on ``device``, its tensors starting at offset 0."""
+        return self._attach("attaching the GPU region", source=sc.REGION_SOURCE_CUDA_IPC, cuda_ipc_handle=ipc_handle, cuda_device=device, **region)
+
+    def _attach(
         self,
+        what: str,
         *,
-        fd: int,
         region_bytes: int,
         tensors: Sequence[Layout],
         engine_id: str,
@@ -129,12 +143,8 @@ class SidecarClient:
         tp_size: int = 1,
         pp_rank: int = 0,
         dp_rank: int = 0,
+        **source,
     ) -> tuple[str, str]:
-        """Hands the agent a host region (``fd``, a memfd or shared-memory file of
-        ``region_bytes``) and its tensors; returns the agent's ``(id, address)``
-        for the other side's kv_transfer_params."""
-        token = os.urandom(16).hex()
-        send_fd(self.socket_path + ".fd", token, fd, self.timeout_s)
         req = sc.AttachRegionRequest(
             engine_id=engine_id,
             dp_rank=dp_rank,
@@ -143,43 +153,11 @@ class SidecarClient:
             tp_size=tp_size,
             role=_role(role),
             model_hash=model_hash,
-            source=sc.REGION_SOURCE_HOST_FD,
             region_bytes=region_bytes,
-            fd_token=token,
             tensors=[t.to_pb() for t in tensors],
+            **source,
         )
-        resp = self._call("attaching the region", self._stub.AttachRegion, req)
-        return resp.agent_id, resp.agent_address
-
-    def attach_cuda_region(
-        self,
-        *,
-        ipc_handle: bytes,
-        device: int,
-        region_bytes: int,
-        tensors: Sequence[Layout],
-        engine_id: str,
-        role: str,
-        model_hash: str,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ) -> tuple[str, str]:
-        """Hands an agent started with ``--memory cuda-ipc`` the engine's GPU
-        allocation: the 64-byte CUDA IPC handle of one cuMemAlloc allocation
-        (``cuIpcGetMemHandle``) on ``device``, its tensors starting at offset 0."""
-        req = sc.AttachRegionRequest(
-            engine_id=engine_id,
-            tp_rank=tp_rank,
-            tp_size=tp_size,
-            role=_role(role),
-            model_hash=model_hash,
-            source=sc.REGION_SOURCE_CUDA_IPC,
-            region_bytes=region_bytes,
-            cuda_ipc_handle=ipc_handle,
-            cuda_device=device,
-            tensors=[t.to_pb() for t in tensors],
-        )
-        resp = self._call("attaching the GPU region", self._stub.AttachRegion, req)
+        resp = self._call(what, self._stub.AttachRegion, req)
         return resp.agent_id, resp.agent_address
 
     def publish(self, request_id: str, blocks: Sequence[Iterable[int]], lease_ms: int = 0) -> None:
