@@ -148,6 +148,11 @@ def test_bad_calls_are_refused_clearly_and_change_nothing(pair):
         args = dict(pull, remote_request_id=remote_id)
         refused(code, text, decode.client.pull, "x", local_blocks=[[1]], remote_blocks=[blocks], **args)
     assert decode.block(1) == before, "a refused pull wrote nothing"
+    # A pull refused for its local blocks claims nothing: the short lease of
+    # what it named still runs out.
+    prefill.client.publish("brief", [[6]], lease_ms=300)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "out of range", decode.client.pull, "x", local_blocks=[[BLOCKS + 1]], remote_blocks=[[6]], **dict(pull, remote_request_id="brief"))
+    poll_until(prefill.client, lambda f: "brief" in f.sending, timeout_s=5)
     # Nothing changed: p1 is still held and pulls byte for byte.
     prefill.write_block(5, 77)
     decode.client.pull("ok", local_blocks=[[7]], remote_blocks=[[5]], **pull)

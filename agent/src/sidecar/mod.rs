@@ -277,7 +277,6 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         // then its word that the blocks are still held: a read after they
         // were freed would get whatever reused them.
         let target = dial::target(&agent, &req.remote_agent_id, &req.remote_address).await?;
-        agent.sidecar.claim_for_read(&target, &req.remote_request_id, &remote, agent.cfg.request_timeout).await?;
         let submit = pb::SubmitRequest {
             request_id: req.request_id.clone(),
             peer: target.peer.clone(),
@@ -287,6 +286,10 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             // The first pull from a prefill agent dials it; later ones reuse the session.
             peer_address: req.remote_address.clone(),
         };
+        // Every block checked against both layouts before the claim, so a
+        // pull refused for its own blocks leaves the prefill side's lease as it was.
+        crate::agent::validate::submit(&submit, &target.layout, &agent.layout)?;
+        agent.sidecar.claim_for_read(&target, &req.remote_request_id, &submit.src_blocks, agent.cfg.request_timeout).await?;
         let (peer, published) = (target.peer.clone(), req.remote_request_id);
         let answered = agent.clone();
         let answer: decode::Answer = Box::new(move |st: RequestState| {

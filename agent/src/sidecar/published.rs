@@ -91,9 +91,7 @@ impl Published {
     /// released or expired: reading would get whatever reused the blocks);
     /// `InvalidArgument` for a block it does not hold.
     pub fn claim(&mut self, id: &str, blocks: &[u32], hold: Duration, now: Instant) -> Result<(), AgentError> {
-        let entry = self.live.get_mut(id).ok_or_else(|| {
-            refused(ErrorKind::NotFound, format!("request {id:?} is not published here (never, or already read, released or expired)"))
-        })?;
+        let entry = self.live.get_mut(id).ok_or_else(|| not_held(id))?;
         let held: std::collections::HashSet<u32> = entry.blocks.iter().flatten().copied().collect();
         if let Some(b) = blocks.iter().find(|b| !held.contains(b)) {
             return Err(refused(ErrorKind::InvalidArgument, format!("block {b} is not among the blocks request {id:?} published")));
@@ -109,10 +107,7 @@ impl Published {
                 self.finished.push((id.to_string(), how));
                 Ok(())
             }
-            None => Err(refused(
-                ErrorKind::NotFound,
-                format!("request {id:?} is not published here (never, or already read, released or expired)"),
-            )),
+            None => Err(not_held(id)),
         }
     }
 
@@ -152,6 +147,10 @@ impl Published {
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
     }
+}
+
+fn not_held(id: &str) -> AgentError {
+    refused(ErrorKind::NotFound, format!("request {id:?} is not published here (never, or already read, released or expired)"))
 }
 
 fn refused(kind: ErrorKind, message: String) -> AgentError {
