@@ -15,5 +15,7 @@ pub mod v1 {
 /// earlier run of a reused request id is fenced), and sessions end with a
 /// goodbye. v5: either side may dial (a decode agent handshakes with a
 /// prefill agent and opens `Serve`), and an agent holds sessions with
-/// many peers.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// many peers. v6: a write order may name a published request
+/// (`published_id`, `hold_ms`: the decode engine's push mode), which the
+/// prefill agent must check before it writes; a v5 agent would ignore it.
+pub const PROTOCOL_VERSION: u32 = 6;

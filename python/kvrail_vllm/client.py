@@ -184,6 +184,31 @@ class SidecarClient:
         )
         self._call(f"pulling request {request_id!r}", self._stub.Pull, req)
 
+    def expect_push(
+        self,
+        request_id: str,
+        *,
+        remote_agent_id: str,
+        remote_address: str,
+        remote_request_id: str,
+        local_blocks: Sequence[Iterable[int]],
+        remote_blocks: Sequence[Iterable[int]],
+        lease_ms: int = 0,
+    ) -> None:
+        """Push mode: ``local_blocks`` are where the prefill agent writes
+        ``remote_blocks`` of its published ``remote_request_id``, within
+        ``lease_ms`` (0: the agent's default); :meth:`poll` reports the end."""
+        req = sc.ExpectPushRequest(
+            request_id=request_id,
+            remote_agent_id=remote_agent_id,
+            remote_address=remote_address,
+            remote_request_id=remote_request_id,
+            local_blocks=_groups(local_blocks),
+            remote_blocks=_groups(remote_blocks),
+            lease_ms=lease_ms,
+        )
+        self._call(f"expecting the push of request {request_id!r}", self._stub.ExpectPush, req)
+
     def release(self, *, remote_agent_id: str, remote_address: str, remote_request_id: str) -> None:
         req = sc.ReleaseRequest(remote_agent_id=remote_agent_id, remote_address=remote_address, remote_request_id=remote_request_id)
         self._call(f"releasing request {remote_request_id!r}", self._stub.Release, req)

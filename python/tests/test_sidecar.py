@@ -23,13 +23,14 @@ class Engine:
     """What a vLLM worker holds: its KV cache as a shared file (here a memfd),
     and its agent's local API."""
 
-    def __init__(self, agents, tmp_path, role: str, offset: int, *extra: str):
+    def __init__(self, agents, tmp_path, role: str, offset: int, *extra: str, name: str | None = None, transport: str = "tcp"):
+        name = name or role
         self.layout = Layout(**LAYOUT, offset=offset)
-        self.fd = os.memfd_create(f"kv-{role}")
+        self.fd = os.memfd_create(f"kv-{name}")
         self.size = self.layout.end()
         os.ftruncate(self.fd, self.size)
-        self.socket = str(tmp_path / f"{role}.sock")
-        self.agent = agents(role, "--region-from-client", "--local-socket", self.socket, "--transport", "tcp", *extra, name=role)
+        self.socket = str(tmp_path / f"{name}.sock")
+        self.agent = agents(role, "--region-from-client", "--local-socket", self.socket, "--transport", transport, *extra, name=name)
         waiting = self.agent.event("waiting_for_region")
         assert waiting["fd_socket"] == self.socket + ".fd"
         self.client = SidecarClient(self.socket)
@@ -263,4 +264,149 @@ def test_a_pull_dials_the_prefill_agent_its_params_name(agents, tmp_path):
     decode.client.release(remote_agent_id=prefill_id, remote_address=prefill_addr, remote_request_id="q")
     poll_until(prefill.client, lambda f: {"p", "q"} <= f.sending)
     decode.client.close()
+    prefill.client.close()
+
+
+# Push mode: the decode side names the blocks a published request lands in
+# (ExpectPush), and the prefill agent writes them there.
+
+
+def started_pair(agents, tmp_path, transport: str):
+    """A decode and a prefill agent that know nothing of each other: the
+    decode agent dials the prefill agent named by the push."""
+    decode = Engine(agents, tmp_path, "decode", 4096, transport=transport)
+    decode.attach()
+    decode.agent.event("ready")
+    prefill = Engine(agents, tmp_path, "prefill", 0, transport=transport)
+    prefill_id, prefill_addr = prefill.attach()
+    prefill.agent.event("ready")
+    return decode, prefill, dict(remote_agent_id=prefill_id, remote_address=prefill_addr)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "sm"])
+def test_a_pushed_request_lands_byte_for_byte_whether_it_is_published_before_or_after(agents, tmp_path, transport):
+    decode, prefill, at = started_pair(agents, tmp_path, transport)
+    # Published first (the usual order: the proxy forwards a finished prefill).
+    for b in (3, 4, 9):
+        prefill.write_block(b, 16 * b)
+    prefill.client.publish("p-1", [[3, 4, 9]])
+    decode.client.expect_push("d-1", remote_request_id="p-1", local_blocks=[[10, 11, 0]], remote_blocks=[[3, 4, 9]], **at)
+    got = poll_until(decode.client, lambda f: "d-1" in f.recving)
+    assert got.failed == {} and got.invalid_blocks == []
+    for local, remote in ((10, 3), (11, 4), (0, 9)):
+        assert decode.block(local) == prefill.block(remote), f"decode block {local} != prefill block {remote}"
+    assert decode.block(11)[1] == bytes([65]) * BLOCK
+    poll_until(prefill.client, lambda f: "p-1" in f.sending)
+    # Expected first: the prefill agent waits for the publish, then writes.
+    before = decode.block(20)
+    decode.client.expect_push("d-2", remote_request_id="p-2", local_blocks=[[20, 21]], remote_blocks=[[5, 6]], lease_ms=10_000, **at)
+    time.sleep(0.3)
+    assert decode.client.poll().recving == set() and decode.block(20) == before, "nothing lands before the publish"
+    prefill.write_block(5, 200)
+    prefill.write_block(6, 201)
+    prefill.client.publish("p-2", [[5, 6]])
+    got = poll_until(decode.client, lambda f: "d-2" in f.recving)
+    assert got.failed == {}
+    assert decode.block(20) == prefill.block(5) and decode.block(21) == prefill.block(6)
+    poll_until(prefill.client, lambda f: "p-2" in f.sending)
+    assert prefill.client.poll().sending == set() and decode.client.poll().recving == set(), "each id is reported once"
+    decode.client.close()
+    prefill.client.close()
+
+
+def test_bad_pushes_are_refused_write_nothing_and_the_agents_keep_serving(agents, tmp_path):
+    decode, prefill, at = started_pair(agents, tmp_path, "tcp")
+    prefill.write_block(5, 77)
+    prefill.client.publish("p1", [[5]])
+
+    def refused(code: grpc.StatusCode, text: str, call, *args, **kwargs):
+        with pytest.raises(AgentError) as e:
+            call(*args, **kwargs)
+        assert e.value.code == code, str(e.value)
+        assert text in str(e.value), str(e.value)
+
+    push = dict(at, remote_request_id="p1")
+    untouched = {b: decode.block(b) for b in (1, 2, 3, 12)}
+    refused(grpc.StatusCode.FAILED_PRECONDITION, "ExpectPush is a decode agent's call", prefill.client.expect_push, "x", local_blocks=[[1]], remote_blocks=[[5]], **push)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "2 block groups given", decode.client.expect_push, "x", local_blocks=[[1], [2]], remote_blocks=[[5]], **push)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "out of range", decode.client.expect_push, "x", local_blocks=[[BLOCKS]], remote_blocks=[[5]], **push)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "out of range", decode.client.expect_push, "x", local_blocks=[[1]], remote_blocks=[[BLOCKS + 3]], **push)
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty", decode.client.expect_push, "", local_blocks=[[1]], remote_blocks=[[5]], **push)
+    refused(grpc.StatusCode.NOT_FOUND, "no connected prefill agent is named", decode.client.expect_push, "x", local_blocks=[[1]], remote_blocks=[[5]], remote_agent_id="nobody", remote_address="", remote_request_id="p1")
+    refused(grpc.StatusCode.UNAVAILABLE, "cannot dial the prefill agent at 127.0.0.1:1", decode.client.expect_push, "x", local_blocks=[[1]], remote_blocks=[[5]], remote_agent_id="", remote_address="127.0.0.1:1", remote_request_id="p1")
+    # A block is expected by one request at a time: a second push into it is refused.
+    decode.client.expect_push("holder", local_blocks=[[12]], remote_blocks=[[7]], lease_ms=60_000, **dict(at, remote_request_id="not-yet"))
+    refused(grpc.StatusCode.FAILED_PRECONDITION, 'local block 12 is already expected by request "holder"', decode.client.expect_push, "x", local_blocks=[[2, 12]], remote_blocks=[[5, 5]], **push)
+    refused(grpc.StatusCode.ALREADY_EXISTS, '"holder" is already expecting a push', decode.client.expect_push, "holder", local_blocks=[[3]], remote_blocks=[[5]], **push)
+    # Refused by the prefill agent, which writes nothing: a block the request
+    # did not publish, a request never published within the lease.
+    decode.client.expect_push("wrong-block", local_blocks=[[1]], remote_blocks=[[6]], **push)
+    decode.client.expect_push("never", local_blocks=[[3]], remote_blocks=[[5]], lease_ms=300, **dict(at, remote_request_id="never-published"))
+    got = poll_until(decode.client, lambda f: {"wrong-block", "never"} <= f.recving, timeout_s=10)
+    assert "block 6 is not among the blocks request \"p1\" published" in got.failed["wrong-block"], got.failed
+    assert "\"never-published\" is not published here" in got.failed["never"], got.failed
+    assert {1, 3} <= set().union(*got.invalid_blocks)
+    assert {b: decode.block(b) for b in untouched} == untouched, "a refused push wrote nothing"
+    # Both agents still serve, and the request the refusals named is intact.
+    decode.client.expect_push("ok", local_blocks=[[2]], remote_blocks=[[5]], **push)
+    assert "ok" not in poll_until(decode.client, lambda f: "ok" in f.recving).failed
+    assert decode.block(2) == prefill.block(5)
+    poll_until(prefill.client, lambda f: "p1" in f.sending)
+
+
+def test_an_expected_push_not_written_in_its_lease_fails_and_nothing_lands_later(agents, tmp_path):
+    decode, prefill, at = started_pair(agents, tmp_path, "tcp")
+    before = decode.block(4)
+    decode.client.expect_push("d", local_blocks=[[4]], remote_blocks=[[8]], lease_ms=400, **dict(at, remote_request_id="late"))
+    started = time.monotonic()
+    got = poll_until(decode.client, lambda f: "d" in f.recving, timeout_s=10)
+    assert time.monotonic() - started >= 0.35, "not before its lease"
+    reason = got.failed["d"]
+    assert "not published here" in reason or "within its lease of 400 ms" in reason, reason
+    assert got.invalid_blocks == [{4}]
+    # The prefill engine publishes it after all: nothing is written into the
+    # decode side's blocks, which it has freed; its own lease frees it.
+    prefill.write_block(8, 5)
+    prefill.client.publish("late", [[8]], lease_ms=500)
+    poll_until(prefill.client, lambda f: "late" in f.sending, timeout_s=5)
+    assert decode.block(4) == before
+    # The block is free to expect again.
+    decode.client.expect_push("d", local_blocks=[[4]], remote_blocks=[[8]], **dict(at, remote_request_id="again"))
+    prefill.client.publish("again", [[8]])
+    assert "d" not in poll_until(decode.client, lambda f: "d" in f.recving).failed
+    assert decode.block(4) == prefill.block(8)
+
+
+def test_a_decode_agent_killed_while_its_push_waits_fails_only_its_request(agents, tmp_path):
+    """Two decode agents expect pushes from one prefill agent; one is killed
+    (SIGKILL) before the prefill engine publishes. The other's request is
+    written; the dead one's is not, and its blocks are freed by its lease."""
+    prefill = Engine(agents, tmp_path, "prefill", 0)
+    prefill_id, prefill_addr = prefill.attach()
+    prefill.agent.event("ready")
+    at = dict(remote_agent_id=prefill_id, remote_address=prefill_addr)
+    doomed = Engine(agents, tmp_path, "decode", 0, name="doomed")
+    doomed.attach()
+    doomed.agent.event("ready")
+    alive = Engine(agents, tmp_path, "decode", 0, name="alive")
+    alive.attach()
+    alive.agent.event("ready")
+    doomed.client.expect_push("d1", local_blocks=[[1]], remote_blocks=[[1]], lease_ms=30_000, **dict(at, remote_request_id="p1"))
+    alive.client.expect_push("d2", local_blocks=[[2]], remote_blocks=[[2]], lease_ms=30_000, **dict(at, remote_request_id="p2"))
+    doomed.agent.proc.kill()
+    doomed.agent.proc.wait(10)
+    for b in (1, 2):
+        prefill.write_block(b, 30 + b)
+    published = time.monotonic()
+    prefill.client.publish("p1", [[1]], lease_ms=2_000)
+    prefill.client.publish("p2", [[2]], lease_ms=2_000)
+    got = poll_until(alive.client, lambda f: "d2" in f.recving)
+    assert got.failed == {} and alive.block(2) == prefill.block(2)
+    early = poll_until(prefill.client, lambda f: "p2" in f.sending)
+    assert "p1" not in early.sending, "the dead decode agent's request was not pushed"
+    assert time.monotonic() - published < 1.5, "p2 was pushed, not left to its lease"
+    # p1 is freed by its lease only.
+    poll_until(prefill.client, lambda f: "p1" in f.sending, timeout_s=5)
+    assert time.monotonic() - published >= 1.9
+    alive.client.close()
     prefill.client.close()

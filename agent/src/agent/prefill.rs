@@ -412,15 +412,34 @@ async fn execute(
     order: pb::WriteOrder,
     flag: Arc<AtomicBool>,
 ) {
-    let result = match TransferPlan::build(&agent.layout, &order.src_blocks, &decode_layout, &order.dst_blocks, 0) {
-        Ok(plan) => agent
+    // An order of published blocks (push mode) writes only once they are
+    // held under their id, and ends that published request when it succeeded.
+    let claimed = match !order.published_id.is_empty() {
+        true => {
+            let hold = Duration::from_millis(u64::from(order.hold_ms));
+            let write_for = agent.cfg.request_timeout;
+            agent
+                .sidecar
+                .claim_for_write(&link.decode_agent, &order.published_id, &order.src_blocks, hold, write_for, &flag)
+                .await
+                .map(Some)
+        }
+        false => Ok(None),
+    };
+    let lease_end = claimed.as_ref().ok().copied().flatten();
+    let result = match (claimed, TransferPlan::build(&agent.layout, &order.src_blocks, &decode_layout, &order.dst_blocks, 0)) {
+        (Err(f), _) => Err(f),
+        (Ok(_), Ok(plan)) => agent
             .engine
             .transfer_cancellable(link.engine_peer, direction(order.delivery_tag), plan.into_ops(), flag)
             .await
             .map(|d| Moved { bytes: d.bytes, ops: d.ops })
             .map_err(|e| AgentError::from(e).failure()),
-        Err(e) => Err(AgentError::Invalid(e.to_string()).failure()),
+        (Ok(_), Err(e)) => Err(AgentError::Invalid(e.to_string()).failure()),
     };
+    if let Some(lease_end) = lease_end {
+        agent.sidecar.push_ended(&link.decode_agent, &order.published_id, result.is_ok(), lease_end);
+    }
     let end = {
         let mut t = side(agent).links.lock().expect("lock");
         let end = t.local_done(&order.request_id, seq, result);

@@ -14,13 +14,20 @@
 //!   they were read; Release and Heartbeat reach it the same way. Poll
 //!   reports each pull once in `finished_recving`, and failed ones also in
 //!   `failed_recving` with their local blocks as invalid.
+//! - Push mode: a decode agent told to ExpectPush holds the local blocks
+//!   for the request (`expected`, under a lease) and sends the prefill
+//!   agent a write order naming the published request; the prefill agent
+//!   writes once the request is published there (waiting for it within the
+//!   order's hold) and then ends it as pushed. Poll reports the push like
+//!   a pull; a lease that runs out stops the write first.
 
 pub mod attach;
+pub mod expected;
 pub mod fdpass;
 pub mod published;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -29,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::agent::decode::{dial, Link, RequestState};
-use crate::agent::error::AgentError;
+use crate::agent::error::{AgentError, ErrorKind, Failure};
 use crate::agent::session::Target;
 use crate::agent::{decode, Agent, Role};
 use published::{Ended, Published};
@@ -43,6 +50,10 @@ pub struct SidecarState {
     /// The engine whose region this agent serves, when it attached one.
     pub attached: Option<attach::Wanted>,
     published: Mutex<Published>,
+    /// Prefill side: woken by every Publish, for write orders that wait for theirs.
+    publishes: tokio::sync::Notify,
+    /// Decode side: the local blocks of pushes expected (push mode).
+    expected: Mutex<expected::Expected>,
     pulls: Mutex<Pulls>,
     /// Decode side: claims sent, waiting for their answer, by claim id.
     claims: Mutex<HashMap<u64, oneshot::Sender<pb::Claimed>>>,
@@ -86,11 +97,75 @@ impl SidecarState {
         let mut p = self.published.lock().expect("lock");
         p.expire(Instant::now());
         match p.claim(&c.published_id, &c.blocks, hold, Instant::now()) {
-            Ok(()) => pb::Claimed { claim_id: c.claim_id, code: 0, error: String::new() },
+            Ok(_) => pb::Claimed { claim_id: c.claim_id, code: 0, error: String::new() },
             Err(e) => {
                 tracing::info!(decode_agent = from, error = %e, "refused a claim");
                 pb::Claimed { claim_id: c.claim_id, code: crate::agent::convert::code_of(e.kind()) as i32, error: e.to_string() }
             }
+        }
+    }
+
+    /// Prefill side: a write order of published blocks (push mode) from
+    /// decode agent `from`. Waits up to `hold` (while `stop` is unset) for
+    /// every block of `blocks` to be held under `id`, then holds them for
+    /// the write (`write_for`) and returns when its lease ended before.
+    /// Refused, to be written nowhere: the request not published within
+    /// `hold`, a block it did not publish, `stop` set.
+    pub async fn claim_for_write(
+        &self,
+        from: &str,
+        id: &str,
+        blocks: &[u32],
+        hold: Duration,
+        write_for: Duration,
+        stop: &AtomicBool,
+    ) -> Result<Instant, Failure> {
+        crate::agent::validate::check_id("published_id", id).map_err(|e| e.failure())?;
+        let deadline = Instant::now() + hold;
+        loop {
+            // Armed before the check, so a publish in between is not missed.
+            let published = self.publishes.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
+            if stop.load(Ordering::Relaxed) {
+                return Err(Failure::new(ErrorKind::Cancelled, format!("the push of {id:?} was stopped before it was written")));
+            }
+            let now = Instant::now();
+            let claimed = {
+                let mut p = self.published.lock().expect("lock");
+                p.expire(now);
+                p.claim(id, blocks, write_for, now)
+            };
+            match claimed {
+                Ok(lease_end) => return Ok(lease_end),
+                Err(e) if e.kind() == ErrorKind::NotFound && now < deadline => {}
+                Err(e) => {
+                    tracing::info!(decode_agent = from, error = %e, "refused a push");
+                    let waited = if e.kind() == ErrorKind::NotFound {
+                        format!(" (waited {} ms for its publish)", hold.as_millis())
+                    } else {
+                        String::new()
+                    };
+                    return Err(Failure::new(e.kind(), format!("prefill side: {e}{waited}")));
+                }
+            }
+            // Bounded by the hold; wakes at least every 50 ms to see `stop`.
+            let nap = deadline.saturating_duration_since(now).min(Duration::from_millis(50));
+            let _ = tokio::time::timeout(nap, published).await;
+        }
+    }
+
+    /// Prefill side: how the push of `id` claimed with
+    /// [`SidecarState::claim_for_write`] ended: done if it succeeded, else
+    /// held on to the end of its lease (`lease_end`) as if never claimed.
+    pub fn push_ended(&self, from: &str, id: &str, ok: bool, lease_end: Instant) {
+        let mut p = self.published.lock().expect("lock");
+        if !ok {
+            p.unclaim(id, lease_end);
+            return;
+        }
+        if let Err(e) = p.end(id, Ended::Pushed) {
+            tracing::info!(decode_agent = from, error = %e, "a pushed request was no longer held");
         }
     }
 
@@ -261,8 +336,14 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         let req = req.into_inner();
         let blocks = req.blocks.into_iter().map(|g| g.ids).collect();
         let lease = std::time::Duration::from_millis(u64::from(req.lease_ms));
-        let mut p = agent.sidecar.published.lock().expect("lock");
-        p.publish(&req.request_id, blocks, &[agent.layout.num_blocks()], lease, Instant::now())?;
+        agent.sidecar.published.lock().expect("lock").publish(
+            &req.request_id,
+            blocks,
+            &[agent.layout.num_blocks()],
+            lease,
+            Instant::now(),
+        )?;
+        agent.sidecar.publishes.notify_waiters();
         Ok(Response::new(pb::PublishResponse {}))
     }
 
@@ -313,6 +394,61 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         Ok(Response::new(pb::PullResponse {}))
     }
 
+    async fn expect_push(&self, req: Request<pb::ExpectPushRequest>) -> Result<Response<pb::ExpectPushResponse>, Status> {
+        let agent = self.in_role(Role::Decode, "ExpectPush")?.clone();
+        let req = req.into_inner();
+        let local = one_group("local_blocks", &req.local_blocks)?;
+        let remote = one_group("remote_blocks", &req.remote_blocks)?;
+        crate::agent::validate::check_id("remote_request_id", &req.remote_request_id)?;
+        crate::agent::validate::check_id("request_id", &req.request_id)?;
+        let target = dial::target(&agent, &req.remote_agent_id, &req.remote_address).await?;
+        let submit = pb::SubmitRequest {
+            request_id: req.request_id.clone(),
+            peer: target.peer.clone(),
+            mode: pb::TransferMode::Write as i32,
+            src_blocks: remote,
+            dst_blocks: local.clone(),
+            peer_address: req.remote_address.clone(),
+        };
+        // Both layouts first, then the blocks held for it: a refused push
+        // holds nothing and orders nothing.
+        crate::agent::validate::submit(&submit, &target.layout, &agent.layout)?;
+        let lease = Duration::from_millis(u64::from(req.lease_ms));
+        let lease = agent.sidecar.expected.lock().expect("lock").expect(
+            &req.request_id,
+            &local,
+            agent.layout.num_blocks(),
+            lease,
+            Instant::now(),
+        )?;
+        let (id, peer) = (req.request_id.clone(), target.peer.clone());
+        let answered = agent.clone();
+        let answer: decode::Answer = Box::new(move |st: RequestState| {
+            let Some(ended) = answered.sidecar.expected.lock().expect("lock").end(&id) else { return };
+            let failed = match (st, ended.expired) {
+                (RequestState::Done { .. }, _) => None,
+                (RequestState::Failed { message, .. } | RequestState::Cancelled { message, .. }, Some(lease)) => {
+                    Some(format!("prefill agent {peer:?} did not push it within its lease of {} ms: {message}", lease.as_millis()))
+                }
+                (RequestState::Failed { message, .. } | RequestState::Cancelled { message, .. }, None) => Some(message),
+                (RequestState::Pending, _) => Some("the push ended while still pending".into()),
+            };
+            let mut pulls = answered.sidecar.pulls.lock().expect("lock");
+            if let Some(reason) = failed {
+                pulls.failed.push(pb::FailedRequest { request_id: id.clone(), reason });
+                pulls.invalid.extend(ended.blocks);
+            }
+            pulls.finished.push(id);
+        });
+        let published = decode::OfPublished { id: req.remote_request_id, hold: lease };
+        if let Err(e) = decode::submit_with(&agent, submit, Some(answer), Some(published)).await {
+            // Never started: nothing was ordered into its blocks.
+            agent.sidecar.expected.lock().expect("lock").end(&req.request_id);
+            return Err(e.into());
+        }
+        Ok(Response::new(pb::ExpectPushResponse {}))
+    }
+
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
         let agent = self.in_role(Role::Decode, "Release")?;
         let req = req.into_inner();
@@ -336,6 +472,14 @@ impl pb::sidecar_server::Sidecar for SidecarService {
     async fn poll(&self, _req: Request<pb::PollRequest>) -> Result<Response<pb::PollResponse>, Status> {
         let agent = self.agent()?;
         let mut resp = pb::PollResponse::default();
+        // Expected pushes whose lease ran out: their writes stop, and each
+        // is reported once nothing of it is in flight (its answer).
+        let expired = agent.sidecar.expected.lock().expect("lock").expire(Instant::now());
+        for id in expired {
+            if let Err(e) = decode::cancel(agent, &id) {
+                tracing::info!(request_id = %id, error = %e, "could not stop an expired push");
+            }
+        }
         {
             let mut p = agent.sidecar.published.lock().expect("lock");
             p.expire(Instant::now());

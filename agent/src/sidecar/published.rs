@@ -1,6 +1,7 @@
 //! The prefill side's published requests: the blocks of a finished
 //! prefill, held for the decode side under a lease until it has read them,
-//! released them, or the lease ran out. A pure table (no clock of its own,
+//! had them written into its own blocks (push mode), released them, or the
+//! lease ran out. A pure table (no clock of its own,
 //! no I/O): the service feeds it `now` and drains what finished.
 //!
 //! Each id finishes exactly once, whichever way, and is then reported once
@@ -23,6 +24,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub enum Ended {
     /// The decode side read it.
     Read,
+    /// This agent wrote it into the decode side's blocks (push mode).
+    Pushed,
     /// The decode side said it needs it no longer (a full prefix hit, an abort).
     Released,
     /// Nobody read, released or extended it in time.
@@ -34,6 +37,8 @@ struct Entry {
     blocks: Vec<Vec<u32>>,
     deadline: Instant,
     lease: Duration,
+    /// The furthest a heartbeat extended the lease to.
+    extended: Option<Instant>,
 }
 
 /// Published requests by id, and the ones that finished since the last drain.
@@ -75,7 +80,7 @@ impl Published {
             }
         }
         let lease = if lease.is_zero() { DEFAULT_LEASE } else { lease };
-        self.live.insert(id.to_string(), Entry { blocks, deadline: now + lease, lease });
+        self.live.insert(id.to_string(), Entry { blocks, deadline: now + lease, lease, extended: None });
         Ok(())
     }
 
@@ -84,23 +89,35 @@ impl Published {
         self.live.get(id).map(|e| e.blocks.as_slice())
     }
 
-    /// A decode agent is about to read `blocks` of `id`: they must all be
-    /// held under it, and the lease is extended to at least `now + hold`
-    /// (the longest the read may take), so it cannot expire under the read.
+    /// A decode agent is about to read `blocks` of `id` (or this agent to
+    /// write them into the decode side's): they must all be held under it,
+    /// and the lease is extended to at least `now + hold` (the longest the
+    /// transfer may take), so it cannot expire under it.
+    /// Returns the lease's end before the claim, for [`Published::unclaim`].
     /// `NotFound` if `id` is not held (never published, already read,
     /// released or expired: reading would get whatever reused the blocks);
     /// `InvalidArgument` for a block it does not hold.
-    pub fn claim(&mut self, id: &str, blocks: &[u32], hold: Duration, now: Instant) -> Result<(), AgentError> {
+    pub fn claim(&mut self, id: &str, blocks: &[u32], hold: Duration, now: Instant) -> Result<Instant, AgentError> {
         let entry = self.live.get_mut(id).ok_or_else(|| not_held(id))?;
         let held: std::collections::HashSet<u32> = entry.blocks.iter().flatten().copied().collect();
         if let Some(b) = blocks.iter().find(|b| !held.contains(b)) {
             return Err(refused(ErrorKind::InvalidArgument, format!("block {b} is not among the blocks request {id:?} published")));
         }
+        let before = entry.deadline;
         entry.deadline = entry.deadline.max(now + hold);
-        Ok(())
+        Ok(before)
     }
 
-    /// Ends a live request (read or released). `NotFound` if it is not held.
+    /// A claimed transfer failed and nothing of it is in flight: `id` (if
+    /// still live) is held only to `lease_end`, its end before the claim,
+    /// unless a heartbeat extended it since.
+    pub fn unclaim(&mut self, id: &str, lease_end: Instant) {
+        if let Some(e) = self.live.get_mut(id) {
+            e.deadline = lease_end.max(e.extended.unwrap_or(lease_end));
+        }
+    }
+
+    /// Ends a live request (read, pushed or released). `NotFound` if it is not held.
     pub fn end(&mut self, id: &str, how: Ended) -> Result<(), AgentError> {
         match self.live.remove(id) {
             Some(_) => {
@@ -117,7 +134,10 @@ impl Published {
         let mut unknown = Vec::new();
         for id in ids {
             match self.live.get_mut(id) {
-                Some(e) => e.deadline = e.deadline.max(now + e.lease),
+                Some(e) => {
+                    e.deadline = e.deadline.max(now + e.lease);
+                    e.extended = Some(e.extended.map_or(now + e.lease, |x| x.max(now + e.lease)));
+                }
                 None => unknown.push(id.clone()),
             }
         }
@@ -221,6 +241,18 @@ mod tests {
         assert!(p.expire(t0 + Duration::from_secs(5)).is_empty(), "held for the read past the 1 s lease");
         p.end("a", Ended::Read).unwrap();
         assert_eq!(p.claim("a", &[2], Duration::from_secs(10), t0).unwrap_err().kind(), ErrorKind::NotFound, "read once");
+        // A failed transfer gives its claim back: the lease runs as before.
+        p.publish("c", vec![vec![1]], N, Duration::from_secs(1), t0).unwrap();
+        let end = p.claim("c", &[1], Duration::from_secs(10), t0).unwrap();
+        assert_eq!(end, t0 + Duration::from_secs(1));
+        p.unclaim("c", end);
+        assert_eq!(p.expire(t0 + Duration::from_secs(1)), vec!["c".to_string()]);
+        assert_eq!(p.take_finished(), vec![("a".into(), Ended::Read), ("c".into(), Ended::Expired)]);
+        // A push claims the same way and ends the request as pushed.
+        p.publish("b", vec![vec![1]], N, Duration::from_secs(1), t0).unwrap();
+        p.claim("b", &[1], Duration::from_secs(10), t0).unwrap();
+        p.end("b", Ended::Pushed).unwrap();
+        assert_eq!(p.take_finished(), vec![("b".into(), Ended::Pushed)]);
     }
 
     #[test]

@@ -207,21 +207,45 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
     Ok(handshake::answer(agent, &req.nonce, id))
 }
 
+/// A push of blocks a prefill engine published (the Sidecar's push mode):
+/// the prefill agent writes only blocks held under `id`, waiting up to
+/// `hold` for them to be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfPublished {
+    pub id: String,
+    pub hold: Duration,
+}
+
 /// Validates and starts a transfer. Nothing is written before every field
 /// has been checked. With an `answer`, the final state goes there (exactly
 /// once if this returns `Ok`, never if it fails).
 pub async fn submit(agent: &Arc<Agent>, req: pb::SubmitRequest, answer: Option<Answer>) -> Result<pb::SubmitResponse, AgentError> {
+    submit_with(agent, req, answer, None).await
+}
+
+/// [`submit`], for a write (`req.mode` WRITE) of a published request's
+/// blocks when `published` is given: the request then waits for its
+/// completion up to `published.hold` longer.
+pub async fn submit_with(
+    agent: &Arc<Agent>,
+    req: pb::SubmitRequest,
+    answer: Option<Answer>,
+    published: Option<OfPublished>,
+) -> Result<pb::SubmitResponse, AgentError> {
     let d = agent.decode().map_err(|_| AgentError::WrongRole { actual: "prefill", hint: "submit transfers on the decode agent" })?;
     let mode = validate::submit_header(&req)?;
+    if published.is_some() && mode != pb::TransferMode::Write {
+        return Err(AgentError::Invalid("a push of a published request is a write".into()));
+    }
     let target = dial::target(agent, &req.peer, &req.peer_address).await?;
     let path = validate::transfer_path(&req, mode, agent.cfg.transport.writes_as_messages(), &target.layout, &agent.layout)?;
     let run = d.requests.insert(&req.request_id, answer)?;
     let started = Instant::now();
     let id = req.request_id.clone();
     match path {
-        TransferPath::Write => push(agent, target, req, None, run, started).await?,
+        TransferPath::Write => push(agent, target, req, None, published, run, started).await?,
         TransferPath::Delivery(into) => match agent.engine.expect(into) {
-            Ok(delivery) => push(agent, target, req, Some(delivery), run, started).await?,
+            Ok(delivery) => push(agent, target, req, Some(delivery), published, run, started).await?,
             Err(e) => return Err(refuse(d, &id, run, started, e.into())),
         },
         TransferPath::Read(ops) => pull(agent, target, &id, ops, run, started)?,
@@ -243,11 +267,14 @@ async fn push(
     target: Target<Link>,
     req: pb::SubmitRequest,
     delivery: Option<kvrail_transfer::Expected>,
+    published: Option<OfPublished>,
     run: Running,
     started: Instant,
 ) -> Result<(), AgentError> {
     let d = side(agent);
     let id = req.request_id;
+    let hold = published.as_ref().map_or(Duration::ZERO, |p| p.hold);
+    let (published_id, hold_ms) = published.map_or((String::new(), 0), |p| (p.id, u32::try_from(p.hold.as_millis()).unwrap_or(u32::MAX)));
     let (tx, rx) = mpsc::channel(1);
     let kind = if delivery.is_some() { RequestKind::PeerDelivers } else { RequestKind::PeerWrites };
     let started_order = d.sessions.lock().expect("lock").start(&id, &target.peer, target.epoch, kind, Waiter::Push(tx));
@@ -258,6 +285,8 @@ async fn push(
             dst_blocks: req.dst_blocks,
             delivery_tag: delivery.as_ref().map_or(0, |d| d.tag()),
             order,
+            published_id,
+            hold_ms,
         };
         target.io.send(pb::session_down::Msg::Write(msg)).inspect_err(|_| {
             d.sessions.lock().expect("lock").finish(&id, order);
@@ -273,7 +302,8 @@ async fn push(
             return Err(refuse(d, &id, run, started, e));
         }
     };
-    let (agent, timeout) = (agent.clone(), agent.cfg.request_timeout);
+    // A published request's push may first wait `hold` for its publish.
+    let (agent, timeout) = (agent.clone(), agent.cfg.request_timeout + hold);
     let (peer, epoch) = (target.peer, target.epoch);
     tokio::spawn(async move {
         let outcome = match delivery {
