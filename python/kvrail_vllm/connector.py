@@ -4,7 +4,8 @@ release ``kvrail_vllm.PINNED_VLLM_VERSION``) on a local kvrail agent. Load it wi
     --kv-transfer-config '{"kv_connector": "KvrailConnector",
         "kv_connector_module_path": "kvrail_vllm.connector",
         "kv_role": "kv_producer" | "kv_consumer",
-        "kv_connector_extra_config": {"socket": "/run/kvrail/{rank}.sock"}}'
+        "kv_connector_extra_config": {"socket": "/run/kvrail/{rank}.sock",
+                                      "transfer_mode": "pull" | "push"}}'
 
 with one agent per rank started as ``kvrail prefill|decode --region-from-client
 --local-socket /run/kvrail/RANK.sock``. The scheduler side is bookkeeping only
@@ -13,7 +14,11 @@ agent in place (torch's shared-memory file, sent once over the agent's side
 socket) and drives it (``kvrail_vllm.worker``). This module imports vLLM and
 torch: only vLLM imports it.
 
-Scope today: host memory (CPU KV cache), one KV cache group, TP 1, pull mode.
+``transfer_mode`` (default ``"pull"``) is the decode side's: pull reads the
+published blocks, push has the prefill agent write them into the blocks the
+decode side allocated.
+
+Scope today: host memory (CPU KV cache), one KV cache group, TP 1.
 Anything else is refused at start with what is missing.
 """
 
@@ -88,7 +93,8 @@ class KvrailConnector(KVConnectorBase_V1, SupportsHMA):
             raise ValueError("KvrailConnector serves tensor parallel size 1 for now")
         if role == KVConnectorRole.SCHEDULER:
             lease = float(cfg.get_from_extra_config("kv_lease_duration", DEFAULT_LEASE_S))
-            self._scheduler = KvrailScheduler(kv_role, self._engine_id, lease_s=lease)
+            mode = str(cfg.get_from_extra_config("transfer_mode", "pull"))
+            self._scheduler = KvrailScheduler(kv_role, self._engine_id, lease_s=lease, transfer_mode=mode)
             agent = cfg.get_from_extra_config("agent", None)
             if agent:
                 self._scheduler.set_agent(agent["id"], agent["address"])

@@ -2,9 +2,14 @@
 no vLLM import (docs/design/vllm-sidecar.md, sections 3 and 5).
 
 It decides, per engine step, what each worker tells its agent: which finished
-prefills to publish (prefill side), which requests to pull, release or keep
-alive (decode side), and it writes the ``kv_transfer_params`` a prefill
-returns, which any NIXL-style proxy copies verbatim into the decode request.
+prefills to publish (prefill side), which requests to pull (or, in push mode,
+to expect the prefill agent to write), release or keep alive (decode side),
+and it writes the ``kv_transfer_params`` a prefill returns, which any
+NIXL-style proxy copies verbatim into the decode request.
+
+``transfer_mode`` (``kv_connector_extra_config``) is the decode side's choice:
+``"pull"`` reads the published blocks, ``"push"`` tells the prefill agent where
+to write them. A prefill engine publishes the same way in both modes.
 
 Requests are duck-typed: ``request_id``, ``prompt_token_ids`` and
 ``kv_transfer_params`` (a dict or None), as vLLM's ``Request`` has them.
@@ -19,6 +24,8 @@ from typing import Any
 DEFAULT_LEASE_S = 30.0
 """How long a prefill agent holds published blocks unless told otherwise
 (vLLM's ``kv_lease_duration`` default)."""
+
+TRANSFER_MODES = ("pull", "push")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,19 @@ class Pull:
 
 
 @dataclass(frozen=True)
+class Push:
+    """Push mode: the prefill agent writes ``remote_blocks`` of its published
+    ``remote_request_id`` into ``local_blocks``, within ``lease_ms``."""
+
+    request_id: str
+    remote: Remote
+    remote_request_id: str
+    local_blocks: tuple[int, ...]
+    remote_blocks: tuple[int, ...]
+    lease_ms: int
+
+
+@dataclass(frozen=True)
 class Publish:
     request_id: str
     blocks: tuple[int, ...]
@@ -52,11 +72,12 @@ class StepPlan:
 
     publishes: list[Publish] = field(default_factory=list)
     pulls: list[Pull] = field(default_factory=list)
+    pushes: list[Push] = field(default_factory=list)
     releases: list[tuple[Remote, str]] = field(default_factory=list)
     heartbeats: dict[Remote, list[str]] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not (self.publishes or self.pulls or self.releases or self.heartbeats)
+        return not (self.publishes or self.pulls or self.pushes or self.releases or self.heartbeats)
 
 
 def tail_aligned(local_blocks: list[int], remote_blocks: list[int]) -> list[int]:
@@ -71,12 +92,16 @@ def tail_aligned(local_blocks: list[int], remote_blocks: list[int]) -> list[int]
 
 class KvrailScheduler:
     """One engine's scheduler-side state. ``role`` is ``"producer"``,
-    ``"consumer"`` or ``"both"`` (vLLM's kv_role without the ``kv_`` prefix)."""
+    ``"consumer"`` or ``"both"`` (vLLM's kv_role without the ``kv_`` prefix);
+    ``transfer_mode`` is ``"pull"`` or ``"push"``."""
 
-    def __init__(self, role: str, engine_id: str, lease_s: float = DEFAULT_LEASE_S, clock=time.monotonic):
+    def __init__(self, role: str, engine_id: str, lease_s: float = DEFAULT_LEASE_S, clock=time.monotonic, transfer_mode: str = "pull"):
         if role not in ("producer", "consumer", "both"):
             raise ValueError(f"kv_role must be kv_producer, kv_consumer or kv_both, not kv_{role}")
+        if transfer_mode not in TRANSFER_MODES:
+            raise ValueError(f"transfer_mode must be 'pull' or 'push', not {transfer_mode!r}")
         self.role = role
+        self.transfer_mode = transfer_mode
         self.engine_id = engine_id
         self.lease_s = lease_s
         self._clock = clock
@@ -100,9 +125,9 @@ class KvrailScheduler:
         return (count, True) if count > 0 else (0, False)
 
     def after_alloc(self, request: Any, local_blocks: list[int], num_external_tokens: int) -> None:
-        """Blocks were allocated for ``request``: pull into them, or (a full prefix
-        hit) only tell the prefill side it may free its blocks. Each request
-        transfers once."""
+        """Blocks were allocated for ``request``: pull into them (push mode: have
+        the prefill agent write into them), or (a full prefix hit) only tell the
+        prefill side it may free its blocks. Each request transfers once."""
         params = request.kv_transfer_params or {}
         if not params.get("do_remote_prefill"):
             return
@@ -113,6 +138,12 @@ class KvrailScheduler:
             self._plan.releases.append((remote, remote_id))
             return
         pairs = tail_aligned(list(local_blocks), list(params["remote_block_ids"]))
+        if self.transfer_mode == "push":
+            # No heartbeats: the prefill agent holds its blocks for the write
+            # as soon as the order reaches it.
+            lease_ms = int(self.lease_s * 1000)
+            self._plan.pushes.append(Push(request.request_id, remote, remote_id, tuple(local_blocks), tuple(pairs), lease_ms))
+            return
         self._plan.pulls.append(Pull(request.request_id, remote, remote_id, tuple(local_blocks), tuple(pairs)))
         self._waiting[request.request_id] = (remote, remote_id)
 
@@ -147,7 +178,7 @@ class KvrailScheduler:
             "remote_agent_id": self._agent.agent_id,
             "remote_agent_address": self._agent.address,
             "remote_num_tokens": len(request.prompt_token_ids),
-            "transfer_mode": "pull",
+            "transfer_mode": self.transfer_mode,
         }
 
     def build_step(self) -> StepPlan:

@@ -69,8 +69,8 @@ class KvrailWorker:
         return self.agent_id, self.agent_address
 
     def run_step(self, plan: StepPlan) -> set[str]:
-        """Carries out one step's plan; returns the requests whose pull the agent
-        refused at once (they are reported as failed by :meth:`results`)."""
+        """Carries out one step's plan; returns the requests whose pull or push
+        the agent refused at once (they are reported as failed by :meth:`results`)."""
         for p in plan.publishes:
             self.client.publish(p.request_id, [p.blocks], p.lease_ms)
         for remote, remote_id in plan.releases:
@@ -87,6 +87,20 @@ class KvrailWorker:
                     remote_request_id=p.remote_request_id,
                     local_blocks=[p.local_blocks],
                     remote_blocks=[p.remote_blocks],
+                )
+            except Exception as e:  # noqa: BLE001 - any refusal fails only this request
+                refused[p.request_id] = str(e)
+                self._invalid.update(p.local_blocks)
+        for p in plan.pushes:
+            try:
+                self.client.expect_push(
+                    p.request_id,
+                    remote_agent_id=p.remote.agent_id,
+                    remote_address=p.remote.address,
+                    remote_request_id=p.remote_request_id,
+                    local_blocks=[p.local_blocks],
+                    remote_blocks=[p.remote_blocks],
+                    lease_ms=p.lease_ms,
                 )
             except Exception as e:  # noqa: BLE001 - any refusal fails only this request
                 refused[p.request_id] = str(e)

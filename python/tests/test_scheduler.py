@@ -68,3 +68,37 @@ def test_params_from_elsewhere_are_refused_clearly():
         s.after_alloc(Req("a", 8, {"do_remote_prefill": True, "remote_request_id": "r"}), [1], 8)
     with pytest.raises(ValueError, match="kv_role must be"):
         KvrailScheduler("decoder", "d")
+
+
+def test_push_mode_plans_a_tail_aligned_push_without_heartbeats():
+    now = [0.0]
+    s = KvrailScheduler("consumer", "d", lease_s=6.0, clock=lambda: now[0], transfer_mode="push")
+    req = Req("a", 64, dict(PARAMS))
+    assert s.num_new_matched_tokens(req, 16) == (48, True)
+    s.after_alloc(req, [7, 8, 9], 48)
+    assert s.num_new_matched_tokens(req, 16) == (0, False), "a request transfers once"
+    now[0] = 1.0
+    plan = s.build_step()
+    assert plan.pulls == [] and plan.heartbeats == {}
+    (push,) = plan.pushes
+    assert (push.request_id, push.remote, push.remote_request_id) == ("a", Remote("p", "10.0.0.1:7000"), "r")
+    assert (push.local_blocks, push.remote_blocks, push.lease_ms) == ((7, 8, 9), (2, 3, 4), 6000)
+    now[0] = 2.0
+    assert s.build_step().is_empty(), "planned once, and the prefill agent needs no heartbeat for it"
+    # A full prefix hit or an abort is a release in push mode too.
+    s.after_alloc(Req("b", 64, dict(PARAMS, remote_request_id="rb")), [], 0)
+    plan = s.build_step()
+    assert plan.pushes == [] and plan.releases == [(Remote("p", "10.0.0.1:7000"), "rb")]
+    with pytest.raises(ValueError, match="holds only 4"):
+        s.after_alloc(Req("c", 128, dict(PARAMS)), [1, 2, 3, 4, 5], 80)
+
+
+def test_push_mode_is_named_in_the_prefill_params_and_checked():
+    s = KvrailScheduler("producer", "p", transfer_mode="push")
+    s.set_agent("agent-p", "h:1")
+    hold, params = s.request_finished(Req("ok", 8, {"do_remote_decode": True}), [4], finished_normally=True)
+    assert hold and params["transfer_mode"] == "push"
+    (pub,) = s.build_step().publishes
+    assert pub.blocks == (4,), "a prefill engine publishes the same way in both modes"
+    with pytest.raises(ValueError, match="transfer_mode must be 'pull' or 'push', not 'write'"):
+        KvrailScheduler("consumer", "d", transfer_mode="write")

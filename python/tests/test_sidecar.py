@@ -410,3 +410,50 @@ def test_a_decode_agent_killed_while_its_push_waits_fails_only_its_request(agent
     assert time.monotonic() - published >= 1.9
     alive.client.close()
     prefill.client.close()
+
+
+def test_the_connectors_scheduler_and_worker_push_a_request_end_to_end(agents, tmp_path):
+    """transfer_mode "push" on the decode side: the same call order as the
+    pull test above, and the prefill agent writes into the blocks the decode
+    scheduler allocated (tail-aligned to its prefix hit)."""
+    from kvrail_vllm.scheduler import KvrailScheduler
+    from kvrail_vllm.worker import KvrailWorker
+
+    decode, prefill, at = started_pair(agents, tmp_path, "tcp")
+    p_sched = KvrailScheduler("producer", "engine-prefill", transfer_mode="push")
+    d_sched = KvrailScheduler("consumer", "engine-decode", transfer_mode="push")
+    p_work, d_work = KvrailWorker(prefill.client), KvrailWorker(decode.client)
+    p_sched.set_agent(at["remote_agent_id"], at["remote_address"])
+    for i, b in enumerate((20, 21, 22, 23)):
+        prefill.write_block(b, 90 + i)
+    hold, params = p_sched.request_finished(Req("p-1", 64, {"do_remote_decode": True}), [20, 21, 22, 23], finished_normally=True)
+    assert hold and params["transfer_mode"] == "push"
+    # The decode side's push may reach the prefill agent before its publish.
+    req = Req("d-1", 64, dict(params))
+    assert d_sched.num_new_matched_tokens(req, 16) == (48, True)
+    d_sched.after_alloc(req, [5, 6, 7], 48)
+    plan = d_sched.build_step()
+    assert plan.pulls == [] and [(p.local_blocks, p.remote_blocks) for p in plan.pushes] == [((5, 6, 7), (21, 22, 23))]
+    assert d_work.run_step(plan) == set()
+    p_work.run_step(p_sched.build_step())
+    deadline = time.monotonic() + 20
+    recving: set[str] = set()
+    while "d-1" not in recving and time.monotonic() < deadline:
+        _, got, failed = d_work.results()
+        assert failed == {}, failed
+        recving |= got
+        time.sleep(0.02)
+    assert "d-1" in recving
+    for local, remote in ((5, 21), (6, 22), (7, 23)):
+        assert decode.block(local) == prefill.block(remote)
+    sending: set[str] = set()
+    while "p-1" not in sending and time.monotonic() < deadline:
+        sending |= p_work.results()[0]
+        time.sleep(0.02)
+    assert sending == {"p-1"}
+    # A push the agent refuses fails only that request, with its blocks invalid.
+    d_sched.after_alloc(Req("d-2", 64, dict(params, remote_agent_id="gone")), [8], 16)
+    assert d_work.run_step(d_sched.build_step()) == {"d-2"}
+    _, recv, failed = d_work.results()
+    assert "d-2" in recv and 'not "gone": fix the request' in failed["d-2"]
+    assert d_work.take_invalid_blocks() == {8}
