@@ -234,8 +234,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "kvrail-disagg-proxy"
     proxy: DisaggProxy  # set on the subclass the server is made with
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
-        sys.stderr.write(f"proxy: {self.address_string()} {format % args}\n")
+    def log_message(self, fmt: str, *args) -> None:
+        sys.stderr.write(f"proxy: {self.address_string()} {fmt % args}\n")
 
     def do_GET(self) -> None:
         if self.path == "/health":
