@@ -404,7 +404,7 @@ def test_a_decode_agent_killed_while_its_push_waits_fails_only_its_request(agent
     assert got.failed == {} and alive.block(2) == prefill.block(2)
     early = poll_until(prefill.client, lambda f: "p2" in f.sending)
     assert "p1" not in early.sending, "the dead decode agent's request was not pushed"
-    assert time.monotonic() - published < 1.5, "p2 was pushed, not left to its lease"
+    assert time.monotonic() - published < 1.8, "p2 was pushed, not left to its lease"
     # p1 is freed by its lease only.
     poll_until(prefill.client, lambda f: "p1" in f.sending, timeout_s=5)
     assert time.monotonic() - published >= 1.9
