@@ -391,7 +391,7 @@ pub struct SoakArgs {
     pub test_inject_into: Side,
     /// Cluster mode: the Control address (host:port or unix:PATH) of a
     /// running decode agent started with --test-patterns; no agents are started.
-    #[arg(long, requires = "prefill", conflicts_with_all = ["test_inject_leak_mib_per_min", "demo_allow_ucx_mmap_hooks"])]
+    #[arg(long, requires = "prefill", conflicts_with_all = ["test_inject_leak_mib_per_min", "demo_allow_ucx_mmap_hooks", "registry", "peers"])]
     pub decode: Option<String>,
     /// Cluster mode: the Control address of the prefill agent paired with --decode.
     #[arg(long, requires = "decode")]
@@ -399,6 +399,21 @@ pub struct SoakArgs {
     /// Cluster mode: TLS to agents that serve it (their --tls-* flags).
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    /// Cluster soak: every agent this registry lists (etcd and/or a peers
+    /// file), started with --test-patterns; every decode x prefill pair
+    /// moves blocks at once. No agents are started.
+    #[command(flatten)]
+    pub cluster: RegistryArgs,
+    /// Cluster soak: wait until this many agents are listed (both roles
+    /// together) before starting; default: the ones listed now.
+    #[arg(long)]
+    pub expect_agents: Option<usize>,
+    /// Cluster soak: how long to wait for --expect-agents.
+    #[arg(long, default_value = "120s", value_parser = crate::units::parse_duration)]
+    pub rendezvous: std::time::Duration,
+    /// Cluster soak: which pairs move blocks.
+    #[arg(long, value_enum, default_value = "all")]
+    pub pairs: Pairs,
     /// DEMONSTRATION ONLY: run both agents with UCX's memory hooks ON (UCX's
     /// defaults), to show the leak kvrail's guard prevents. Never a default.
     #[arg(long)]
@@ -409,6 +424,16 @@ pub struct SoakArgs {
     pub demo_rcache_max_unreleased: Option<String>,
     #[command(flatten)]
     pub out: DriverOpts,
+}
+
+/// Which decode x prefill pairs a cluster soak drives.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Pairs {
+    /// Every decode agent with every prefill agent.
+    All,
+    /// Decode agent i with prefill agent i (modulo the smaller count), so
+    /// every agent has one peer.
+    OneToOne,
 }
 
 /// What every driver (demo, soak, bench) takes: the seed of its block

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One etcd member serving clients on `127.0.0.1:client_port`.
+/// One etcd member serving clients on `host:client_port`.
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Option<Child>,
+    /// The address it serves on: loopback, or a test's own bridge.
+    pub host: String,
     pub client_port: u16,
     peer_port: u16,
     pub data_dir: PathBuf,
@@ -28,23 +30,30 @@ impl EtcdServer {
 
     /// Starts etcd serving clients on `client_port`.
     pub fn start_on(tag: &str, client_port: u16) -> EtcdServer {
+        Self::start_at(tag, "127.0.0.1", client_port)
+    }
+
+    /// Starts etcd serving clients on `host:client_port` (`host` one of
+    /// this machine's addresses: loopback or a test's own interface).
+    pub fn start_at(tag: &str, host: &str, client_port: u16) -> EtcdServer {
         let data_dir = std::env::temp_dir().join(format!("kvrail-etcd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let mut s = EtcdServer { child: None, client_port, peer_port: free_port(), log: data_dir.with_extension("log"), data_dir };
+        let (log, peer_port, host) = (data_dir.with_extension("log"), free_port(), host.to_string());
+        let mut s = EtcdServer { child: None, host, client_port, peer_port, log, data_dir };
         s.restart();
         s
     }
 
-    /// `etcd://127.0.0.1:PORT/prefix`.
+    /// `etcd://HOST:PORT/prefix`.
     pub fn url(&self, prefix: &str) -> String {
-        format!("etcd://127.0.0.1:{}/{prefix}", self.client_port)
+        format!("etcd://{}:{}/{prefix}", self.host, self.client_port)
     }
 
     /// Starts (again) on the same ports and data folder; waits until it
     /// answers (at most 20 s).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "etcd is already running");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = format!("http://{}:{}", self.host, self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("etcd log");
         let child = Command::new("etcd")

@@ -442,3 +442,44 @@ async fn a_request_naming_a_prefill_agent_by_id_dials_it_through_the_registry() 
     prefill.stop().await;
     decode.stop().await;
 }
+
+/// A prefill agent that stops answering (frozen with SIGSTOP: no goodbye,
+/// no broken stream) loses its registry entry within its TTL; the decode
+/// agent then fails the request pending on it with the registry's words,
+/// long before its session's own lease (30 s here) would have.
+#[tokio::test]
+async fn a_peer_that_leaves_the_registry_fails_its_pending_requests_at_once() {
+    use kvrail_agent::drive::workload::run_request;
+    use kvrail_proto::v1 as pb;
+    let etcd = EtcdServer::start("left");
+    let url = etcd.url("left");
+    let mut d = agent_args("decode", "d-left", &url, "2s");
+    d.extend(["--lease-secs", "30", "--stall-secs", "30"].map(String::from));
+    let mut decode = spawn(d).await;
+    let mut p = agent_args("prefill", "p-left", &url, "2s");
+    p.extend(["--lease-secs", "30", "--stall-secs", "30"].map(String::from));
+    let mut prefill = spawn(p).await;
+    prefill.control.fill_pattern(pb::FillPatternRequest { seed: 3 }).await.unwrap();
+    let req = |id: &str| pb::SubmitRequest {
+        request_id: id.into(),
+        peer: "p-left".into(),
+        mode: pb::TransferMode::Write as i32,
+        src_blocks: (0..64).collect(),
+        dst_blocks: (0..64).collect(),
+        ..Default::default()
+    };
+    let first = run_request(&mut decode.control, req("before")).await.unwrap();
+    assert_eq!(first.state, pb::RequestState::Done as i32, "{first:?}");
+    let pid = prefill.pid().expect("prefill runs");
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+    let t0 = Instant::now();
+    let pending = run_request(&mut decode.control, req("pending")).await;
+    let took = t0.elapsed();
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status().unwrap().success());
+    let pending = pending.unwrap();
+    assert_eq!(pending.state, pb::RequestState::Failed as i32, "{pending:?}");
+    assert!(pending.error.contains("p-left") && pending.error.contains("left the registry"), "{}", pending.error);
+    assert!(took < Duration::from_secs(15), "failed {took:?} after the freeze: the registry's TTL (2 s) and not the 30 s lease");
+    prefill.stop().await;
+    decode.stop().await;
+}

@@ -146,6 +146,8 @@ pub async fn run(role: Role, args: &AgentArgs, peers: Vec<String>) -> anyhow::Re
     if let (Some((r, _)), Ok(d)) = (&registry, agent.decode()) {
         // Requests that name a prefill agent by id alone dial it at its entry's address.
         d.dialer.set_resolver(Arc::new(crate::registry::RegistryResolver(r.clone())));
+        // A peer that leaves the registry fails its requests at once.
+        tokio::spawn(crate::registry::fail_departed_peers(r.clone(), agent.clone()));
     }
     let publisher = match (&registry, entry) {
         (Some((r, etcd_up)), Some(e)) => r.publish(e, args.registry_ttl, *etcd_up).await?,

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod chart;
 pub mod children;
+pub mod cluster;
 pub mod crew;
 pub mod demo;
 pub mod progress;

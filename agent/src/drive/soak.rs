@@ -27,17 +27,23 @@ use crate::memwatch::MemReport;
 
 /// How often the soak keeps a copy of both agents' Stats (their MemWatch
 /// series): what a failed agent's chart is drawn from.
-const KEEP_STATS_EVERY: Duration = Duration::from_secs(5);
+pub(super) const KEEP_STATS_EVERY: Duration = Duration::from_secs(5);
 /// How long an agent may take to answer the soak's Stats call at the end.
-const STATS_LIMIT: Duration = Duration::from_secs(2);
+pub(super) const STATS_LIMIT: Duration = Duration::from_secs(2);
 /// How long a remote agent may stay silent before the soak fails on it.
 pub const REMOTE_LEASE: Duration = Duration::from_secs(5);
 
+/// An agent's MemWatch report, from its Stats.
+pub(super) fn mem_report(s: &pb::StatsResponse) -> anyhow::Result<MemReport> {
+    let mem = s.memory.clone().unwrap_or_default();
+    serde_json::from_str(&mem.report_json).context("agent sent no MemWatch report")
+}
+
 #[derive(Debug, Serialize)]
-struct AgentResult {
+pub(super) struct AgentResult {
     agent_id: String,
-    verdict: String,
-    rss_slope_mib_per_min: f64,
+    pub verdict: String,
+    pub rss_slope_mib_per_min: f64,
     heap_slope_mib_per_min: Option<f64>,
     threshold_mib_per_min: f64,
     window_secs: f64,
@@ -54,33 +60,65 @@ struct AgentResult {
     /// Seconds between these figures and the end of the run: 0 when read
     /// at the end, more for an agent that failed (its last kept Stats).
     stats_age_secs: f64,
-    memwatch: MemReport,
+    pub memwatch: MemReport,
 }
 
 #[derive(Debug, Serialize)]
 struct SoakReport {
-    ok: bool,
-    /// Why the run stopped early, if it did.
-    failure: Option<Failure>,
+    #[serde(flatten)]
+    totals: Totals,
     /// The run was the hooks-on demonstration (never a pass).
     demo_ucx_mmap_hooks_on: bool,
     demo_rcache_max_unreleased: Option<String>,
-    duration_secs: f64,
-    transport: String,
-    mode: String,
-    passes: u64,
-    blocks: u64,
-    bytes: u64,
-    requests: u64,
-    failed_requests: u64,
-    verified: bool,
-    verified_blocks: u64,
-    bad_blocks: u64,
-    first_error: String,
-    gbps_while_moving: f64,
     /// `None` when nothing of it could be read.
     decode: Option<AgentResult>,
     prefill: Option<AgentResult>,
+}
+
+/// What every soak report opens with: the verdict, and the blocks moved.
+#[derive(Debug, Serialize)]
+pub(super) struct Totals {
+    pub ok: bool,
+    /// Why the run stopped early, if it did.
+    pub failure: Option<Failure>,
+    pub duration_secs: f64,
+    pub transport: String,
+    pub mode: String,
+    pub passes: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub requests: u64,
+    pub failed_requests: u64,
+    pub verified: bool,
+    pub verified_blocks: u64,
+    pub bad_blocks: u64,
+    pub first_error: String,
+    pub gbps_while_moving: f64,
+}
+
+impl Totals {
+    /// `ok` is whether every block verified with no failure; the caller
+    /// ands in its agents' verdicts.
+    pub fn new(total: &Outcome, passes: u64, block_bytes: u64, failure: Option<Failure>, started: Option<Instant>) -> Totals {
+        let verified = total.verified() && failure.is_none();
+        Totals {
+            ok: verified,
+            failure,
+            duration_secs: started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+            transport: String::new(),
+            mode: String::new(),
+            passes,
+            blocks: total.blocks,
+            bytes: total.blocks * block_bytes,
+            requests: total.requests,
+            failed_requests: total.failed_requests,
+            verified,
+            verified_blocks: total.verified_blocks,
+            bad_blocks: total.bad_blocks,
+            first_error: total.first_error.clone(),
+            gbps_while_moving: if total.seconds > 0.0 { (total.blocks * block_bytes) as f64 / total.seconds / 1e9 } else { 0.0 },
+        }
+    }
 }
 
 /// What a soak has measured so far. It lives outside the run, so a run
@@ -173,6 +211,9 @@ impl Agents {
 }
 
 pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
+    if a.cluster.registry.is_some() || a.cluster.peers.is_some() {
+        return super::cluster::run(a).await;
+    }
     if a.test_inject_leak_mib_per_min.is_some() {
         anyhow::ensure!(
             std::env::var(crate::churn::ENABLE_TEST_FAULTS).as_deref() == Ok("1"),
@@ -224,17 +265,17 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     if let Some(agents) = agents {
         // Quickly after a failure: the report is written, the run is over.
-        agents.stop(if report.failure.is_some() { Duration::from_secs(1) } else { Duration::from_secs(5) }).await;
+        agents.stop(if report.totals.failure.is_some() { Duration::from_secs(1) } else { Duration::from_secs(5) }).await;
     }
     if a.out.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        if let Some(f) = &report.failure {
+        if let Some(f) = &report.totals.failure {
             eprintln!("kvrail soak: FAILED: {}", f.human());
         }
     } else {
         print_human(&report, &path);
     }
-    Ok(if report.ok { 0 } else { 1 })
+    Ok(if report.totals.ok { 0 } else { 1 })
 }
 
 async fn drive(
@@ -296,44 +337,38 @@ async fn drive(
 }
 
 fn report(a: &SoakArgs, m: &Measured, failure: Option<Failure>, decode: Option<AgentResult>, prefill: Option<AgentResult>) -> SoakReport {
-    let total = &m.total;
     let block_bytes = m.info.as_ref().and_then(|i| i.layout.as_ref()).map_or(a.geometry.block_bytes, |l| l.block_bytes);
-    let verified = total.verified() && failure.is_none();
-    let agent_ok = |r: &Option<AgentResult>| r.as_ref().is_some_and(|r| r.verdict == "ok" && r.ucx_intercepted_munmaps == 0);
-    let ok = failure.is_none() && !a.demo_allow_ucx_mmap_hooks && verified && agent_ok(&decode) && agent_ok(&prefill);
+    let mut totals = Totals::new(&m.total, m.passes, block_bytes, failure, m.started);
+    totals.ok &= !a.demo_allow_ucx_mmap_hooks && [&decode, &prefill].into_iter().all(|r| r.as_ref().is_some_and(AgentResult::ok));
+    // What the decode agent serves; before it was read, what it would be.
+    totals.transport = match (&m.info, &a.decode) {
+        (Some(i), _) => i.transport.clone(),
+        (None, Some(_)) => a.geometry.transport.to_string(),
+        (None, None) => a.geometry.on_one_host().transport.to_string(),
+    };
+    totals.mode = a.mode.name().to_string();
     SoakReport {
-        ok,
-        failure,
+        totals,
         demo_ucx_mmap_hooks_on: a.demo_allow_ucx_mmap_hooks,
         demo_rcache_max_unreleased: a.demo_rcache_max_unreleased.clone(),
-        duration_secs: m.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-        // What the decode agent serves; before it was read, what it would be.
-        transport: match (&m.info, &a.decode) {
-            (Some(i), _) => i.transport.clone(),
-            (None, Some(_)) => a.geometry.transport.to_string(),
-            (None, None) => a.geometry.on_one_host().transport.to_string(),
-        },
-        mode: a.mode.name().to_string(),
-        passes: m.passes,
-        blocks: total.blocks,
-        bytes: total.blocks * block_bytes,
-        requests: total.requests,
-        failed_requests: total.failed_requests,
-        verified,
-        verified_blocks: total.verified_blocks,
-        bad_blocks: total.bad_blocks,
-        first_error: total.first_error.clone(),
-        gbps_while_moving: if total.seconds > 0.0 { (total.blocks * block_bytes) as f64 / total.seconds / 1e9 } else { 0.0 },
         decode,
         prefill,
     }
 }
 
-fn agent_result(role: &str, a: &SoakArgs, s: &pb::StatsResponse, stats_age_secs: f64) -> anyhow::Result<AgentResult> {
-    let mem = s.memory.clone().unwrap_or_default();
-    let report: MemReport = serde_json::from_str(&mem.report_json).context("agent sent no MemWatch report")?;
-    let svg = chart::memory_chart(&format!("kvrail soak — {role} agent memory"), &[(role, &report)]);
-    let chart_path = a.report.join(format!("{role}.svg"));
+impl AgentResult {
+    /// Its memory verdict is `ok` and UCX intercepted no munmap.
+    pub fn ok(&self) -> bool {
+        self.verdict == "ok" && self.ucx_intercepted_munmaps == 0
+    }
+}
+
+/// What agent `name` (its role, or in a cluster its id) reported, with
+/// its memory chart written to `name.svg` in the report directory.
+pub(super) fn agent_result(name: &str, a: &SoakArgs, s: &pb::StatsResponse, stats_age_secs: f64) -> anyhow::Result<AgentResult> {
+    let report = mem_report(s)?;
+    let svg = chart::memory_chart(&format!("kvrail soak — {name} agent memory"), &[(name, &report)]);
+    let chart_path = a.report.join(format!("{name}.svg"));
     std::fs::write(&chart_path, svg).with_context(|| format!("writing {}", chart_path.display()))?;
     let asm = &report.assessment;
     Ok(AgentResult {
@@ -358,32 +393,47 @@ fn agent_result(role: &str, a: &SoakArgs, s: &pb::StatsResponse, stats_age_secs:
     })
 }
 
-fn print_human(r: &SoakReport, path: &std::path::Path) {
+fn print_human(report: &SoakReport, path: &std::path::Path) {
+    print_head(&report.totals);
+    for (name, x) in [("decode", &report.decode), ("prefill", &report.prefill)] {
+        match x {
+            Some(x) => print_agent(name, x),
+            None => println!("  {name:<8}   no memory report (the agent could not be read)"),
+        }
+    }
+    print_end(&report.totals, path);
+}
+
+/// The first lines of a soak's summary: what moved, and whether it verified.
+pub(super) fn print_head(r: &Totals) {
     println!(
         "kvrail soak: {:.0} s, {} passes, {} requests ({} failed), {:.2} GB/s while moving, {} over {}",
         r.duration_secs, r.passes, r.requests, r.failed_requests, r.gbps_while_moving, r.mode, r.transport
     );
     println!("  verify     {}: {} of {} blocks", if r.verified { "VERIFIED" } else { "NOT VERIFIED" }, r.verified_blocks, r.blocks);
-    for (name, x) in [("decode", &r.decode), ("prefill", &r.prefill)] {
-        let Some(x) = x else {
-            println!("  {name:<8}   no memory report (the agent could not be read)");
-            continue;
-        };
-        let age = if x.stats_age_secs > 0.0 { format!(", figures from {:.0} s before the end", x.stats_age_secs) } else { String::new() };
-        println!(
-            "  {name:<8}   {} — RSS {:+.3} MiB/min (threshold {:.2}, {:.0} s window), hooks {}, churn munmaps {}, UCX intercepted {}{age}",
-            x.verdict.to_uppercase(),
-            x.rss_slope_mib_per_min,
-            x.threshold_mib_per_min,
-            x.window_secs,
-            x.mmap_hook_mode,
-            x.churn_munmaps,
-            x.ucx_intercepted_munmaps
-        );
-        if let Some(f) = &x.forensics {
-            println!("             {f}");
-        }
+}
+
+/// One agent's line (and its forensics) of a soak's summary.
+pub(super) fn print_agent(name: &str, x: &AgentResult) {
+    let age = if x.stats_age_secs > 0.0 { format!(", figures from {:.0} s before the end", x.stats_age_secs) } else { String::new() };
+    println!(
+        "  {name:<8}   {} — RSS {:+.3} MiB/min (threshold {:.2}, {:.0} s window), hooks {}, churn munmaps {}, UCX intercepted {}{age}",
+        x.verdict.to_uppercase(),
+        x.rss_slope_mib_per_min,
+        x.threshold_mib_per_min,
+        x.window_secs,
+        x.mmap_hook_mode,
+        x.churn_munmaps,
+        x.ucx_intercepted_munmaps
+    );
+    if let Some(f) = &x.forensics {
+        println!("             {f}");
     }
+}
+
+/// The last lines of a soak's summary: where the report is, the failure,
+/// the result.
+pub(super) fn print_end(r: &Totals, path: &std::path::Path) {
     println!("  report     {} (charts beside it)", path.display());
     if let Some(f) = &r.failure {
         println!("  failure    {}", f.human());

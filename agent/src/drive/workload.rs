@@ -27,6 +27,11 @@ pub struct Workload {
     /// The prefill agent the requests name (empty: the decode agent's only
     /// one).
     pub peer: String,
+    /// Where that agent listens (empty: the decode agent knows it already).
+    pub peer_address: String,
+    /// The destination blocks a pass draws from (default: all of them):
+    /// passes that run at once on one decode agent use disjoint windows.
+    pub dst_window: Option<std::ops::Range<u32>>,
 }
 
 /// CPU seconds (user + system) process `pid` has used so far; 0 if unknown.
@@ -97,8 +102,14 @@ pub async fn run_request(control: &mut Control, req: pb::SubmitRequest) -> anyho
 /// `n` (source, destination) block pairs drawn at random from `num_blocks`
 /// on each side: the scattered mapping every benchmark and test uses.
 pub fn scattered(rng: &mut impl rand::Rng, num_blocks: u32, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut src: Vec<u32> = (0..num_blocks).collect();
-    let mut dst = src.clone();
+    scattered_into(rng, num_blocks, 0..num_blocks, n)
+}
+
+/// `n` pairs drawn at random from `src_blocks` source blocks and the
+/// destination blocks `dst` (n <= both counts).
+pub fn scattered_into(rng: &mut impl rand::Rng, src_blocks: u32, dst: std::ops::Range<u32>, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut src: Vec<u32> = (0..src_blocks).collect();
+    let mut dst: Vec<u32> = dst.collect();
     src.shuffle(rng);
     dst.shuffle(rng);
     src.truncate(n);
@@ -107,7 +118,8 @@ pub fn scattered(rng: &mut impl rand::Rng, num_blocks: u32, n: usize) -> (Vec<u3
 }
 
 impl Workload {
-    /// One pass of `n` blocks (n <= num_blocks): random source and
+    /// One pass of `n` blocks (n <= num_blocks, the source's block count,
+    /// and the destination's or its window's): random source and
     /// destination blocks, `tag` makes the request ids unique.
     pub async fn pass(
         &self,
@@ -118,7 +130,8 @@ impl Workload {
         rng: &mut impl rand::Rng,
     ) -> anyhow::Result<Outcome> {
         let mut out = Outcome { blocks: n as u64, ..Default::default() };
-        let (src, dst) = scattered(rng, num_blocks, n);
+        let dst_blocks = self.dst_window.clone().unwrap_or(0..num_blocks);
+        let (src, dst) = scattered_into(rng, num_blocks, dst_blocks, n);
         decode.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
         let cpu = || self.cpu_of.map(|p| p.map_or(0.0, cpu_secs));
         let cpu0 = cpu();
@@ -129,10 +142,10 @@ impl Workload {
             src.chunks(self.request_blocks).zip(dst.chunks(self.request_blocks)).enumerate().map(|(i, (s, d))| pb::SubmitRequest {
                 request_id: format!("{tag}-{i}"),
                 peer: self.peer.clone(),
+                peer_address: self.peer_address.clone(),
                 mode: self.mode as i32,
                 src_blocks: s.to_vec(),
                 dst_blocks: d.to_vec(),
-                ..Default::default()
             });
         let concurrency = self.concurrency.max(1);
         let (submits, rx) = mpsc::channel(concurrency);

@@ -253,6 +253,57 @@ mod tests {
     }
 }
 
+/// How often a decode agent looks for sessions whose peer it does not
+/// watch in the registry yet.
+const WATCH_NEW_PEERS: Duration = Duration::from_secs(1);
+/// How long a vanished entry may take to come back before its peer's
+/// session is closed: a live agent whose key was lost (etcd restarted
+/// without it, a lease lost in a partition) puts it back within a third of
+/// its TTL.
+const COME_BACK: Duration = Duration::from_secs(3);
+
+/// A decode agent's watch over its peers' registry entries: for every
+/// prefill agent it holds a session with, once that instance's entry
+/// leaves etcd and does not come back within [`COME_BACK`], the session is
+/// closed and its pending requests fail with the registry's words (before
+/// the session's own lease would). A restart under the same id is the
+/// handshake's to fence, not this watch's. Runs until the agent stops.
+pub async fn fail_departed_peers(reg: Registry, agent: std::sync::Arc<crate::agent::Agent>) {
+    if reg.etcd().is_none() {
+        return;
+    }
+    let watched: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Default::default();
+    loop {
+        for peer in crate::agent::decode::open_peers(&agent) {
+            if !watched.lock().expect("lock").insert(peer.clone()) {
+                continue;
+            }
+            let (reg, agent, watched) = (reg.clone(), agent.clone(), watched.clone());
+            tokio::spawn(async move {
+                if let Ok(entry) = reg.resolve(&peer).await {
+                    if let Gone::Vanished { .. } = reg.gone(&entry).await {
+                        tokio::time::sleep(COME_BACK).await;
+                        // etcd gone meanwhile concludes nothing.
+                        let back = match reg.resolve(&peer).await {
+                            Ok(e) => e.epoch == entry.epoch,
+                            Err(e) => matches!(e, RegistryError::Unreachable { .. }),
+                        };
+                        if !back {
+                            let why = Gone::Vanished { agent_id: peer.clone() }.to_string();
+                            tracing::warn!(peer = %peer, "{why}: failing its requests");
+                            crate::agent::decode::peer_left(&agent, &peer, why).await;
+                        }
+                    }
+                }
+                // Watched again (a new instance, or an entry not there yet)
+                // on the next look.
+                watched.lock().expect("lock").remove(&peer);
+            });
+        }
+        tokio::time::sleep(WATCH_NEW_PEERS).await;
+    }
+}
+
 /// The registry as a decode agent's dial resolver: a prefill agent's id to
 /// the address in its entry. An id the registry does not hold resolves to
 /// nothing (the request then fails naming it); a refused entry or an

@@ -207,6 +207,19 @@ pub async fn handshake(agent: &Arc<Agent>, req: pb::HandshakeRequest) -> Result<
     Ok(handshake::answer(agent, &req.nonce, id))
 }
 
+/// Closes the session with prefill agent `peer` (if any), failing its
+/// pending requests with `why`: its registry entry went away.
+pub async fn peer_left(agent: &Agent, peer: &str, why: String) {
+    let Ok(d) = agent.decode() else { return };
+    let effects = d.sessions.lock().expect("lock").close_peer(peer, CloseReason::LeftRegistry(why), Instant::now());
+    carry_out(agent, PEER_KIND, effects).await;
+}
+
+/// The prefill agents this agent holds an open session with.
+pub fn open_peers(agent: &Agent) -> Vec<String> {
+    agent.decode().map_or_else(|_| Vec::new(), |d| d.sessions.lock().expect("lock").open_sessions().into_iter().map(|(p, _)| p).collect())
+}
+
 /// Validates and starts a transfer. Nothing is written before every field
 /// has been checked. With an `answer`, the final state goes there (exactly
 /// once if this returns `Ok`, never if it fails).

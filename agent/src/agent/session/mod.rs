@@ -70,6 +70,9 @@ pub enum CloseReason {
     StreamEnded,
     /// The stream broke, with the transport's words.
     Broken(String),
+    /// The peer's registry entry went away and did not come back (it
+    /// stopped, or stopped answering etcd): the registry's words.
+    LeftRegistry(String),
 }
 
 impl CloseReason {
@@ -90,6 +93,7 @@ impl CloseReason {
             CloseReason::LeaseExpired(lease) => format!("nothing heard from the {peer_kind} for {lease:?}: its lease expired"),
             CloseReason::StreamEnded => format!("the {peer_kind} closed its session without a goodbye"),
             CloseReason::Broken(why) => format!("the session with the {peer_kind} broke: {why}"),
+            CloseReason::LeftRegistry(why) => format!("{why}; its session is closed"),
         }
     }
 

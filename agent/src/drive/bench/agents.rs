@@ -89,6 +89,7 @@ impl Agents {
             concurrency: a.concurrency.max(1),
             cpu_of: [decode_pid, prefill_pid],
             peer: prefill_id,
+            ..Default::default()
         };
         let rng = rand::rngs::StdRng::seed_from_u64(a.out.seed);
         Ok(Agents { decode, procs, work, rng, num_blocks: (a.region() / block) as u32, handshake_ms, ucx_version })
