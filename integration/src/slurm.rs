@@ -174,12 +174,17 @@ PartitionName=kvrail Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubs
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// How `job` ended, `None` while it is pending or running.
+    pub fn job_ended(&self, job: u32) -> Option<JobEnd> {
+        self.show_job(job).as_deref().and_then(job_end)
+    }
+
     /// Waits until `job` has ended (at most `limit`; then it is cancelled
     /// and this panics with the daemons' log tails).
     pub fn wait_job(&self, job: u32, limit: Duration) -> JobEnd {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(end) = self.show_job(job).as_deref().and_then(job_end) {
+            if let Some(end) = self.job_ended(job) {
                 return end;
             }
             if Instant::now() > deadline {
