@@ -91,7 +91,7 @@ fn the_sbatch_script_soaks_two_prefill_and_two_decode_tasks_all_to_all() {
 
 /// The small agents and the short passes of these tests. A 30 s soak fits
 /// its RSS over 20 s after a 10 s warm-up, still inside the first rise of
-/// new sessions (the 4 x 4 soak in tests/cluster.rs holds agents to 0.1
+/// new sessions (the 4 x 4 soak in tests/cluster.rs holds agents to 0.5
 /// MiB/min over minutes): the threshold here only has to catch a real leak.
 const AGENT_ARGS: (&str, &str) = (
     "KVRAIL_AGENT_ARGS",

@@ -35,8 +35,8 @@ class Engine:
         self.client = SidecarClient(self.socket)
         self.role = role
 
-    def attach(self) -> tuple[str, str]:
-        return self.client.attach_host_region(fd=self.fd, region_bytes=self.size, tensors=[self.layout], engine_id=f"engine-{self.role}", role=self.role, model_hash="model-a")
+    def attach(self, model_hash: str = "model-a") -> tuple[str, str]:
+        return self.client.attach_host_region(fd=self.fd, region_bytes=self.size, tensors=[self.layout], engine_id=f"engine-{self.role}", role=self.role, model_hash=model_hash)
 
     def offset(self, block: int, layer: int) -> int:
         return self.layout.offset + layer * self.layout.layer_stride + block * self.layout.block_stride
@@ -262,5 +262,30 @@ def test_a_pull_dials_the_prefill_agent_its_params_name(agents, tmp_path):
     assert decode.block(4) == prefill.block(2)
     decode.client.release(remote_agent_id=prefill_id, remote_address=prefill_addr, remote_request_id="q")
     poll_until(prefill.client, lambda f: {"p", "q"} <= f.sending)
+    decode.client.close()
+    prefill.client.close()
+
+
+def test_engines_of_different_models_refuse_each_other_at_handshake(agents, tmp_path):
+    """The model hash each engine attached with travels in the handshake: a
+    decode agent never reads blocks of another model's KV cache, and says
+    which models differ."""
+    decode = Engine(agents, tmp_path, "decode", 0)
+    decode.attach(model_hash="llama-8b:bf16")
+    decode.agent.event("ready")
+    prefill = Engine(agents, tmp_path, "prefill", 0)
+    prefill_id, prefill_addr = prefill.attach(model_hash="qwen-7b:fp8")
+    prefill.agent.event("ready")
+    prefill.write_block(2, 9)
+    before = decode.block(4)
+    prefill.client.publish("p", [[2]])
+    try:
+        decode.client.pull("d", remote_agent_id=prefill_id, remote_address=prefill_addr, remote_request_id="p", local_blocks=[[4]], remote_blocks=[[2]])
+        why = poll_until(decode.client, lambda f: "d" in f.failed).failed["d"]
+    except AgentError as e:
+        assert e.code == grpc.StatusCode.FAILED_PRECONDITION, e
+        why = str(e)
+    assert "llama-8b:bf16" in why and "qwen-7b:fp8" in why, why
+    assert decode.block(4) == before, "nothing was read"
     decode.client.close()
     prefill.client.close()

@@ -62,6 +62,7 @@ pub fn check_incoming(agent: &Agent, req: &pb::HandshakeRequest) -> Result<Admit
         }
     }
     let (layout, spec) = validate::admit(&peer, convert::role_to_pb(role), &agent.layout, agent.cfg.allow_hooks, &agent.memory_side())?;
+    validate::same_model(&agent.cfg.agent_id, agent.model_hash(), &peer)?;
     Ok(Admitted { peer, layout, spec })
 }
 
@@ -129,6 +130,7 @@ pub async fn dial(agent: &Agent, addr: &str, known: impl Fn(&str) -> bool) -> an
     }
     let (layout, spec) =
         validate::admit(&peer, convert::role_to_pb(peer_role), &agent.layout, agent.cfg.allow_hooks, &agent.memory_side())?;
+    validate::same_model(&agent.cfg.agent_id, agent.model_hash(), &peer)?;
     Ok(Dial::New(Box::new(Dialled {
         client,
         admitted: Admitted { peer, layout, spec },

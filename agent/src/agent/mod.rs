@@ -266,7 +266,14 @@ impl Agent {
             memory_kind: convert::memory_kind_to_pb(self.engine.region().memory_kind()) as i32,
             ucx_cuda: kvrail_transfer::ucx_facts::has_cuda_support(),
             cuda_device: self.engine.region().gpu_device().unwrap_or(0) as u32,
+            model_hash: self.model_hash().to_string(),
         }
+    }
+
+    /// The model of the engine that attached this agent's region (empty
+    /// for an agent with its own region).
+    pub fn model_hash(&self) -> &str {
+        self.cfg.attached.as_ref().map_or("", |w| w.model_hash.as_str())
     }
 
     /// This agent's side of a memory pairing (handshake admission).

@@ -169,6 +169,19 @@ pub fn admit(
     Ok((layout, spec))
 }
 
+/// Two agents whose engines attached regions for different models refuse
+/// each other (an agent with its own region names no model and pairs with
+/// any). `local_id` and `local` are this agent's id and model hash.
+pub fn same_model(local_id: &str, local: &str, peer: &pb::AgentInfo) -> Result<(), AgentError> {
+    if local.is_empty() || peer.model_hash.is_empty() || local == peer.model_hash {
+        return Ok(());
+    }
+    Err(AgentError::Precondition(format!(
+        "agent {} serves an engine running model {:?} and agent {local_id} one running {local:?}: KV blocks move only between engines of one model (the connector's model hash, from AttachRegion)",
+        peer.agent_id, peer.model_hash
+    )))
+}
+
 /// Decodes `bytes` as each message a peer or client can send and runs its
 /// validation; panics if validation accepts something it must not. The
 /// body of the fuzz target, and of the property test below.
@@ -227,6 +240,18 @@ mod tests {
 
     fn layout() -> BlockLayout {
         BlockLayout::new(4096, 64, 2, 4096, 64 * 4096).unwrap()
+    }
+
+    #[test]
+    fn engines_of_different_models_refuse_each_other_and_an_unnamed_model_pairs_with_any() {
+        let peer = |m: &str| pb::AgentInfo { agent_id: "p1".into(), model_hash: m.into(), ..Default::default() };
+        assert!(same_model("d1", "llama-8b:bf16", &peer("llama-8b:bf16")).is_ok());
+        assert!(same_model("d1", "", &peer("llama-8b:bf16")).is_ok(), "an agent with its own region names no model");
+        assert!(same_model("d1", "llama-8b:bf16", &peer("")).is_ok());
+        let e = same_model("d1", "llama-8b:bf16", &peer("qwen-7b:fp8")).unwrap_err();
+        assert!(matches!(e, AgentError::Precondition(_)), "{e:?}");
+        let m = e.to_string();
+        assert!(m.contains("p1") && m.contains("d1") && m.contains("qwen-7b:fp8") && m.contains("llama-8b:bf16"), "{m}");
     }
 
     #[test]
