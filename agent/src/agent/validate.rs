@@ -315,6 +315,7 @@ mod tests {
             memory_kind: kind as i32,
             ucx_cuda,
             cuda_device: 0,
+            model_hash: String::new(),
         }
     }
 

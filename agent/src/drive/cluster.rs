@@ -26,7 +26,9 @@ use serde::Serialize;
 use super::children::control_at;
 use super::crew::{race, AgentName, AtAgent, Crew, Failure, Probe};
 use super::progress::Progress;
-use super::soak::{agent_result, print_agent, print_end, print_head, AgentResult, Totals, KEEP_STATS_EVERY, REMOTE_LEASE, STATS_LIMIT};
+use super::soak::{
+    agent_result, print_agent, print_end, print_head, write_and_print, AgentResult, Totals, KEEP_STATS_EVERY, REMOTE_LEASE, STATS_LIMIT,
+};
 use super::workload::{Control, Outcome, Workload};
 use crate::cli::{Pairs, SoakArgs};
 use crate::registry::{Entry, Registry};
@@ -146,17 +148,7 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
         }
     }
     let report = report(a, &reg, &members, &pairs, &m, failure).await;
-    let path = a.report.join("report.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
-    if a.out.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        if let Some(f) = &report.totals.failure {
-            eprintln!("kvrail soak: FAILED: {}", f.human());
-        }
-    } else {
-        print_human(&report, &path);
-    }
-    Ok(if report.totals.ok { 0 } else { 1 })
+    write_and_print(a, &report, &report.totals, |path| print_human(&report, path))
 }
 
 /// The registry's agents (after the rendezvous), reached and checked, the

@@ -261,21 +261,33 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
     }
     let [decode, prefill] = results;
     let report = report(a, &m, failure, decode, prefill);
-    let path = a.report.join("report.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    let code = write_and_print(a, &report, &report.totals, |path| print_human(&report, path))?;
     if let Some(agents) = agents {
         // Quickly after a failure: the report is written, the run is over.
         agents.stop(if report.totals.failure.is_some() { Duration::from_secs(1) } else { Duration::from_secs(5) }).await;
     }
+    Ok(code)
+}
+
+/// Writes `report` to `report.json` in the report directory, prints it
+/// (JSON, or `human`'s summary given that path), and gives the exit code.
+pub(super) fn write_and_print<R: Serialize>(
+    a: &SoakArgs,
+    report: &R,
+    totals: &Totals,
+    human: impl FnOnce(&std::path::Path),
+) -> anyhow::Result<i32> {
+    let path = a.report.join("report.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(report)?).with_context(|| format!("writing {}", path.display()))?;
     if a.out.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        if let Some(f) = &report.totals.failure {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        if let Some(f) = &totals.failure {
             eprintln!("kvrail soak: FAILED: {}", f.human());
         }
     } else {
-        print_human(&report, &path);
+        human(&path);
     }
-    Ok(if report.totals.ok { 0 } else { 1 })
+    Ok(if totals.ok { 0 } else { 1 })
 }
 
 async fn drive(
