@@ -10,6 +10,7 @@ use kvrail_proto::v1 as pb;
 
 pub mod etcd;
 pub mod nodes;
+pub mod slurm;
 
 pub use kvrail_agent::drive::children::AgentProcess;
 
