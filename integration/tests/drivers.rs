@@ -112,7 +112,7 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
 /// [`FAIL_FAST`]. Returns the victim's pid, the driver's stdout and stderr.
 fn kill_mid_run(args: &[String], role: &str, settle: Duration, context: &str) -> (u32, String, String) {
     let (mut driver, stdout) = start(args);
-    let victim = agent_of(driver.id(), role, Duration::from_secs(60));
+    let victim = agent_of(driver.id(), role, Duration::from_secs(120));
     agent_of(driver.id(), if role == "decode" { "prefill" } else { "decode" }, Duration::from_secs(30));
     std::thread::sleep(settle);
     kill9(victim);

@@ -30,6 +30,10 @@ use super::handshake::{self, Dial};
 use super::session::{Cancel, CloseReason, Completion, Epoch, Moved, RequestKind, SessionTable, Target};
 use super::{convert, Agent};
 
+/// Longest a decode agent's push may wait here for its blocks to be
+/// published (it asks for its lease, 30 s by default).
+const MAX_PUSH_HOLD: Duration = Duration::from_secs(300);
+
 /// How this side names its peers.
 pub const PEER_KIND: &str = "decode agent";
 
@@ -416,7 +420,8 @@ async fn execute(
     // held under their id, and ends that published request when it succeeded.
     let claimed = match !order.published_id.is_empty() {
         true => {
-            let hold = Duration::from_millis(u64::from(order.hold_ms));
+            // A peer's hold, bounded: a push waits for its publish at most this long.
+            let hold = Duration::from_millis(u64::from(order.hold_ms)).min(MAX_PUSH_HOLD);
             let write_for = agent.cfg.request_timeout;
             agent
                 .sidecar
