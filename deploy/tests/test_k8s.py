@@ -24,9 +24,7 @@ import copy
 import json
 import os
 import re
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +36,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "python"))
+from kvrail_vllm.agentproc import NO_BINARY, AgentProcess, kvrail_binary  # noqa: E402
+
 K8S = REPO / "deploy" / "k8s"
 MIN_KUBERNETES = "1.29.0"
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
@@ -242,14 +243,9 @@ def gib(quantity: str) -> float:
 
 
 def kvrail_bin() -> Path:
-    explicit = os.environ.get("KVRAIL_BIN")
-    if explicit:
-        if not Path(explicit).is_file():
-            pytest.fail(f"KVRAIL_BIN={explicit} does not exist: build it with cargo build -p kvrail-agent")
-        return Path(explicit)
-    found = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug" / "kvrail"
-    if not found.is_file():
-        pytest.skip("no kvrail binary: run cargo build -p kvrail-agent or set KVRAIL_BIN (scripts/test does)")
+    found = kvrail_binary(REPO)
+    if found is None:
+        pytest.skip(NO_BINARY)
     return found
 
 
@@ -282,52 +278,12 @@ class Here:
         return [a if a.startswith("--") else self.value(a) for a in expanded]
 
 
-class Proc:
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str]):
-        self.log_path = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, env=env)
-
-    def event(self, name: str, timeout_s: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                try:
-                    v = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(v, dict) and v.get("event") == name:
-                    return v
-            elif self.proc.poll() is not None:
-                break
-        raise AssertionError(f"no {name!r} event (exit {self.proc.poll()}); log:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self._log.close()
-
-
 @pytest.fixture
 def procs():
-    started: list[Proc] = []
+    started: list[AgentProcess] = []
 
     def start(argv, log, env):
-        p = Proc(argv, log, env)
+        p = AgentProcess(argv, log, env)
         started.append(p)
         return p
 
@@ -383,7 +339,6 @@ def test_the_agents_run_with_the_manifests_arguments_and_answer_their_probes(pro
         import grpc_health  # noqa: F401
     except ImportError:
         pytest.fail("grpcio-health-checking is not installed: scripts/setup installs it")
-    sys.path.insert(0, str(REPO / "python"))
     from kvrail_vllm import _build
 
     _build.generate()

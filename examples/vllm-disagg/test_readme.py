@@ -6,7 +6,6 @@ every `--kv-transfer-config` the top-level README's, for its role and socket."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -17,6 +16,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "python"))
+from kvrail_vllm.agentproc import NO_BINARY, kvrail_binary  # noqa: E402
 README = (HERE / "README.md").read_text()
 
 
@@ -38,14 +39,9 @@ def commands() -> list[list[str]]:
 
 
 def kvrail_bin() -> Path:
-    explicit = os.environ.get("KVRAIL_BIN")
-    if explicit:
-        if not Path(explicit).is_file():
-            pytest.fail(f"KVRAIL_BIN={explicit} does not exist: build it with cargo build -p kvrail-agent")
-        return Path(explicit)
-    found = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug" / "kvrail"
-    if not found.is_file():
-        pytest.skip("no kvrail binary: run cargo build -p kvrail-agent or set KVRAIL_BIN (scripts/test does)")
+    found = kvrail_binary(REPO)
+    if found is None:
+        pytest.skip(NO_BINARY)
     return found
 
 
