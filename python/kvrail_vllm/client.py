@@ -174,14 +174,7 @@ class SidecarClient:
         local_blocks: Sequence[Iterable[int]],
         remote_blocks: Sequence[Iterable[int]],
     ) -> None:
-        req = sc.PullRequest(
-            request_id=request_id,
-            remote_agent_id=remote_agent_id,
-            remote_address=remote_address,
-            remote_request_id=remote_request_id,
-            local_blocks=_groups(local_blocks),
-            remote_blocks=_groups(remote_blocks),
-        )
+        req = sc.PullRequest(**_moved(request_id, remote_agent_id, remote_address, remote_request_id, local_blocks, remote_blocks))
         self._call(f"pulling request {request_id!r}", self._stub.Pull, req)
 
     def expect_push(
@@ -198,15 +191,8 @@ class SidecarClient:
         """Push mode: ``local_blocks`` are where the prefill agent writes
         ``remote_blocks`` of its published ``remote_request_id``, within
         ``lease_ms`` (0: the agent's default); :meth:`poll` reports the end."""
-        req = sc.ExpectPushRequest(
-            request_id=request_id,
-            remote_agent_id=remote_agent_id,
-            remote_address=remote_address,
-            remote_request_id=remote_request_id,
-            local_blocks=_groups(local_blocks),
-            remote_blocks=_groups(remote_blocks),
-            lease_ms=lease_ms,
-        )
+        moved = _moved(request_id, remote_agent_id, remote_address, remote_request_id, local_blocks, remote_blocks)
+        req = sc.ExpectPushRequest(**moved, lease_ms=lease_ms)
         self._call(f"expecting the push of request {request_id!r}", self._stub.ExpectPush, req)
 
     def release(self, *, remote_agent_id: str, remote_address: str, remote_request_id: str) -> None:
@@ -226,6 +212,25 @@ class SidecarClient:
             failed={f.request_id: f.reason for f in resp.failed_recving},
             invalid_blocks=[set(g.ids) for g in resp.invalid_blocks],
         )
+
+
+def _moved(
+    request_id: str,
+    remote_agent_id: str,
+    remote_address: str,
+    remote_request_id: str,
+    local_blocks: Sequence[Iterable[int]],
+    remote_blocks: Sequence[Iterable[int]],
+) -> dict:
+    """The fields a pull and a push request share."""
+    return dict(
+        request_id=request_id,
+        remote_agent_id=remote_agent_id,
+        remote_address=remote_address,
+        remote_request_id=remote_request_id,
+        local_blocks=_groups(local_blocks),
+        remote_blocks=_groups(remote_blocks),
+    )
 
 
 def _groups(blocks: Sequence[Iterable[int]]) -> list[sc.BlockIds]:

@@ -325,6 +325,64 @@ fn one_group(what: &str, groups: &[pb::BlockIds]) -> Result<Vec<u32>, Status> {
     }
 }
 
+/// What a pull and a push name: this side's request and blocks, the
+/// prefill agent and its published request and blocks.
+struct Moved<'a> {
+    request_id: &'a str,
+    remote_agent_id: &'a str,
+    remote_address: &'a str,
+    remote_request_id: &'a str,
+    local_blocks: &'a [pb::BlockIds],
+    remote_blocks: &'a [pb::BlockIds],
+}
+
+/// The [`Moved`] of a Pull or an ExpectPush request (fields of one name).
+macro_rules! moved {
+    ($r:expr) => {
+        Moved {
+            request_id: &$r.request_id,
+            remote_agent_id: &$r.remote_agent_id,
+            remote_address: &$r.remote_address,
+            remote_request_id: &$r.remote_request_id,
+            local_blocks: &$r.local_blocks,
+            remote_blocks: &$r.remote_blocks,
+        }
+    };
+}
+
+/// The checks a pull and a push share, before anything is held or sent:
+/// one group a side, the ids, the session with the prefill agent (dialled
+/// on the first call naming it, reused after), and every block against
+/// both layouts. The request to submit, and its session.
+async fn checked(agent: &Arc<Agent>, m: Moved<'_>, mode: pb::TransferMode) -> Result<(Target<Link>, pb::SubmitRequest), Status> {
+    let local = one_group("local_blocks", m.local_blocks)?;
+    let remote = one_group("remote_blocks", m.remote_blocks)?;
+    crate::agent::validate::check_id("remote_request_id", m.remote_request_id)?;
+    crate::agent::validate::check_id("request_id", m.request_id)?;
+    let target = dial::target(agent, m.remote_agent_id, m.remote_address).await?;
+    let submit = pb::SubmitRequest {
+        request_id: m.request_id.to_string(),
+        peer: target.peer.clone(),
+        mode: mode as i32,
+        src_blocks: remote,
+        dst_blocks: local,
+        peer_address: m.remote_address.to_string(),
+    };
+    crate::agent::validate::submit(&submit, &target.layout, &agent.layout)?;
+    Ok((target, submit))
+}
+
+/// Records how a pull or a push ended for `Poll`: finished, and if it
+/// failed, why and its local blocks as invalid.
+fn record_end(agent: &Agent, id: String, failed: Option<String>, blocks: Vec<u32>) {
+    let mut pulls = agent.sidecar.pulls.lock().expect("lock");
+    if let Some(reason) = failed {
+        pulls.failed.push(pb::FailedRequest { request_id: id.clone(), reason });
+        pulls.invalid.extend(blocks);
+    }
+    pulls.finished.push(id);
+}
+
 #[tonic::async_trait]
 impl pb::sidecar_server::Sidecar for SidecarService {
     async fn attach_region(&self, req: Request<pb::AttachRegionRequest>) -> Result<Response<pb::AttachRegionResponse>, Status> {
@@ -350,28 +408,13 @@ impl pb::sidecar_server::Sidecar for SidecarService {
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
         let agent = self.in_role(Role::Decode, "Pull")?.clone();
         let req = req.into_inner();
-        let local = one_group("local_blocks", &req.local_blocks)?;
-        let remote = one_group("remote_blocks", &req.remote_blocks)?;
-        crate::agent::validate::check_id("remote_request_id", &req.remote_request_id)?;
-        crate::agent::validate::check_id("request_id", &req.request_id)?;
-        // The session (dialled on the first pull from this prefill agent),
-        // then its word that the blocks are still held: a read after they
-        // were freed would get whatever reused them.
-        let target = dial::target(&agent, &req.remote_agent_id, &req.remote_address).await?;
-        let submit = pb::SubmitRequest {
-            request_id: req.request_id.clone(),
-            peer: target.peer.clone(),
-            mode: pb::TransferMode::Read as i32,
-            src_blocks: remote,
-            dst_blocks: local.clone(),
-            // The first pull from a prefill agent dials it; later ones reuse the session.
-            peer_address: req.remote_address.clone(),
-        };
         // Every block checked against both layouts before the claim, so a
-        // pull refused for its own blocks leaves the prefill side's lease as it was.
-        crate::agent::validate::submit(&submit, &target.layout, &agent.layout)?;
+        // pull refused for its own blocks leaves the prefill side's lease as
+        // it was; then the prefill agent's word that the blocks are still
+        // held: a read after they were freed would get whatever reused them.
+        let (target, submit) = checked(&agent, moved!(req), pb::TransferMode::Read).await?;
         agent.sidecar.claim_for_read(&target, &req.remote_request_id, &submit.src_blocks, agent.cfg.request_timeout).await?;
-        let (peer, published) = (target.peer.clone(), req.remote_request_id);
+        let (peer, published, local) = (target.peer.clone(), req.remote_request_id, submit.dst_blocks.clone());
         let answered = agent.clone();
         let answer: decode::Answer = Box::new(move |st: RequestState| {
             let id = req.request_id;
@@ -383,12 +426,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             if failed.is_none() {
                 lease_update(&answered, &peer, pb::LeaseUpdate { read: vec![published], ..Default::default() });
             }
-            let mut pulls = answered.sidecar.pulls.lock().expect("lock");
-            if let Some(reason) = failed {
-                pulls.failed.push(pb::FailedRequest { request_id: id.clone(), reason });
-                pulls.invalid.extend(local);
-            }
-            pulls.finished.push(id);
+            record_end(&answered, id, failed, local);
         });
         decode::submit(&agent, submit, Some(answer)).await?;
         Ok(Response::new(pb::PullResponse {}))
@@ -397,26 +435,13 @@ impl pb::sidecar_server::Sidecar for SidecarService {
     async fn expect_push(&self, req: Request<pb::ExpectPushRequest>) -> Result<Response<pb::ExpectPushResponse>, Status> {
         let agent = self.in_role(Role::Decode, "ExpectPush")?.clone();
         let req = req.into_inner();
-        let local = one_group("local_blocks", &req.local_blocks)?;
-        let remote = one_group("remote_blocks", &req.remote_blocks)?;
-        crate::agent::validate::check_id("remote_request_id", &req.remote_request_id)?;
-        crate::agent::validate::check_id("request_id", &req.request_id)?;
-        let target = dial::target(&agent, &req.remote_agent_id, &req.remote_address).await?;
-        let submit = pb::SubmitRequest {
-            request_id: req.request_id.clone(),
-            peer: target.peer.clone(),
-            mode: pb::TransferMode::Write as i32,
-            src_blocks: remote,
-            dst_blocks: local.clone(),
-            peer_address: req.remote_address.clone(),
-        };
         // Both layouts first, then the blocks held for it: a refused push
         // holds nothing and orders nothing.
-        crate::agent::validate::submit(&submit, &target.layout, &agent.layout)?;
+        let (target, submit) = checked(&agent, moved!(req), pb::TransferMode::Write).await?;
         let lease = Duration::from_millis(u64::from(req.lease_ms));
         let lease = agent.sidecar.expected.lock().expect("lock").expect(
             &req.request_id,
-            &local,
+            &submit.dst_blocks,
             agent.layout.num_blocks(),
             lease,
             Instant::now(),
@@ -433,12 +458,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
                 (RequestState::Failed { message, .. } | RequestState::Cancelled { message, .. }, None) => Some(message),
                 (RequestState::Pending, _) => Some("the push ended while still pending".into()),
             };
-            let mut pulls = answered.sidecar.pulls.lock().expect("lock");
-            if let Some(reason) = failed {
-                pulls.failed.push(pb::FailedRequest { request_id: id.clone(), reason });
-                pulls.invalid.extend(ended.blocks);
-            }
-            pulls.finished.push(id);
+            record_end(&answered, id, failed, ended.blocks);
         });
         let published = decode::OfPublished { id: req.remote_request_id, hold: lease };
         if let Err(e) = decode::submit_with(&agent, submit, Some(answer), Some(published)).await {
