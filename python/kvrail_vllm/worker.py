@@ -61,6 +61,10 @@ class KvrailWorker:
         self.agent_address: str | None = None
         self._invalid: set[int] = set()
         self._refused: dict[str, str] = {}
+        # Requests the agent will report once: published (finished_sending)
+        # and pulled (finished_recving). With none, a step asks nothing.
+        self._sending: set[str] = set()
+        self._recving: set[str] = set()
 
     def attach_host(self, *, fd: int, region_bytes: int, layout: Layout, engine_id: str, role: str, model_hash: str, tp_rank: int = 0, tp_size: int = 1) -> tuple[str, str]:
         self.agent_id, self.agent_address = self.client.attach_host_region(
@@ -73,6 +77,7 @@ class KvrailWorker:
         refused at once (they are reported as failed by :meth:`results`)."""
         for p in plan.publishes:
             self.client.publish(p.request_id, [p.blocks], p.lease_ms)
+            self._sending.add(p.request_id)
         for remote, remote_id in plan.releases:
             self.client.release(remote_agent_id=remote.agent_id, remote_address=remote.address, remote_request_id=remote_id)
         for remote, ids in plan.heartbeats.items():
@@ -91,14 +96,23 @@ class KvrailWorker:
             except Exception as e:  # noqa: BLE001 - any refusal fails only this request
                 refused[p.request_id] = str(e)
                 self._invalid.update(p.local_blocks)
+            else:
+                self._recving.add(p.request_id)
         self._refused |= refused
         return set(refused)
 
     def results(self) -> tuple[set[str], set[str], dict[str, str]]:
         """(finished_sending, finished_recving, failed_recving with reasons);
-        a failed receive is in finished_recving too, as vLLM requires."""
-        f = self.client.poll()
+        a failed receive is in finished_recving too, as vLLM requires. vLLM
+        asks every engine step: with nothing published or pulled still to
+        report, the agent is not called (a Poll is a gRPC round trip, the
+        connector's main cost per step)."""
         refused, self._refused = self._refused, {}
+        if not (self._sending or self._recving):
+            return set(), set(refused), refused
+        f = self.client.poll()
+        self._sending -= f.sending
+        self._recving -= f.recving
         failed = dict(f.failed) | refused
         for group in f.invalid_blocks:
             self._invalid.update(group)

@@ -242,6 +242,19 @@ def test_the_connectors_scheduler_and_worker_move_a_request_end_to_end(pair):
     assert "d-2" in recv and "no connected prefill agent" in failed["d-2"]
     assert d_work.take_invalid_blocks() == {8}
 
+    # Everything was reported: the next steps ask the agents nothing (they
+    # are stopped, so a call would fail)...
+    decode.agent.stop()
+    prefill.agent.stop()
+    assert d_work.results() == (set(), set(), {}) and p_work.results() == (set(), set(), {})
+    # ...until something is outstanding again.
+    d_sched.after_alloc(Req("d-3", 64, dict(params)), [9], 16)
+    assert d_work.run_step(d_sched.build_step()) == {"d-3"}, "the pull fails: no agent"
+    assert d_work.results()[2].keys() == {"d-3"}
+    p_sched.request_finished(Req("p-2", 16, {"do_remote_decode": True}), [1], finished_normally=True)
+    with pytest.raises(AgentError, match="publishing request 'p-2'"):
+        p_work.run_step(p_sched.build_step())
+
 
 def test_a_pull_dials_the_prefill_agent_its_params_name(agents, tmp_path):
     """No agent is told of the other at start: the decode agent dials the
