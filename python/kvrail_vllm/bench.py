@@ -221,6 +221,7 @@ class Sample:
     # Sidecar only: start_load_kv's share of cpu_s, get_finished calls made,
     # the decode scheduler's CPU, and the prefill engine's publish step.
     start_cpu_s: float = 0.0
+    start_wall_s: float = 0.0
     polls: int = 0
     sched_cpu_s: float = 0.0
     publish_cpu_s: float = 0.0
@@ -367,7 +368,7 @@ class SidecarPath:
         # Timed: start_load_kv, then get_finished once per engine step.
         t0, c0 = time.perf_counter(), time.process_time()
         refused = d_work.run_step(plan)
-        start_cpu = time.process_time() - c0
+        start_cpu, start_wall = time.process_time() - c0, time.perf_counter() - t0
         polls, failed = 0, {}
         while not refused:
             step = time.perf_counter()
@@ -400,7 +401,7 @@ class SidecarPath:
                 if self.decode.block(d) != self.pattern.block(s):
                     raise BenchError(f"sidecar: decode block {d} does not hold prefill block {s} after pull {d_id}")
             self.verified += len(dst)
-        return Sample(t1 - t0, c1 - c0, start_cpu_s=start_cpu, polls=polls, sched_cpu_s=sched_cpu, publish_cpu_s=publish_cpu)
+        return Sample(t1 - t0, c1 - c0, start_cpu_s=start_cpu, start_wall_s=start_wall, polls=polls, sched_cpu_s=sched_cpu, publish_cpu_s=publish_cpu)
 
     def settle(self) -> None:
         wait_prefaulted(self.decode.control, "sidecar decode")
@@ -512,6 +513,7 @@ def summarize(samples: list[Sample], request_bytes: int, sidecar: bool) -> Side:
         side.extra = {
             "engine_cpu_p50_us": round(percentile([s.cpu_s for s in samples], 0.5) * 1e6, 1),
             "start_load_kv_cpu_us": round(start / len(samples) * 1e6, 1),
+            "start_load_kv_p50_ms": round(percentile([s.start_wall_s for s in samples], 0.5) * 1e3, 4),
             "get_finished_cpu_us": round((sum(s.cpu_s for s in samples) - start) / polls * 1e6, 1),
             "get_finished_calls": round(polls / len(samples), 2),
             "scheduler_cpu_us": round(statistics.mean(s.sched_cpu_s for s in samples) * 1e6, 1),
@@ -543,7 +545,7 @@ def run_point(sc: SidecarPath, direct: DirectPath, blocks: int, args, rng: rando
     for k in range(args.passes):
         progress(f"{g.transport} {human_bytes(g.block_bytes)} x {blocks}: pass {k + 1}/{args.passes}")
         reqs = plan()
-        order = (sc, direct) if k % 4 in (0, 3) else (direct, sc)
+        order = (sc, direct) if k % 2 == 0 else (direct, sc)
         got = {path.name: one_pass(path, reqs, verify=False) for path in order}
         for name, s in got.items():
             timed[name].extend(s)
@@ -573,6 +575,8 @@ def run_point(sc: SidecarPath, direct: DirectPath, blocks: int, args, rng: rando
         "goal_cpu_met": s_side.engine_cpu_us < GOAL_CPU_US,
         "verified_blocks": {"sidecar": sc.verified, "direct": direct.verified},
         "ucx_version": sc.ucx_version,
+        "grpcio": grpc.__version__,
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
     }
     sc.verified = direct.verified = 0
     return point
