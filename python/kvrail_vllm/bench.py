@@ -482,6 +482,50 @@ class DirectPath:
         self._channels, self.agents = [], []
 
 
+class DirectOnEngineRegions:
+    """``Control.Transfer`` on the sidecar path's own agents (the engines'
+    memfd regions, the same session): only the API differs. Control is on
+    the decode agent's TCP port, as an agent on a client's region serves
+    the Sidecar API alone on its local socket."""
+
+    name = "direct"
+
+    def __init__(self, sc: SidecarPath):
+        self.sc = sc
+        self.ucx_version = sc.ucx_version
+        self.n = 0
+        self.verified = 0
+
+    def request(self, src: list[int], dst: list[int], verify: bool) -> Sample:
+        self.n += 1
+        rid = f"direct-{self.n}"
+        decode, prefill, pattern = self.sc.decode, self.sc.prefill, self.sc.pattern
+        if verify:
+            for b in dst:
+                decode.write_block(b, pattern.poison)
+        req = pb.SubmitRequest(request_id=rid, peer=prefill.worker.agent_id, peer_address=prefill.listen, mode=pb.TRANSFER_MODE_READ, src_blocks=src, dst_blocks=dst)
+        t0, c0 = time.perf_counter(), time.process_time()
+        resp = decode.control.Transfer(req, timeout=REQUEST_TIMEOUT_S)
+        t1, c1 = time.perf_counter(), time.process_time()
+        if resp.state != pb.REQUEST_STATE_DONE:
+            raise BenchError(f"direct transfer {rid} ended {pb.RequestState.Name(resp.state)}: {resp.error}; decode agent's log:\n{decode.agent.log_tail()}")
+        if verify:
+            for s, d in zip(src, dst):
+                if decode.block(d) != pattern.block(s):
+                    raise BenchError(f"direct: decode block {d} does not hold prefill block {s} after {rid}")
+            self.verified += len(dst)
+        return Sample(t1 - t0, c1 - c0)
+
+    def settle(self) -> None:
+        pass
+
+    def check_alive(self) -> None:
+        self.sc.check_alive()
+
+    def close(self) -> None:
+        pass
+
+
 # ---------------------------------------------------------------- a point
 
 
@@ -566,6 +610,7 @@ def run_point(sc: SidecarPath, direct: DirectPath, blocks: int, args, rng: rando
         "passes": args.passes,
         "requests_per_pass": per_pass,
         "step_us": args.step_us,
+        "direct_region": args.direct_region,
         "sidecar": asdict(s_side),
         "direct": asdict(d_side),
         "ratio": round(ratio, 4),
@@ -617,7 +662,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--passes", type=_positive, default=8, help="timed passes per side and point (default 8)")
     ap.add_argument("--requests", type=int, default=0, help="requests per pass (default: about 256 MiB a pass, 1 to 32)")
     ap.add_argument("--step-us", type=float, default=0.0, help="the decode engine's step: get_finished at most once per this many us (default 0: back to back)")
-    ap.add_argument("--direct-region", choices=("mmap", "ucx"), default="mmap", help="the direct agents' regions: mmap (application memory, as the engines' memfds; default) or ucx (UCX-allocated)")
+    ap.add_argument(
+        "--direct-region",
+        choices=("mmap", "ucx", "engine"),
+        default="mmap",
+        help="the direct path's agents and regions: agents of its own with kvrail's mmap (application memory, as the engines' memfds; default) "
+        "or UCX-allocated regions, or engine: the sidecar path's own agents on the engines' memfds (Control on the decode agent's TCP port)",
+    )
     ap.add_argument("--kvrail", help="the kvrail binary (default: $KVRAIL_BIN, else kvrail on PATH)")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
@@ -656,7 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     progress(f"{transport} {human_bytes(bb)}: starting four agents")
                     sc = SidecarPath(g, binary, workdir, env, args.seed, args.step_us / 1e6)
-                    direct = DirectPath(g, binary, workdir, env, args.seed, args.direct_region)
+                    if args.direct_region == "engine":
+                        direct = DirectOnEngineRegions(sc)
+                    else:
+                        direct = DirectPath(g, binary, workdir, env, args.seed, args.direct_region)
                     for blocks in args.blocks:
                         p = run_point(sc, direct, blocks, args, rng, progress)
                         p["binary"] = binary
