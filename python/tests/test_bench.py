@@ -26,13 +26,15 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_one_tiny_point_reports_both_paths_with_verified_bytes():
-    out = run_bench("--json", "--transport", "tcp", "--blocks", "2", "--block-bytes", "16KiB", "--passes", "2", "--requests", "2")
+@pytest.mark.parametrize("direct", ["mmap", "engine"])
+def test_one_tiny_point_reports_both_paths_with_verified_bytes(direct):
+    args = ["--transport", "tcp", "--blocks", "2", "--block-bytes", "16KiB", "--passes", "2", "--requests", "2", "--direct-region", direct]
+    out = run_bench("--json", *args)
     assert out.returncode == 0, out.stderr
     (line,) = out.stdout.splitlines()
     p = json.loads(line)
     assert (p["transport"], p["blocks"], p["block_bytes"], p["request_bytes"]) == ("tcp", 2, 16384, 32768)
-    assert p["passes"] == 2 and p["requests_per_pass"] == 2
+    assert p["passes"] == 2 and p["requests_per_pass"] == 2 and p["direct_region"] == direct
     for side in ("sidecar", "direct"):
         s = p[side]
         assert s["samples"] == 4 and len(s["latency_ms"]) == 4
