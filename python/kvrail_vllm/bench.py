@@ -2,7 +2,8 @@
 end to end against the same transfer through the agent's Control API.
 
     python3 -m kvrail_vllm.bench [--json] [--transport sm,tcp] [--blocks 1,16,256]
-        [--block-bytes 16KiB,256KiB,2MiB] [--passes 8] [--step-us 0] [--kvrail PATH]
+        [--block-bytes 16KiB,256KiB,2MiB] [--passes 8] [--step-us 100] [--poll-backoff 0.05]
+        [--direct-region mmap|ucx|engine] [--kvrail PATH]
 
 For every transport and block size it starts two pairs of real agents on
 loopback and keeps both alive side by side:
@@ -16,13 +17,14 @@ loopback and keeps both alive side by side:
   worker's step (Publish), the decode scheduler's ``get_num_new_matched_tokens``,
   ``update_state_after_alloc`` and ``build_connector_meta``, then the decode
   worker's ``start_load_kv`` (``KvrailWorker.run_step``: Pull) and its
-  ``get_finished`` (``KvrailWorker.results``: Poll) once per engine step until
-  the request is in ``finished_recving``. Timed: ``start_load_kv`` to that
-  ``get_finished``.
+  ``get_finished`` (``KvrailWorker.results``: a Poll, under the worker's
+  backoff) once per engine step (``--step-us``) until the request is in
+  ``finished_recving``. Timed: ``start_load_kv`` to that ``get_finished``.
 - **direct**: a prefill and a decode agent with regions of their own, the same
   geometry and kind of memory (application memory: ``--mmap-region``), and one
   ``Control.Transfer`` (a read, as a pull is) on the decode agent's local
-  socket moving the same blocks. Timed: the call.
+  socket moving the same blocks. Timed: the call. (``--direct-region ucx``:
+  UCX-allocated regions; ``engine``: the sidecar path's own agents.)
 
 The two sides take turns pass by pass (sidecar, direct, direct, sidecar, ...),
 after one untimed warm-up pass each (it dials the session); a closing pass of
@@ -31,10 +33,11 @@ holds a per-block pattern written here and the decode memfd's destination blocks
 are poisoned before and compared after; on the direct side the agents'
 FillPattern / PoisonBlocks / VerifyPattern do the same.
 
-Engine CPU: ``time.process_time()`` (user + system of every thread of this
-process, gRPC's own included) from just before ``start_load_kv`` to just after
-the ``get_finished`` that returned the request, and the decode scheduler's calls
-for it; the step loop sleeps between steps, so nothing else runs then.
+Engine CPU per request: ``time.process_time()`` (user + system of every
+thread of this process, gRPC's own included) across each of the connector's
+worker calls for it, ``start_load_kv`` and every ``get_finished`` until the one
+that returned it, summed; not the step loop between them. The scheduler's calls
+and the prefill engine's publish step are reported apart.
 See docs/bench.md ("The connector path") for the method and the figures.
 """
 
@@ -73,7 +76,7 @@ from kvrail_vllm._pb.kvrail.v1 import kvrail_pb2 as pb  # noqa: E402
 from kvrail_vllm._pb.kvrail.v1 import kvrail_pb2_grpc as pb_grpc  # noqa: E402
 from kvrail_vllm.client import Layout, SidecarClient  # noqa: E402
 from kvrail_vllm.scheduler import KvrailScheduler  # noqa: E402
-from kvrail_vllm.worker import KvrailWorker  # noqa: E402
+from kvrail_vllm.worker import DEFAULT_POLL_BACKOFF, KvrailWorker  # noqa: E402
 
 TOKENS_PER_BLOCK = 16
 """vLLM's default block size in tokens: what the scheduler's token counts use."""
@@ -222,6 +225,7 @@ class Sample:
     # the decode scheduler's CPU, and the prefill engine's publish step.
     start_cpu_s: float = 0.0
     start_wall_s: float = 0.0
+    calls: int = 0
     polls: int = 0
     sched_cpu_s: float = 0.0
     publish_cpu_s: float = 0.0
@@ -260,7 +264,7 @@ class Engine:
     torch's ``_share_fd_cpu_`` gives) mapped here, its agent, and the
     connector's worker and scheduler sides."""
 
-    def __init__(self, role: str, g: Geometry, binary: str, workdir: Path, env: dict[str, str], name: str):
+    def __init__(self, role: str, g: Geometry, binary: str, workdir: Path, env: dict[str, str], name: str, poll_backoff: float):
         self.g = g
         self.role = role
         self.fd = os.memfd_create(f"kvrail-bench-{role}")
@@ -269,7 +273,7 @@ class Engine:
         self.socket = str(workdir / f"{name}.sock")
         args = [role, "--region-from-client", "--local-socket", self.socket, "--transport", g.transport, "--agent-id", name]
         self.agent = AgentProcess(binary, args, workdir / f"{name}.log", env)
-        self.worker = KvrailWorker(SidecarClient(self.socket))
+        self.worker = KvrailWorker(SidecarClient(self.socket), poll_backoff=poll_backoff)
         self.scheduler = KvrailScheduler("producer" if role == "prefill" else "consumer", f"engine-{name}")
 
     def attach(self) -> None:
@@ -318,15 +322,15 @@ class SidecarPath:
 
     name = "sidecar"
 
-    def __init__(self, g: Geometry, binary: str, workdir: Path, env: dict[str, str], seed: int, step_s: float):
+    def __init__(self, g: Geometry, binary: str, workdir: Path, env: dict[str, str], seed: int, step_s: float, poll_backoff: float):
         self.g, self.step_s = g, step_s
         self.pattern = Pattern(seed, g)
         self.engines: list[Engine] = []
         try:
-            self.decode = Engine("decode", g, binary, workdir, env, "sidecar-decode")
+            self.decode = Engine("decode", g, binary, workdir, env, "sidecar-decode", poll_backoff)
             self.engines.append(self.decode)
             self.decode.attach()
-            self.prefill = Engine("prefill", g, binary, workdir, env, "sidecar-prefill")
+            self.prefill = Engine("prefill", g, binary, workdir, env, "sidecar-prefill", poll_backoff)
             self.engines.append(self.prefill)
             self.prefill.attach()
         except BaseException:
@@ -366,21 +370,25 @@ class SidecarPath:
         if not load_async or len(plan.pulls) != 1:
             raise BenchError(f"the decode scheduler planned {len(plan.pulls)} pulls (load async: {load_async}), not one")
         # Timed: start_load_kv, then get_finished once per engine step.
+        # Engine CPU: the connector's calls only (each one's process time,
+        # gRPC's threads included while it runs), not the loop between them.
+        rpcs0 = d_work.polls
         t0, c0 = time.perf_counter(), time.process_time()
         refused = d_work.run_step(plan)
         start_cpu, start_wall = time.process_time() - c0, time.perf_counter() - t0
-        polls, failed = 0, {}
+        calls, finished_cpu, failed = 0, 0.0, {}
         while not refused:
-            step = time.perf_counter()
+            step, c = time.perf_counter(), time.process_time()
             _, recving, failed = d_work.results()
-            polls += 1
+            finished_cpu += time.process_time() - c
+            calls += 1
             if d_id in recving:
                 break
             if step - t0 > REQUEST_TIMEOUT_S:
                 raise BenchError(f"sidecar pull {d_id} not finished after {REQUEST_TIMEOUT_S:.0f} s; decode agent's log:\n{self.decode.agent.log_tail()}")
             if self.step_s:
                 time.sleep(max(0.0, step + self.step_s - time.perf_counter()))
-        t1, c1 = time.perf_counter(), time.process_time()
+        t1 = time.perf_counter()
         if refused or d_id in failed:
             why = refused or failed
             raise BenchError(f"sidecar pull {d_id} failed: {why}; decode agent's log:\n{self.decode.agent.log_tail()}")
@@ -401,7 +409,16 @@ class SidecarPath:
                 if self.decode.block(d) != self.pattern.block(s):
                     raise BenchError(f"sidecar: decode block {d} does not hold prefill block {s} after pull {d_id}")
             self.verified += len(dst)
-        return Sample(t1 - t0, c1 - c0, start_cpu_s=start_cpu, start_wall_s=start_wall, polls=polls, sched_cpu_s=sched_cpu, publish_cpu_s=publish_cpu)
+        return Sample(
+            t1 - t0,
+            start_cpu + finished_cpu,
+            start_cpu_s=start_cpu,
+            start_wall_s=start_wall,
+            calls=calls,
+            polls=d_work.polls - rpcs0,
+            sched_cpu_s=sched_cpu,
+            publish_cpu_s=publish_cpu,
+        )
 
     def settle(self) -> None:
         wait_prefaulted(self.decode.control, "sidecar decode")
@@ -552,14 +569,17 @@ def summarize(samples: list[Sample], request_bytes: int, sidecar: bool) -> Side:
         engine_cpu_us=round(statistics.mean(s.cpu_s for s in samples) * 1e6, 1),
     )
     if sidecar:
+        calls = sum(s.calls for s in samples)
         polls = sum(s.polls for s in samples)
         start = sum(s.start_cpu_s for s in samples)
         side.extra = {
             "engine_cpu_p50_us": round(percentile([s.cpu_s for s in samples], 0.5) * 1e6, 1),
             "start_load_kv_cpu_us": round(start / len(samples) * 1e6, 1),
             "start_load_kv_p50_ms": round(percentile([s.start_wall_s for s in samples], 0.5) * 1e3, 4),
-            "get_finished_cpu_us": round((sum(s.cpu_s for s in samples) - start) / polls * 1e6, 1),
-            "get_finished_calls": round(polls / len(samples), 2),
+            "get_finished_cpu_us": round((sum(s.cpu_s for s in samples) - start) / len(samples) * 1e6, 1),
+            "get_finished_calls": round(calls / len(samples), 2),
+            "poll_rpcs": round(polls / len(samples), 2),
+            "cpu_per_poll_rpc_us": round((sum(s.cpu_s for s in samples) - start) / max(polls, 1) * 1e6, 1),
             "scheduler_cpu_us": round(statistics.mean(s.sched_cpu_s for s in samples) * 1e6, 1),
             "prefill_publish_cpu_us": round(statistics.mean(s.publish_cpu_s for s in samples) * 1e6, 1),
         }
@@ -610,6 +630,7 @@ def run_point(sc: SidecarPath, direct: DirectPath, blocks: int, args, rng: rando
         "passes": args.passes,
         "requests_per_pass": per_pass,
         "step_us": args.step_us,
+        "poll_backoff": args.poll_backoff,
         "direct_region": args.direct_region,
         "sidecar": asdict(s_side),
         "direct": asdict(d_side),
@@ -630,15 +651,15 @@ def run_point(sc: SidecarPath, direct: DirectPath, blocks: int, args, rng: rando
 def table(points: list[dict]) -> str:
     head = (
         "| tl | block | blocks | sidecar p50 / p99 ms | direct p50 / p99 ms | sidecar / direct GB/s | ratio p50 | "
-        "engine CPU us/req (start_load_kv + get_finished x calls) | direct call CPU us | verified |"
+        "engine CPU us/req (start_load_kv + get_finished) | get_finished calls / Polls | direct call CPU us | verified |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 11]
     for p in points:
         s, d, x = p["sidecar"], p["direct"], p["sidecar"]["extra"]
         rows.append(
             f"| {p['transport']} | {human_bytes(p['block_bytes'])} | {p['blocks']} | {s['p50_ms']:.3f} / {s['p99_ms']:.3f} | "
             f"{d['p50_ms']:.3f} / {d['p99_ms']:.3f} | {s['gbps']:.2f} / {d['gbps']:.2f} | {p['ratio']:.3f} | "
-            f"{s['engine_cpu_us']:.0f} ({x['start_load_kv_cpu_us']:.0f} + {x['get_finished_cpu_us']:.0f} x {x['get_finished_calls']:.1f}) | "
+            f"{s['engine_cpu_us']:.0f} ({x['start_load_kv_cpu_us']:.0f} + {x['get_finished_cpu_us']:.0f}) | {x['get_finished_calls']:.1f} / {x['poll_rpcs']:.1f} | "
             f"{d['engine_cpu_us']:.0f} | {p['verified_blocks']['sidecar']} + {p['verified_blocks']['direct']} |"
         )
     return "\n".join(rows)
@@ -661,7 +682,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-bytes", type=_list(parse_bytes), default=[16 << 10, 256 << 10, 2 << 20], help="bytes per block, comma list (default 16KiB,256KiB,2MiB)")
     ap.add_argument("--passes", type=_positive, default=8, help="timed passes per side and point (default 8)")
     ap.add_argument("--requests", type=int, default=0, help="requests per pass (default: about 256 MiB a pass, 1 to 32)")
-    ap.add_argument("--step-us", type=float, default=0.0, help="the decode engine's step: get_finished at most once per this many us (default 0: back to back)")
+    ap.add_argument("--step-us", type=float, default=100.0, help="the engines' step: get_finished once per this many us, sleeping between (default 100; 0: back to back)")
+    ap.add_argument("--poll-backoff", type=float, default=DEFAULT_POLL_BACKOFF, help=f"the worker's poll backoff (KvrailWorker; default {DEFAULT_POLL_BACKOFF}; 0: a Poll every step)")
     ap.add_argument(
         "--direct-region",
         choices=("mmap", "ucx", "engine"),
@@ -677,6 +699,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             ap.error(f"--block-bytes {bb}: a whole number of 4 KiB pages")
     if args.requests < 0 or args.step_us < 0:
         ap.error("--requests and --step-us are 0 or more")
+    if not 0 <= args.poll_backoff <= 1:
+        ap.error("--poll-backoff is a fraction, 0 to 1")
     return args
 
 
@@ -706,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sc = direct = None
                 try:
                     progress(f"{transport} {human_bytes(bb)}: starting four agents")
-                    sc = SidecarPath(g, binary, workdir, env, args.seed, args.step_us / 1e6)
+                    sc = SidecarPath(g, binary, workdir, env, args.seed, args.step_us / 1e6, args.poll_backoff)
                     if args.direct_region == "engine":
                         direct = DirectOnEngineRegions(sc)
                     else:
@@ -730,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress("")
     if not args.json:
         print(table(points))
-        print(f"binary {binary}; step {args.step_us:g} us; ratio = sidecar p50 / direct p50; GB/s from p50")
+        print(f"binary {binary}; step {args.step_us:g} us; poll backoff {args.poll_backoff:g}; direct: {args.direct_region}; ratio = sidecar p50 / direct p50; GB/s from p50")
     return 0 if ok else 1
 
 

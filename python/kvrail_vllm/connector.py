@@ -39,7 +39,7 @@ from vllm.v1.outputs import KVConnectorOutput
 
 from kvrail_vllm.client import SidecarClient
 from kvrail_vllm.scheduler import DEFAULT_LEASE_S, KvrailScheduler, StepPlan
-from kvrail_vllm.worker import KvrailWorker, LayerView, layout_of
+from kvrail_vllm.worker import DEFAULT_POLL_BACKOFF, KvrailWorker, LayerView, layout_of
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -95,7 +95,8 @@ class KvrailConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             rank = vllm_config.parallel_config.rank
             socket = str(cfg.get_from_extra_config("socket", "/run/kvrail/{rank}.sock")).replace("{rank}", str(rank))
-            self._worker = KvrailWorker(SidecarClient(socket))
+            backoff = float(cfg.get_from_extra_config("poll_backoff", DEFAULT_POLL_BACKOFF))
+            self._worker = KvrailWorker(SidecarClient(socket), poll_backoff=backoff)
 
     # Scheduler side.
 

@@ -277,3 +277,32 @@ def test_a_pull_dials_the_prefill_agent_its_params_name(agents, tmp_path):
     poll_until(prefill.client, lambda f: {"p", "q"} <= f.sending)
     decode.client.close()
     prefill.client.close()
+
+
+def test_the_worker_polls_a_waiting_request_less_often_as_it_ages(pair):
+    """vLLM asks for results every step; the worker polls its agent at once
+    for a new request, then only as the request ages by the backoff (5%),
+    at least every 50 ms, and not at all once nothing is outstanding."""
+    from kvrail_vllm.scheduler import Publish, StepPlan
+    from kvrail_vllm.worker import KvrailWorker
+
+    _, prefill, _ = pair
+    now = [100.0]
+    w = KvrailWorker(prefill.client, clock=lambda: now[0])
+    assert w.results() == (set(), set(), {}) and w.polls == 0, "nothing outstanding"
+    w.run_step(StepPlan(publishes=[Publish("aging", (1,), 200)]))
+    steps = [(0.0, 1), (0.0005, 2), (0.1, 3), (0.104, 3), (0.1051, 4), (0.109, 4), (0.1104, 5), (5.0, 6), (5.04, 6), (5.051, 7)]
+    for t, polls in steps:
+        now[0] = 100.0 + t
+        w.results()
+        assert w.polls == polls, f"at {t} s after the publish"
+    # The 200 ms lease runs out; the poll after it reports the request, and
+    # then the worker asks nothing.
+    time.sleep(0.3)
+    now[0] = 105.2
+    assert w.results()[0] == {"aging"} and w.polls == 8
+    now[0] = 106.0
+    w.results()
+    assert w.polls == 8
+    with pytest.raises(ValueError, match="0 to 1"):
+        KvrailWorker(prefill.client, poll_backoff=2)
