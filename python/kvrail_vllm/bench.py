@@ -227,6 +227,7 @@ class Sample:
     start_wall_s: float = 0.0
     calls: int = 0
     polls: int = 0
+    skipped_cpu_s: float = 0.0
     sched_cpu_s: float = 0.0
     publish_cpu_s: float = 0.0
 
@@ -376,11 +377,14 @@ class SidecarPath:
         t0, c0 = time.perf_counter(), time.process_time()
         refused = d_work.run_step(plan)
         start_cpu, start_wall = time.process_time() - c0, time.perf_counter() - t0
-        calls, finished_cpu, failed = 0, 0.0, {}
+        calls, finished_cpu, skipped_cpu, failed = 0, 0.0, 0.0, {}
         while not refused:
-            step, c = time.perf_counter(), time.process_time()
+            step, c, before = time.perf_counter(), time.process_time(), d_work.polls
             _, recving, failed = d_work.results()
-            finished_cpu += time.process_time() - c
+            spent = time.process_time() - c
+            finished_cpu += spent
+            if d_work.polls == before:
+                skipped_cpu += spent
             calls += 1
             if d_id in recving:
                 break
@@ -416,6 +420,7 @@ class SidecarPath:
             start_wall_s=start_wall,
             calls=calls,
             polls=d_work.polls - rpcs0,
+            skipped_cpu_s=skipped_cpu,
             sched_cpu_s=sched_cpu,
             publish_cpu_s=publish_cpu,
         )
@@ -572,6 +577,7 @@ def summarize(samples: list[Sample], request_bytes: int, sidecar: bool) -> Side:
         calls = sum(s.calls for s in samples)
         polls = sum(s.polls for s in samples)
         start = sum(s.start_cpu_s for s in samples)
+        skipped = sum(s.skipped_cpu_s for s in samples)
         side.extra = {
             "engine_cpu_p50_us": round(percentile([s.cpu_s for s in samples], 0.5) * 1e6, 1),
             "start_load_kv_cpu_us": round(start / len(samples) * 1e6, 1),
@@ -579,7 +585,8 @@ def summarize(samples: list[Sample], request_bytes: int, sidecar: bool) -> Side:
             "get_finished_cpu_us": round((sum(s.cpu_s for s in samples) - start) / len(samples) * 1e6, 1),
             "get_finished_calls": round(calls / len(samples), 2),
             "poll_rpcs": round(polls / len(samples), 2),
-            "cpu_per_poll_rpc_us": round((sum(s.cpu_s for s in samples) - start) / max(polls, 1) * 1e6, 1),
+            "cpu_per_poll_call_us": round((sum(s.cpu_s for s in samples) - start - skipped) / max(polls, 1) * 1e6, 1),
+            "cpu_per_skipped_call_us": round(skipped / max(calls - polls, 1) * 1e6, 2),
             "scheduler_cpu_us": round(statistics.mean(s.sched_cpu_s for s in samples) * 1e6, 1),
             "prefill_publish_cpu_us": round(statistics.mean(s.publish_cpu_s for s in samples) * 1e6, 1),
         }

@@ -6,7 +6,8 @@ release ``kvrail_vllm.PINNED_VLLM_VERSION``) on a local kvrail agent. Load it wi
         "kv_role": "kv_producer" | "kv_consumer",
         "kv_connector_extra_config": {"socket": "/run/kvrail/{rank}.sock"}}'
 
-with one agent per rank started as ``kvrail prefill|decode --region-from-client
+(optional there: ``"poll_backoff": 0.05``, see ``KvrailWorker``) with one agent
+per rank started as ``kvrail prefill|decode --region-from-client
 --local-socket /run/kvrail/RANK.sock``. The scheduler side is bookkeeping only
 (``kvrail_vllm.scheduler``); the worker side shares vLLM's host KV cache with its
 agent in place (torch's shared-memory file, sent once over the agent's side
