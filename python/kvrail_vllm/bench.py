@@ -393,9 +393,10 @@ class SidecarPath:
             if self.step_s:
                 time.sleep(max(0.0, step + self.step_s - time.perf_counter()))
         t1 = time.perf_counter()
-        if refused or d_id in failed:
-            why = refused or failed
-            raise BenchError(f"sidecar pull {d_id} failed: {why}; decode agent's log:\n{self.decode.agent.log_tail()}")
+        if refused:
+            failed = d_work.results()[2]  # a refusal's reason comes with the step's results
+        if d_id in failed:
+            raise BenchError(f"sidecar pull {d_id} failed: {failed[d_id]}; decode agent's log:\n{self.decode.agent.log_tail()}")
         c = time.process_time()
         d_sched.finished_recving({d_id})
         sched_cpu += time.process_time() - c
