@@ -42,7 +42,8 @@ def test_one_tiny_point_reports_both_paths_with_verified_bytes(direct):
         # The warm-up and the closing pass are verified: 2 requests of 2 blocks each.
         assert p["verified_blocks"][side] == 8
     extra = p["sidecar"]["extra"]
-    assert extra["get_finished_calls"] >= 1 and extra["start_load_kv_cpu_us"] > 0
+    assert extra["get_finished_calls"] >= extra["poll_rpcs"] >= 1 and extra["start_load_kv_cpu_us"] > 0 and extra["start_load_kv_p50_ms"] > 0
+    assert p["poll_backoff"] == 0.05 and p["step_us"] == 100 and p["grpcio"]
     assert p["ratio"] > 0 and p["goal_ratio_met"] is None and isinstance(p["goal_cpu_met"], bool)
     assert Path(p["binary"]).is_file()
 
