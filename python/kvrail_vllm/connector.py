@@ -7,7 +7,8 @@ release ``kvrail_vllm.PINNED_VLLM_VERSION``) on a local kvrail agent. Load it wi
         "kv_connector_extra_config": {"socket": "/run/kvrail/{rank}.sock",
                                       "transfer_mode": "pull" | "push"}}'
 
-with one agent per rank started as ``kvrail prefill|decode --region-from-client
+(optional there: ``"poll_backoff": 0.05``, see ``KvrailWorker``) with one agent
+per rank started as ``kvrail prefill|decode --region-from-client
 --local-socket /run/kvrail/RANK.sock``. The scheduler side is bookkeeping only
 (``kvrail_vllm.scheduler``); the worker side shares vLLM's host KV cache with its
 agent in place (torch's shared-memory file, sent once over the agent's side
@@ -44,7 +45,7 @@ from vllm.v1.outputs import KVConnectorOutput
 
 from kvrail_vllm.client import SidecarClient
 from kvrail_vllm.scheduler import DEFAULT_LEASE_S, KvrailScheduler, StepPlan
-from kvrail_vllm.worker import KvrailWorker, LayerView, layout_of
+from kvrail_vllm.worker import DEFAULT_POLL_BACKOFF, KvrailWorker, LayerView, layout_of
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -101,7 +102,8 @@ class KvrailConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             rank = vllm_config.parallel_config.rank
             socket = str(cfg.get_from_extra_config("socket", "/run/kvrail/{rank}.sock")).replace("{rank}", str(rank))
-            self._worker = KvrailWorker(SidecarClient(socket))
+            backoff = float(cfg.get_from_extra_config("poll_backoff", DEFAULT_POLL_BACKOFF))
+            self._worker = KvrailWorker(SidecarClient(socket), poll_backoff=backoff)
 
     # Scheduler side.
 

@@ -243,6 +243,19 @@ def test_the_connectors_scheduler_and_worker_move_a_request_end_to_end(pair):
     assert "d-2" in recv and "no connected prefill agent" in failed["d-2"]
     assert d_work.take_invalid_blocks() == {8}
 
+    # Everything was reported: the next steps ask the agents nothing (they
+    # are stopped, so a call would fail)...
+    decode.agent.stop()
+    prefill.agent.stop()
+    assert d_work.results() == (set(), set(), {}) and p_work.results() == (set(), set(), {})
+    # ...until something is outstanding again.
+    d_sched.after_alloc(Req("d-3", 64, dict(params)), [9], 16)
+    assert d_work.run_step(d_sched.build_step()) == {"d-3"}, "the pull fails: no agent"
+    assert d_work.results()[2].keys() == {"d-3"}
+    p_sched.request_finished(Req("p-2", 16, {"do_remote_decode": True}), [1], finished_normally=True)
+    with pytest.raises(AgentError, match="publishing request 'p-2'"):
+        p_work.run_step(p_sched.build_step())
+
 
 def test_a_pull_dials_the_prefill_agent_its_params_name(agents, tmp_path):
     """No agent is told of the other at start: the decode agent dials the
@@ -485,3 +498,32 @@ def test_engines_of_different_models_refuse_each_other_at_handshake(agents, tmp_
     assert decode.block(4) == before, "nothing was read"
     decode.client.close()
     prefill.client.close()
+
+
+def test_the_worker_polls_a_waiting_request_less_often_as_it_ages(pair):
+    """vLLM asks for results every step; the worker polls its agent at once
+    for a new request, then only as the request ages by the backoff (5%),
+    at least every 50 ms, and not at all once nothing is outstanding."""
+    from kvrail_vllm.scheduler import Publish, StepPlan
+    from kvrail_vllm.worker import KvrailWorker
+
+    _, prefill, _ = pair
+    now = [100.0]
+    w = KvrailWorker(prefill.client, clock=lambda: now[0])
+    assert w.results() == (set(), set(), {}) and w.polls == 0, "nothing outstanding"
+    w.run_step(StepPlan(publishes=[Publish("aging", (1,), 200)]))
+    steps = [(0.0, 1), (0.0005, 2), (0.1, 3), (0.104, 3), (0.1051, 4), (0.109, 4), (0.1104, 5), (5.0, 6), (5.04, 6), (5.051, 7)]
+    for t, polls in steps:
+        now[0] = 100.0 + t
+        w.results()
+        assert w.polls == polls, f"at {t} s after the publish"
+    # The 200 ms lease runs out; the poll after it reports the request, and
+    # then the worker asks nothing.
+    time.sleep(0.3)
+    now[0] = 105.2
+    assert w.results()[0] == {"aging"} and w.polls == 8
+    now[0] = 106.0
+    w.results()
+    assert w.polls == 8
+    with pytest.raises(ValueError, match="0 to 1"):
+        KvrailWorker(prefill.client, poll_backoff=2)
