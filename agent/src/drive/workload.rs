@@ -147,6 +147,10 @@ impl Workload {
                 src_blocks: s.to_vec(),
                 dst_blocks: d.to_vec(),
             });
+        // Only the blocks of requests that ended Done are verified: a failed
+        // request's blocks were never promised (they count as unverified,
+        // not as bad).
+        let mut done: Vec<usize> = Vec::new();
         let concurrency = self.concurrency.max(1);
         let (submits, rx) = mpsc::channel(concurrency);
         let mut in_flight = 0;
@@ -164,6 +168,9 @@ impl Workload {
             in_flight -= 1;
             if w.state == pb::RequestState::Done as i32 {
                 out.latencies_us.push(w.latency_us);
+                if let Some(i) = w.request_id.strip_prefix(tag).and_then(|r| r.strip_prefix('-')).and_then(|i| i.parse().ok()) {
+                    done.push(i);
+                }
             } else {
                 out.failed_requests += 1;
                 out.note(format!("request {} failed: {}", w.request_id, w.error));
@@ -177,6 +184,13 @@ impl Workload {
         out.seconds = t0.elapsed().as_secs_f64();
         let cpu1 = cpu();
         out.cpu_secs = [cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]];
+        let (s_chunks, d_chunks): (Vec<&[u32]>, Vec<&[u32]>) =
+            (src.chunks(self.request_blocks).collect(), dst.chunks(self.request_blocks).collect());
+        let (src, dst): (Vec<u32>, Vec<u32>) = done
+            .iter()
+            .filter_map(|&i| Some((*s_chunks.get(i)?, *d_chunks.get(i)?)))
+            .flat_map(|(s, d)| s.iter().copied().zip(d.iter().copied()))
+            .unzip();
         for (s, d) in src.chunks(1 << 16).zip(dst.chunks(1 << 16)) {
             let v = decode
                 .verify_pattern(pb::VerifyPatternRequest { seed: self.seed, src_blocks: s.to_vec(), dst_blocks: d.to_vec() })
