@@ -60,8 +60,9 @@ fn start(args: &[String]) -> (Child, std::sync::mpsc::Receiver<String>) {
     (child, rx)
 }
 
-fn kill9(pid: u32) {
-    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success(), "kill -9 {pid}");
+/// Sends SIGKILL to `pid`; false if it is no longer there.
+fn kill9(pid: u32) -> bool {
+    Command::new("kill").args(["-9", &pid.to_string()]).stderr(Stdio::null()).status().unwrap().success()
 }
 
 /// Waits for `child` to exit; returns its exit code and how long after
@@ -115,7 +116,15 @@ fn kill_mid_run(args: &[String], role: &str, settle: Duration, context: &str) ->
     let victim = agent_of(driver.id(), role, Duration::from_secs(120));
     agent_of(driver.id(), if role == "decode" { "prefill" } else { "decode" }, Duration::from_secs(30));
     std::thread::sleep(settle);
-    kill9(victim);
+    if !kill9(victim) {
+        // The run ended before the kill: say how, from the driver itself.
+        let (code, _) = exited(&mut driver, Instant::now(), Duration::from_secs(60));
+        let out = stdout.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        panic!(
+            "{context}: the {role} agent {victim} was gone before the kill; the driver exited {code}\n{out}\n{}",
+            stderr_of(&mut driver)
+        );
+    }
     let killed = Instant::now();
     let (code, took) = exited(&mut driver, killed, Duration::from_secs(60));
     let err = stderr_of(&mut driver);
@@ -172,8 +181,9 @@ fn bench_loses(transport: &str, role: &str) {
         "1MiB",
         "--region-bytes",
         "64MiB",
+        // Far more than the seconds before the kill can move.
         "--total-bytes",
-        "32GiB",
+        "1TiB",
         "--repeat",
         "1",
         "--no-perftest",

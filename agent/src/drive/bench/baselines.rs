@@ -11,8 +11,13 @@ use rand::SeedableRng;
 use crate::cli::Mode;
 use crate::drive::workload::scattered;
 
+/// The longest the memcpy limit copies for.
+const MEMCPY_SECS: f64 = 2.0;
+
 /// Scattered block copies between two region-sized buffers: the streaming
-/// memcpy limit for this block size on this machine.
+/// memcpy limit for this block size on this machine. It copies `total`
+/// bytes, or for [`MEMCPY_SECS`] if that ends first: a rate settles within
+/// a few GB, and a run's total may be far more than that.
 pub fn memcpy_gbps(region: u64, block: u64, total: u64, seed: u64) -> f64 {
     let (region, block) = (region as usize, block as usize);
     let n_blocks = (region / block).max(1);
@@ -25,7 +30,7 @@ pub fn memcpy_gbps(region: u64, block: u64, total: u64, seed: u64) -> f64 {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut moved = 0u64;
     let mut secs = 0.0;
-    while moved < total {
+    while moved < total && secs < MEMCPY_SECS {
         let n = (((total - moved) / block as u64) as usize).clamp(1, n_blocks);
         let (s, d) = scattered(&mut rng, n_blocks as u32, n);
         let t0 = Instant::now();
