@@ -403,17 +403,7 @@ pub struct SoakArgs {
     /// file), started with --test-patterns; every decode x prefill pair
     /// moves blocks at once. No agents are started.
     #[command(flatten)]
-    pub cluster: RegistryArgs,
-    /// Cluster soak: wait until this many agents are listed (both roles
-    /// together) before starting; default: the ones listed now.
-    #[arg(long)]
-    pub expect_agents: Option<usize>,
-    /// Cluster soak: how long to wait for --expect-agents.
-    #[arg(long, default_value = "120s", value_parser = crate::units::parse_duration)]
-    pub rendezvous: std::time::Duration,
-    /// Cluster soak: which pairs move blocks.
-    #[arg(long, value_enum, default_value = "all")]
-    pub pairs: Pairs,
+    pub cluster: ClusterArgs,
     /// DEMONSTRATION ONLY: run both agents with UCX's memory hooks ON (UCX's
     /// defaults), to show the leak kvrail's guard prevents. Never a default.
     #[arg(long)]
@@ -426,7 +416,43 @@ pub struct SoakArgs {
     pub out: DriverOpts,
 }
 
-/// Which decode x prefill pairs a cluster soak drives.
+/// A cluster run (`soak` or `bench` with `--registry`/`--peers`): where
+/// its agents are listed, how many to wait for, and which pairs move
+/// blocks.
+#[derive(Debug, Args, Clone)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    pub reg: RegistryArgs,
+    /// Cluster run: wait until this many agents are listed (both roles
+    /// together) before starting; default: the ones listed now.
+    #[arg(long)]
+    pub expect_agents: Option<usize>,
+    /// Cluster run: how long to wait for --expect-agents.
+    #[arg(long, default_value = "120s", value_parser = crate::units::parse_duration)]
+    pub rendezvous: std::time::Duration,
+    /// Cluster run: which pairs move blocks.
+    #[arg(long, value_enum, default_value = "all")]
+    pub pairs: Pairs,
+}
+
+impl Pairs {
+    /// As on the command line: `all`, `one-to-one`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pairs::All => "all",
+            Pairs::OneToOne => "one-to-one",
+        }
+    }
+}
+
+impl ClusterArgs {
+    /// Whether this run finds its agents in a registry.
+    pub fn is_set(&self) -> bool {
+        self.reg.registry.is_some() || self.reg.peers.is_some()
+    }
+}
+
+/// Which decode x prefill pairs a cluster run drives.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Pairs {
     /// Every decode agent with every prefill agent.
@@ -555,9 +581,24 @@ pub struct BenchArgs {
     #[arg(long, requires = "peer")]
     pub cluster_secret_file: Option<std::path::PathBuf>,
     /// Cluster mode: TLS to the decode agent and for the prefill agents
-    /// this bench starts (their --tls-* flags).
+    /// this bench starts (their --tls-* flags); with --registry, to every
+    /// agent.
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    /// Cluster bench: every agent this registry lists (etcd and/or a peers
+    /// file), started with --test-patterns, all on this host. Every decode
+    /// x prefill pair moves blocks at once, round after round, and as many
+    /// raw-UCX pairs (each over its pair's share of the decode region) do
+    /// the same by turns; the aggregate throughputs and their ratio are
+    /// reported. No agents are started. Takes --repeat (rounds per side),
+    /// --concurrency, --request-bytes and --window; the transport, block
+    /// size and regions are the agents'.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Cluster bench: measure kvrail's pairs alone, without the raw-UCX
+    /// pairs (which run on this host, so they need every agent here).
+    #[arg(long)]
+    pub no_raw: bool,
     #[command(flatten)]
     pub out: DriverOpts,
 }

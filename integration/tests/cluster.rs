@@ -157,3 +157,111 @@ fn a_cluster_soak_that_finds_too_few_agents_says_what_it_found_and_writes_its_re
     assert!(r["failure"]["message"].as_str().unwrap().contains("--test-patterns"), "{r:#}");
     let _ = std::fs::remove_dir_all(&report);
 }
+
+/// A small agent on loopback registered at `registry`.
+async fn loopback_agent(role: &str, id: &str, transport: &str, registry: &str) -> AgentProcess {
+    let args: Vec<String> = [
+        role,
+        "--agent-id",
+        id,
+        "--transport",
+        transport,
+        "--region-bytes",
+        "16MiB",
+        "--block-bytes",
+        "64KiB",
+        "--test-patterns",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        registry,
+    ]
+    .map(String::from)
+    .to_vec();
+    AgentProcess::spawn_exe(&kvrail_bin(), &args, false, Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("{id}: {e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_bench_measures_every_pair_at_once_against_as_many_raw_ucx_pairs() {
+    let etcd = EtcdServer::start("cluster-bench");
+    let registry = etcd.url("bench");
+    let mut agents = Vec::new();
+    for (role, id) in [("prefill", "p0"), ("prefill", "p1"), ("decode", "d0"), ("decode", "d1")] {
+        agents.push(loopback_agent(role, id, "tcp", &registry).await);
+    }
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--registry", &registry, "--expect-agents", "4", "--rendezvous", "30s", "--repeat", "2", "--json"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::block_in_place(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            kvrail_integration::run_json(&args, Duration::from_secs(300))
+        })
+    };
+    // All-to-all: 4 pairs, each over its half of its decode agent's
+    // region (128 blocks a round), against 4 raw-UCX pairs.
+    let (code, r) = bench(&[]);
+    assert_eq!((code, &r["ok"]), (0, &serde_json::json!(true)), "{r:#}");
+    assert_eq!((r["pairs"].as_u64(), r["prefill_agents"].as_u64(), r["decode_agents"].as_u64()), (Some(4), Some(2), Some(2)), "{r:#}");
+    assert_eq!((r["transport"].as_str(), r["block_bytes"].as_u64()), (Some("tcp"), Some(64 << 10)), "{r:#}");
+    assert_eq!(r["round_bytes"].as_u64(), Some(4 * 128 * (64 << 10)), "{r:#}");
+    for side in ["kvrail_gbps_rounds", "raw_ucx_gbps_rounds", "ratio_rounds"] {
+        let v = r[side].as_array().unwrap();
+        assert_eq!(v.len(), 2, "{side}: {r:#}");
+        assert!(v.iter().all(|x| x.as_f64().unwrap() > 0.0), "{side}: {r:#}");
+    }
+    assert!(r["kvrail_gbps"].as_f64().unwrap() > 0.0 && r["raw_ucx_gbps"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r:#}");
+    // The warm-up round and both timed rounds, every block verified.
+    assert_eq!(r["verified_blocks"].as_u64(), Some(3 * 4 * 128), "{r:#}");
+    assert_eq!((r["bad_blocks"].as_u64(), r["failed_requests"].as_u64()), (Some(0), Some(0)), "{r:#}");
+    let mut seen: Vec<(String, String)> = r["per_pair"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["decode"].as_str().unwrap().into(), p["prefill"].as_str().unwrap().into()))
+        .collect();
+    seen.sort();
+    let want: Vec<(String, String)> =
+        [("d0", "p0"), ("d0", "p1"), ("d1", "p0"), ("d1", "p1")].iter().map(|(d, p)| (d.to_string(), p.to_string())).collect();
+    assert_eq!(seen, want, "every decode x prefill pair: {r:#}");
+    for p in r["per_pair"].as_array().unwrap() {
+        assert!(p["gbps"].as_f64().unwrap() > 0.0 && p["verified_blocks"].as_u64() == Some(3 * 128), "{p:#}");
+    }
+    eprintln!(
+        "cluster bench 2 x 2 tcp 64 KiB: kvrail {:.2} GB/s, raw-UCX pairs {:.2} GB/s, ratio {:.2}",
+        r["kvrail_gbps"].as_f64().unwrap(),
+        r["raw_ucx_gbps"].as_f64().unwrap(),
+        r["ratio"].as_f64().unwrap()
+    );
+    // One to one, kvrail alone: 2 pairs, each over a whole decode region.
+    let (code, r) = bench(&["--pairs", "one-to-one", "--no-raw"]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!((r["pairs"].as_u64(), r["round_bytes"].as_u64()), (Some(2), Some(2 * 256 * (64 << 10))), "{r:#}");
+    assert!(r["raw_ucx_gbps"].is_null() && r["ratio"].is_null() && r["raw_ucx_gbps_rounds"].as_array().unwrap().is_empty(), "{r:#}");
+    // An agent listed on another host: the raw pairs cannot run beside it,
+    // and the bench says so before it moves anything.
+    let peers = std::env::temp_dir().join(format!("kvrail-cluster-bench-peers-{}", std::process::id()));
+    let listing = kvrail_integration::run_kvrail(&["peers", "--registry", &registry, "--json"], Duration::from_secs(30));
+    let mut lines = String::new();
+    for l in String::from_utf8_lossy(&listing.stdout).lines() {
+        let mut e: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("peers --json: {e}: {l}"));
+        if e["agent_id"] == "d1" {
+            e["host"] = "node-b".into();
+        }
+        lines.push_str(&format!("{e}\n"));
+    }
+    std::fs::write(&peers, lines).unwrap();
+    let out = tokio::task::block_in_place(|| {
+        kvrail_integration::run_kvrail(&["bench", "--peers", peers.to_str().unwrap(), "--json"], Duration::from_secs(60))
+    });
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{r:#}");
+    let msg = r["failure"]["message"].as_str().unwrap();
+    assert!(msg.contains("agent d1") && msg.contains("node-b") && msg.contains("--no-raw") && !msg.contains('\n'), "{msg}");
+    assert_eq!(r["verified_blocks"].as_u64(), Some(0), "{r:#}");
+    let _ = std::fs::remove_file(&peers);
+    for a in agents {
+        a.stop_within(Duration::from_secs(5)).await;
+    }
+}

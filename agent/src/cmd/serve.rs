@@ -32,7 +32,8 @@ fn heap_bytes() -> Option<u64> {
 pub async fn run(role: Role, args: &AgentArgs, peers: Vec<String>) -> anyhow::Result<i32> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let listen: SocketAddr = listener.local_addr()?;
-    let agent_id = args.agent_id.clone().unwrap_or_else(|| format!("{}-{}-{}", role.as_str(), hostname(), std::process::id()));
+    let agent_id =
+        args.agent_id.clone().unwrap_or_else(|| format!("{}-{}-{}", role.as_str(), crate::registry::hostname(), std::process::id()));
     let secret = crate::agent::auth::ClusterSecret::load(args.cluster_secret_file.as_deref())?;
     if secret.is_none() && !args.insecure_no_auth {
         anyhow::bail!(
@@ -233,7 +234,7 @@ pub fn fd_socket(path: &std::path::Path) -> std::path::PathBuf {
 /// address, with this host's name for an unspecified IP.
 fn advertised(listen: SocketAddr) -> String {
     if listen.ip().is_unspecified() {
-        format!("{}:{}", hostname(), listen.port())
+        format!("{}:{}", crate::registry::hostname(), listen.port())
     } else {
         listen.to_string()
     }
@@ -349,17 +350,13 @@ fn registry_entry(role: Role, args: &AgentArgs, agent_id: &str, listen: SocketAd
         role: role.as_str().into(),
         address,
         rank: args.rank,
-        host: hostname(),
+        host: crate::registry::hostname(),
         memory: "host".into(),
         protocol_version: kvrail_proto::PROTOCOL_VERSION,
         epoch,
     };
     entry.check(None).map_err(|e| anyhow::anyhow!("this agent's registry entry: {e} (--advertise, --agent-id)"))?;
     Ok(entry)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
 }
 
 /// On SIGINT/SIGTERM the agent says goodbye to its peers (they see an

@@ -30,29 +30,30 @@ use super::soak::{
     agent_result, print_agent, print_end, print_head, write_and_print, AgentResult, Totals, KEEP_STATS_EVERY, REMOTE_LEASE, STATS_LIMIT,
 };
 use super::workload::{Control, Outcome, Workload};
-use crate::cli::{Pairs, SoakArgs};
+use crate::cli::{ClusterArgs, Pairs, SoakArgs};
 use crate::registry::{Entry, Registry};
+use crate::tls::TlsArgs;
 
 /// How often the registry is listed while waiting for `--expect-agents`.
 const RENDEZVOUS_POLL: Duration = Duration::from_millis(500);
 
 /// One agent of the cluster, as found and reached.
-struct Member {
-    entry: Entry,
-    name: AgentName,
-    control: Control,
-    layout: pb::BlockLayout,
-    transport: String,
+pub(super) struct Member {
+    pub(super) entry: Entry,
+    pub(super) name: AgentName,
+    pub(super) control: Control,
+    pub(super) layout: pb::BlockLayout,
+    pub(super) transport: String,
 }
 
 /// One decode x prefill pair: indices into the members, the seed of the
 /// prefill agent's pattern, and the decode agent's blocks it writes into.
 #[derive(Debug, Clone)]
-struct Pair {
-    decode: usize,
-    prefill: usize,
-    seed: u64,
-    window: std::ops::Range<u32>,
+pub(super) struct Pair {
+    pub(super) decode: usize,
+    pub(super) prefill: usize,
+    pub(super) seed: u64,
+    pub(super) window: std::ops::Range<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,14 +122,14 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
         a.decode.is_none() && a.test_inject_leak_mib_per_min.is_none() && !a.demo_allow_ucx_mmap_hooks,
         "a cluster soak (--registry/--peers) drives the agents it finds: it takes no --decode/--prefill, no leak injection and no hooks demonstration"
     );
-    let Some(reg) = Registry::open(a.cluster.registry.as_ref(), a.cluster.peers.as_deref()).await? else {
+    let Some(reg) = Registry::open(a.cluster.reg.registry.as_ref(), a.cluster.reg.peers.as_deref()).await? else {
         unreachable!("cluster mode has a registry or a peers file");
     };
     std::fs::create_dir_all(&a.report).with_context(|| format!("creating report dir {}", a.report.display()))?;
     let crew = Crew::new();
     let m = Arc::new(Mutex::new(Measured::default()));
     let mut failure = None;
-    let found = race(&crew, reach(a, &reg, &crew)).await;
+    let found = race(&crew, reach(&a.cluster, &a.tls, a.out.seed, &reg, &crew, "soak")).await;
     let (members, pairs, _probes) = match found {
         Ok(f) => f,
         Err(f) => {
@@ -152,10 +153,18 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
 }
 
 /// The registry's agents (after the rendezvous), reached and checked, the
-/// pairs they make, and a liveness probe of each.
-async fn reach(a: &SoakArgs, reg: &Registry, crew: &Crew) -> anyhow::Result<(Vec<Member>, Vec<Pair>, Vec<Probe>)> {
-    let entries = rendezvous(a, reg).await?;
-    let tls = a.tls.load()?;
+/// pairs they make (`seed` the first prefill agent's pattern), and a
+/// liveness probe of each. `what` names the run (`soak`, `bench`).
+pub(super) async fn reach(
+    c: &ClusterArgs,
+    tls: &TlsArgs,
+    seed: u64,
+    reg: &Registry,
+    crew: &Crew,
+    what: &str,
+) -> anyhow::Result<(Vec<Member>, Vec<Pair>, Vec<Probe>)> {
+    let entries = rendezvous(c, reg, what).await?;
+    let tls = tls.load()?;
     let mut members = Vec::with_capacity(entries.len());
     for entry in entries {
         let name = AgentName { role: entry.role.clone(), agent_id: entry.agent_id.clone(), pid: None, address: entry.address.clone() };
@@ -175,7 +184,7 @@ async fn reach(a: &SoakArgs, reg: &Registry, crew: &Crew) -> anyhow::Result<(Vec
         );
     }
     let shape: Vec<(&str, u32)> = members.iter().map(|m| (m.entry.role.as_str(), m.layout.num_blocks)).collect();
-    let pairs = pairs(a.pairs, a.out.seed, &shape);
+    let pairs = pairs(c.pairs, seed, &shape);
     // Each prefill agent's pattern, of its own seed.
     for (i, p) in members.iter_mut().enumerate().filter(|(_, m)| m.entry.role == "prefill") {
         let Some(seed) = pairs.iter().find(|x| x.prefill == i).map(|x| x.seed) else { continue };
@@ -188,7 +197,7 @@ async fn reach(a: &SoakArgs, reg: &Registry, crew: &Crew) -> anyhow::Result<(Vec
 
 /// Lists the registry until it holds `--expect-agents` agents, at least
 /// one of each role (at most `--rendezvous`).
-async fn rendezvous(a: &SoakArgs, reg: &Registry) -> anyhow::Result<Vec<Entry>> {
+async fn rendezvous(a: &ClusterArgs, reg: &Registry, what: &str) -> anyhow::Result<Vec<Entry>> {
     let t0 = Instant::now();
     let mut warned = std::collections::HashSet::new();
     loop {
@@ -215,7 +224,7 @@ async fn rendezvous(a: &SoakArgs, reg: &Registry) -> anyhow::Result<Vec<Entry>> 
         if !waiting || t0.elapsed() >= a.rendezvous {
             let waited = if waiting { format!(" after {:.0} s", t0.elapsed().as_secs_f64()) } else { String::new() };
             anyhow::bail!(
-                "{why}{waited}: a cluster soak needs at least one agent of each role, started with --registry and --test-patterns"
+                "{why}{waited}: a cluster {what} needs at least one agent of each role, started with --registry and --test-patterns"
             );
         }
         tokio::time::sleep(RENDEZVOUS_POLL).await;
@@ -433,7 +442,7 @@ async fn report(
     ClusterReport {
         totals,
         registry: reg.describe(),
-        pairing: format!("{:?}", a.pairs).to_lowercase(),
+        pairing: a.cluster.pairs.name().into(),
         aggregate_gbps,
         agents,
         pairs: pair_results,

@@ -211,7 +211,7 @@ impl Agents {
 }
 
 pub async fn run(a: &SoakArgs) -> anyhow::Result<i32> {
-    if a.cluster.registry.is_some() || a.cluster.peers.is_some() {
+    if a.cluster.is_set() {
         return super::cluster::run(a).await;
     }
     if a.test_inject_leak_mib_per_min.is_some() {

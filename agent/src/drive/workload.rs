@@ -117,6 +117,21 @@ pub fn scattered_into(rng: &mut impl rand::Rng, src_blocks: u32, dst: std::ops::
     (src, dst)
 }
 
+/// A pass's blocks, drawn, with its destination blocks poisoned.
+#[derive(Debug, Clone)]
+pub struct Drawn {
+    src: Vec<u32>,
+    dst: Vec<u32>,
+}
+
+/// A pass's blocks moved: what it measured so far, and which requests
+/// ended Done (by index).
+#[derive(Debug)]
+pub struct Moved {
+    out: Outcome,
+    done: Vec<usize>,
+}
+
 impl Workload {
     /// One pass of `n` blocks (n <= num_blocks, the source's block count,
     /// and the destination's or its window's): random source and
@@ -129,10 +144,23 @@ impl Workload {
         tag: &str,
         rng: &mut impl rand::Rng,
     ) -> anyhow::Result<Outcome> {
-        let mut out = Outcome { blocks: n as u64, ..Default::default() };
+        let drawn = self.draw(decode, num_blocks, n, rng).await?;
+        let moved = self.send(decode, &drawn, tag).await?;
+        self.verify(decode, &drawn, moved).await
+    }
+
+    /// A pass's first step: its blocks drawn, the destination poisoned.
+    pub async fn draw(&self, decode: &mut Control, num_blocks: u32, n: usize, rng: &mut impl rand::Rng) -> anyhow::Result<Drawn> {
         let dst_blocks = self.dst_window.clone().unwrap_or(0..num_blocks);
         let (src, dst) = scattered_into(rng, num_blocks, dst_blocks, n);
         decode.poison_blocks(pb::PoisonBlocksRequest { blocks: dst.clone() }).await?;
+        Ok(Drawn { src, dst })
+    }
+
+    /// A pass's timed step: its requests, `concurrency` in flight.
+    pub async fn send(&self, decode: &mut Control, drawn: &Drawn, tag: &str) -> anyhow::Result<Moved> {
+        let Drawn { src, dst } = drawn;
+        let mut out = Outcome { blocks: src.len() as u64, ..Default::default() };
         let cpu = || self.cpu_of.map(|p| p.map_or(0.0, cpu_secs));
         let cpu0 = cpu();
         let t0 = Instant::now();
@@ -184,6 +212,13 @@ impl Workload {
         out.seconds = t0.elapsed().as_secs_f64();
         let cpu1 = cpu();
         out.cpu_secs = [cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]];
+        Ok(Moved { out, done })
+    }
+
+    /// A pass's last step: the blocks of the requests that ended Done,
+    /// checked against the source's pattern.
+    pub async fn verify(&self, decode: &mut Control, drawn: &Drawn, moved: Moved) -> anyhow::Result<Outcome> {
+        let (Drawn { src, dst }, Moved { mut out, done }) = (drawn, moved);
         let (s_chunks, d_chunks): (Vec<&[u32]>, Vec<&[u32]>) =
             (src.chunks(self.request_blocks).collect(), dst.chunks(self.request_blocks).collect());
         let (src, dst): (Vec<u32>, Vec<u32>) = done

@@ -26,6 +26,11 @@ pub use entry::{check_agent_id, Entry, Refused, MEMORY_KINDS};
 pub use etcd::{Etcd, Published, Publisher};
 pub use file::StaticPeers;
 
+/// This host's name, as an agent publishes it in its entry.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
 use crate::agent::Role;
 
 /// A parsed `--registry` URL: `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`.

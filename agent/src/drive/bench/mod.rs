@@ -20,6 +20,10 @@
 //! agent and a raw initiator here.
 
 //!
+//! With `--registry` (the cluster bench, [`registry`]) it measures the
+//! agents a registry lists, every pair at once, against as many raw-UCX
+//! pairs.
+//!
 //! If an agent ends (or, with `--peer`, stops answering) mid-run, the bench
 //! stops at once, prints what it measured and the failure, and exits 1.
 
@@ -28,6 +32,7 @@ mod baselines;
 mod cluster;
 mod placement;
 mod raw_loop;
+mod registry;
 mod stats;
 mod table;
 
@@ -84,6 +89,9 @@ pub struct Point {
 }
 
 pub async fn run(a: &BenchArgs) -> anyhow::Result<i32> {
+    if a.cluster.is_set() {
+        return registry::run(a).await;
+    }
     anyhow::ensure!(
         a.peer.is_some() || a.tls.tls_cert.is_none(),
         "--tls-* are for --peer: the agents a bench starts on its own talk over loopback"
