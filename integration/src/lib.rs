@@ -87,16 +87,19 @@ pub fn run_json(args: &[&str], limit: Duration) -> (i32, serde_json::Value) {
     (code, v)
 }
 
+/// The flags of an agent `role` with test patterns enabled: its id,
+/// transport, region and block size.
+pub fn test_agent_args(role: &str, id: &str, transport: &str, region: &str, block: &str) -> Vec<String> {
+    [role, "--agent-id", id, "--transport", transport, "--region-bytes", region, "--block-bytes", block, "--test-patterns"]
+        .map(String::from)
+        .to_vec()
+}
+
 /// Starts a decode agent and a prefill agent dialling it, both with test
 /// patterns enabled, on loopback.
 pub async fn agent_pair(transport: &str, region: &str, block: &str) -> (AgentProcess, AgentProcess) {
     let bin = kvrail_bin();
-    let common = |role: &str, id: &str| -> Vec<String> {
-        [role, "--agent-id", id, "--transport", transport, "--region-bytes", region, "--block-bytes", block, "--test-patterns"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    };
+    let common = |role: &str, id: &str| test_agent_args(role, id, transport, region, block);
     let limit = Duration::from_secs(60);
     let decode = AgentProcess::spawn_exe(&bin, &common("decode", "it-decode"), false, limit).await.expect("decode agent");
     let mut p = common("prefill", "it-prefill");

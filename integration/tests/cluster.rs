@@ -160,24 +160,8 @@ fn a_cluster_soak_that_finds_too_few_agents_says_what_it_found_and_writes_its_re
 
 /// A small agent on loopback registered at `registry`.
 async fn loopback_agent(role: &str, id: &str, transport: &str, registry: &str) -> AgentProcess {
-    let args: Vec<String> = [
-        role,
-        "--agent-id",
-        id,
-        "--transport",
-        transport,
-        "--region-bytes",
-        "16MiB",
-        "--block-bytes",
-        "64KiB",
-        "--test-patterns",
-        "--listen",
-        "127.0.0.1:0",
-        "--registry",
-        registry,
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = kvrail_integration::test_agent_args(role, id, transport, "16MiB", "64KiB");
+    args.extend(["--listen", "127.0.0.1:0", "--registry", registry].map(String::from));
     AgentProcess::spawn_exe(&kvrail_bin(), &args, false, Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("{id}: {e:#}"))
 }
 

@@ -15,23 +15,9 @@ fn free_port() -> u16 {
 }
 
 fn args(role: &str, id: &str, transport: &str, listen: &str) -> Vec<String> {
-    [
-        role,
-        "--agent-id",
-        id,
-        "--transport",
-        transport,
-        "--region-bytes",
-        "64MiB",
-        "--block-bytes",
-        "64KiB",
-        "--test-patterns",
-        "--listen",
-        listen,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut v = kvrail_integration::test_agent_args(role, id, transport, "64MiB", "64KiB");
+    v.extend(["--listen".into(), listen.into()]);
+    v
 }
 
 async fn spawn(a: Vec<String>) -> AgentProcess {

@@ -259,6 +259,24 @@ fn pairs(pairing: Pairs, seed: u64, agents: &[(&str, u32)]) -> Vec<Pair> {
     out
 }
 
+impl Pair {
+    /// The pair's stream: requests name the prefill agent by id and
+    /// address, and land in the pair's window of the decode region.
+    pub(super) fn workload(&self, members: &[Member], mode: pb::TransferMode, request_blocks: usize, concurrency: usize) -> Workload {
+        let p = &members[self.prefill];
+        Workload {
+            seed: self.seed,
+            mode,
+            request_blocks: request_blocks.max(1),
+            concurrency: concurrency.max(1),
+            peer: p.entry.agent_id.clone(),
+            peer_address: p.entry.address.clone(),
+            dst_window: Some(self.window.clone()),
+            ..Default::default()
+        }
+    }
+}
+
 /// Every pair's passes at once until `--duration`; meanwhile every
 /// agent's Stats are kept every few seconds and progress is shown.
 async fn drive(a: &SoakArgs, members: &[Member], pairs: &[Pair], m: Arc<Mutex<Measured>>, progress: &Progress) -> anyhow::Result<()> {
@@ -267,16 +285,7 @@ async fn drive(a: &SoakArgs, members: &[Member], pairs: &[Pair], m: Arc<Mutex<Me
     let mut set = tokio::task::JoinSet::new();
     for (k, pair) in pairs.iter().enumerate() {
         let (d, p) = (&members[pair.decode], &members[pair.prefill]);
-        let work = Workload {
-            seed: pair.seed,
-            mode: a.mode.to_pb(),
-            request_blocks: a.request_blocks.max(1),
-            concurrency: a.concurrency.max(1),
-            peer: p.entry.agent_id.clone(),
-            peer_address: p.entry.address.clone(),
-            dst_window: Some(pair.window.clone()),
-            ..Default::default()
-        };
+        let work = pair.workload(members, a.mode.to_pb(), a.request_blocks, a.concurrency);
         let src_blocks = p.layout.num_blocks;
         let n = a.pass_blocks.clamp(1, (src_blocks.min(pair.window.len() as u32) as usize).max(1));
         let (mut control, at, m) = (d.control.clone(), AtAgent(d.name.clone()), m.clone());

@@ -215,17 +215,8 @@ fn tally(r: &mut Report, pair_out: &[Outcome], block: u64) {
 /// blocks).
 fn lane(a: &BenchArgs, mode: Mode, members: &[Member], p: &Pair, k: usize) -> Lane {
     let (d, pre) = (&members[p.decode], &members[p.prefill]);
-    let block = d.layout.block_bytes;
-    let work = Workload {
-        seed: p.seed,
-        mode: mode.to_pb(),
-        request_blocks: (a.request_bytes / block).max(1) as usize,
-        concurrency: a.concurrency.max(1),
-        peer: pre.entry.agent_id.clone(),
-        peer_address: pre.entry.address.clone(),
-        dst_window: Some(p.window.clone()),
-        ..Default::default()
-    };
+    let request_blocks = (a.request_bytes / d.layout.block_bytes) as usize;
+    let work = p.workload(members, mode.to_pb(), request_blocks, a.concurrency);
     let src_blocks = pre.layout.num_blocks;
     let n = (p.window.end - p.window.start).min(src_blocks).max(1) as usize;
     let rng = rand::rngs::StdRng::seed_from_u64(a.out.seed ^ (k as u64) << 20);
